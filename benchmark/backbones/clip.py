@@ -1,0 +1,171 @@
+"""A wrapper over an open_clip ViT that runs its blocks one by one.
+
+It returns the [CLS] embedding and the tokens of chosen layers (1-based, as the papers count: layer ``l``
+is the output of block ``l``), and lets a method insert modules between blocks: ``adapters[l]`` maps the
+tokens after block ``l`` to the tokens that enter block ``l + 1``.
+
+Tests and the demo use ``tiny-vit`` (4 layers, width 128, patch 8; a 2-layer text tower), built from
+open_clip's own ``CLIP`` class with seeded random weights and labelled ``random-init`` in every output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import open_clip
+import torch
+from torch import nn
+
+from benchmark.backbones.weights import resolve_clip_weights
+from benchmark.errors import BenchmarkError
+from benchmark.protocol import BackboneSpec
+
+TINY_CONFIGS: dict[str, dict] = {
+    "tiny-vit": {
+        "embed_dim": 64,
+        "vision_cfg": {"layers": 4, "width": 128, "head_width": 32, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 2},
+    },
+    "tiny-vit-8l": {
+        "embed_dim": 64,
+        "vision_cfg": {"layers": 8, "width": 128, "head_width": 32, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 2},
+    },
+}
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+Adapter = Callable[[torch.Tensor], torch.Tensor]
+
+
+class ClipBackbone(nn.Module):
+    """Frozen open_clip model with block-wise access to its vision tower."""
+
+    def __init__(self, model: open_clip.CLIP, spec: BackboneSpec, tokenizer: Callable, mean, std) -> None:
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.spec = spec
+        self.tokenizer = tokenizer
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        visual = model.visual
+        if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok":
+            raise BenchmarkError(f"backbone.model: '{spec.model}' pools without a [CLS] token; use a ViT CLIP")
+        self.visual = visual
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.visual.transformer.resblocks
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def width(self) -> int:
+        return self.visual.transformer.width
+
+    @property
+    def embed_dim(self) -> int:
+        return self.visual.output_dim
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return tuple(self.visual.grid_size)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """CLIP's mean/std normalisation of images in [0,1]."""
+        return (images - self.mean) / self.std
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch embedding + [CLS] + positional embedding + ln_pre: the tokens entering block 1."""
+        return self.visual._embeds(images)
+
+    def run_blocks(
+        self,
+        x: torch.Tensor,
+        layers: Sequence[int] = (),
+        adapters: Mapping[int, Adapter] | None = None,
+        start: int = 1,
+        end: int | None = None,
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Run blocks ``start..end`` (1-based, inclusive); returns the last tokens and those of ``layers``.
+
+        The tokens recorded for layer ``l`` are the block's output before ``adapters[l]`` is applied.
+        """
+        end = self.num_layers if end is None else end
+        bad = [ly for ly in (*layers, *(adapters or {})) if not 1 <= ly <= self.num_layers]
+        if bad:
+            raise BenchmarkError(f"layer {bad[0]} out of range 1..{self.num_layers} for '{self.spec.model}'")
+        outputs: dict[int, torch.Tensor] = {}
+        for index in range(start, end + 1):
+            x = self.blocks[index - 1](x)
+            if index in layers:
+                outputs[index] = x
+            if adapters and index in adapters:
+                x = adapters[index](x)
+        return x, outputs
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """ln_post on the [CLS] token and the projection: the image embedding in the joint space."""
+        pooled = self.visual.ln_post(x[:, 0])
+        return pooled @ self.visual.proj if self.visual.proj is not None else pooled
+
+    def project_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """ln_post and projection applied to every token (patch features in the joint space)."""
+        out = self.visual.ln_post(tokens)
+        return out @ self.visual.proj if self.visual.proj is not None else out
+
+    def forward_features(
+        self, images: torch.Tensor, layers: Sequence[int] = (), adapters: Mapping[int, Adapter] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
+        """Normalised images -> (image embedding, last tokens after ln_post, tokens of ``layers``)."""
+        x, outputs = self.run_blocks(self.embed(images), layers, adapters)
+        return self.pool(x), self.visual.ln_post(x), outputs
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """L2-normalised text embeddings of the prompts, ``[len(prompts), embed_dim]``."""
+        device = self.mean.device
+        tokens = self.tokenizer(list(prompts)).to(device)
+        out = self.model.encode_text(tokens)
+        return out / out.norm(dim=-1, keepdim=True)
+
+
+def load_clip(spec: BackboneSpec, image_size: int, device: torch.device | str = "cpu") -> ClipBackbone:
+    """Build the backbone ``spec`` at ``image_size``; pretrained weights must be on this machine."""
+    if spec.random_init:
+        if spec.model not in TINY_CONFIGS and spec.model not in open_clip.list_models():
+            raise BenchmarkError(f"backbone.model: unknown model '{spec.model}' (tiny configs: {sorted(TINY_CONFIGS)})")
+        torch.manual_seed(spec.seed)
+        if spec.model in TINY_CONFIGS:
+            cfg = TINY_CONFIGS[spec.model]
+            vision = open_clip.CLIPVisionCfg(image_size=image_size, **cfg["vision_cfg"])
+            text = open_clip.CLIPTextCfg(**cfg["text_cfg"])
+            model = open_clip.CLIP(embed_dim=cfg["embed_dim"], vision_cfg=vision, text_cfg=text)
+        else:
+            model = open_clip.create_model(spec.model, pretrained=None, force_image_size=image_size)
+        tokenizer = open_clip.tokenize
+        mean, std = OPENAI_MEAN, OPENAI_STD
+    else:
+        path, cfg = resolve_clip_weights(spec.model, spec.weights)
+        model = open_clip.create_model(
+            spec.model, pretrained=path, force_quick_gelu=bool(cfg.get("quick_gelu", False)),
+            force_image_size=image_size,
+        )
+        tokenizer = open_clip.get_tokenizer(spec.model)
+        mean, std = cfg.get("mean", OPENAI_MEAN), cfg.get("std", OPENAI_STD)
+    if image_size % model.visual.patch_size[0]:
+        raise BenchmarkError(f"image_size {image_size} is not a multiple of the patch size {model.visual.patch_size[0]}")
+    return ClipBackbone(model, spec, tokenizer, mean, std).to(device)
+
+
+_SHARED: dict[tuple, ClipBackbone] = {}
+
+
+def shared_clip(spec: BackboneSpec, image_size: int, device: torch.device | str = "cpu") -> ClipBackbone:
+    """One frozen backbone per (spec, size, device) in this process, reused by every cell."""
+    key = (spec, image_size, str(device))
+    if key not in _SHARED:
+        _SHARED.clear()
+        _SHARED[key] = load_clip(spec, image_size, device)
+    return _SHARED[key]

@@ -1,0 +1,58 @@
+"""Find pretrained weights on this machine, never downloading: fail in well under 5 s when absent.
+
+``python -m benchmark fetch-weights MODEL TAG`` downloads them where there is a network.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from benchmark.errors import BenchmarkError, WeightsUnavailableError
+
+_HF_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def _hint(model: str, tag: str) -> str:
+    return (f"run `python -m benchmark fetch-weights {model} {tag}` on a machine with internet (it fills the "
+            "Hugging Face cache; copy ~/.cache/huggingface here), or set backbone.weights to a local checkpoint file")
+
+
+def resolve_clip_weights(model: str, weights: str) -> tuple[str, dict]:
+    """Local file of ``weights`` (a checkpoint path or an open_clip pretrained tag) and its pretrained config."""
+    import open_clip
+
+    if os.path.isfile(weights):
+        return weights, {}
+    if any(weights.endswith(ext) for ext in (".pt", ".pth", ".bin", ".safetensors")) or os.sep in weights:
+        raise WeightsUnavailableError(f"backbone.weights: checkpoint file '{weights}' not found")
+    if model not in open_clip.list_models():
+        raise BenchmarkError(f"backbone.model: unknown open_clip model '{model}'")
+    cfg = open_clip.get_pretrained_cfg(model, weights)
+    if not cfg:
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(model)) or "none"
+        raise BenchmarkError(f"backbone.weights: '{weights}' is no pretrained tag of '{model}' (tags: {tags})")
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        from huggingface_hub import try_to_load_from_cache
+
+        parts = hub.split("/")
+        repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
+        for name in [filename] if filename else _HF_NAMES:
+            found = try_to_load_from_cache(repo_id, name)
+            if isinstance(found, str):
+                return found, cfg
+    url = cfg.get("url", "")
+    if url:
+        local = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
+        if local.is_file():
+            return str(local), cfg
+    raise WeightsUnavailableError(f"backbone weights '{model}' / '{weights}' are not on this machine: {_hint(model, weights)}")
+
+
+def fetch_clip_weights(model: str, weights: str) -> str:
+    """Download an open_clip pretrained tag into the usual caches (needs a network)."""
+    import open_clip
+
+    open_clip.create_model(model, pretrained=weights)
+    return resolve_clip_weights(model, weights)[0]

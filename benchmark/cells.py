@@ -1,0 +1,103 @@
+"""A protocol expands into cells (method, dataset, setting, K, seed): each an atomic job with a config hash."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from benchmark import __version__
+from benchmark.data.catalog import DatasetSpec
+from benchmark.errors import BenchmarkError
+from benchmark.method import METHODS
+from benchmark.protocol import BackboneSpec, Protocol, parse_backbone
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str
+    dataset: str
+    setting: str
+    shots: int | None
+    seed: int
+    sampling_seed: int
+    params: dict[str, Any]
+    backbone: BackboneSpec
+    image_size: int
+    loo_sources: tuple[str, ...] = ()
+
+    @property
+    def cell_id(self) -> str:
+        k = f"-k{self.shots}" if self.shots else ""
+        return f"{self.method}-{self.dataset}-{self.setting}{k}-seed{self.seed}"
+
+    def config(self, protocol: Protocol) -> dict[str, Any]:
+        """Everything the cell's result depends on, as recorded and hashed."""
+        return {
+            "harness_version": __version__,
+            "protocol": {"name": protocol.name, "version": protocol.version},
+            "cell": {**asdict(self), "backbone": asdict(self.backbone)},
+            "threshold": asdict(protocol.threshold),
+            "sweep": list(protocol.sweep),
+            "batch_size": protocol.batch_size,
+            "manifests": protocol.manifests,
+        }
+
+    def config_hash(self, protocol: Protocol) -> str:
+        blob = json.dumps(self.config(protocol), sort_keys=True, default=str)
+        return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def expand(protocol: Protocol, catalog: dict[str, DatasetSpec], methods=None, datasets=None, seeds=None) -> list[Cell]:
+    """The protocol's grid, optionally narrowed by ``--methods``/``--datasets``/``--seeds``; names checked."""
+    where = protocol.path
+    for i, name in enumerate(protocol.datasets):
+        if name not in catalog:
+            import difflib
+
+            close = difflib.get_close_matches(name, list(catalog), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise BenchmarkError(f"{where}: datasets[{i}]: unknown dataset '{name}'{hint}")
+    for name in protocol.methods:
+        METHODS.get(name, where=f"{where}: methods.{name}")
+    picked_methods = _narrow(list(protocol.methods), methods, "--methods")
+    picked_datasets = _narrow(list(protocol.datasets), datasets, "--datasets")
+    seed_pairs = list(zip(protocol.seeds, protocol.sampling_seeds, strict=True))
+    if seeds is not None:
+        unknown = [s for s in seeds if s not in protocol.seeds]
+        if unknown:
+            raise BenchmarkError(f"--seeds: seed {unknown[0]} is not in the protocol's seeds {list(protocol.seeds)}")
+        seed_pairs = [p for p in seed_pairs if p[0] in seeds]
+    cells = []
+    for m in picked_methods:
+        cls = METHODS.get(m)
+        raw = protocol.methods[m]
+        params = cls.parse_params(raw, f"{where}: methods.{m}")
+        if "backbone" in raw:
+            backbone = parse_backbone(where, raw["backbone"], f"methods.{m}.backbone")
+        else:
+            backbone = protocol.backbone or cls.default_backbone
+        if backbone is None:
+            raise BenchmarkError(f"{where}: backbone: method '{m}' has no default backbone; set one")
+        image_size = protocol.image_size
+        for setting in protocol.settings:
+            if setting.name not in cls.settings:
+                raise BenchmarkError(f"{where}: settings: method '{m}' does not support '{setting.name}' "
+                                     f"(it supports {sorted(cls.settings)})")
+            for d in picked_datasets:
+                loo = tuple(x for x in protocol.datasets if x != d) if setting.name == "zero_shot_loo" else ()
+                for k in setting.shots or (None,):
+                    for seed, sampling_seed in seed_pairs:
+                        cells.append(Cell(m, d, setting.name, k, seed, sampling_seed, dict(asdict(params)),
+                                          backbone, image_size, loo))
+    return cells
+
+
+def _narrow(available: list[str], wanted: list[str] | None, flag: str) -> list[str]:
+    if wanted is None:
+        return available
+    for w in wanted:
+        if w not in available:
+            raise BenchmarkError(f"{flag}: '{w}' is not in the protocol (it lists {', '.join(available)})")
+    return [a for a in available if a in wanted]

@@ -1,0 +1,182 @@
+"""``python -m benchmark run|tables|list|synth|fetch-weights``. Bad input: one line on stderr, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from benchmark.errors import BenchmarkError
+
+PROTOCOLS_DIR = Path(__file__).resolve().parents[1] / "protocols"
+
+
+def _csv(kind):
+    def parse(text: str):
+        try:
+            return [kind(x) for x in text.split(",") if x]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}") from None
+
+    return parse
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmark", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a protocol's grid of cells")
+    run.add_argument("protocol")
+    run.add_argument("--methods", type=_csv(str))
+    run.add_argument("--datasets", type=_csv(str))
+    run.add_argument("--seeds", type=_csv(int))
+    run.add_argument("--data-root", help="folder holding the datasets (overrides the protocol's data_root)")
+    run.add_argument("--results-dir", help="overrides the protocol's results_dir")
+    run.add_argument("--resume", action="store_true", help="skip cells already finished with the same config")
+    run.add_argument("--dry-run", action="store_true", help="print the cells and their training samples only")
+    run.add_argument("--save-predictions", action="store_true", help="write each cell's predictions.npz")
+    tables = sub.add_parser("tables", help="render an experiment's results as tables")
+    tables.add_argument("experiment")
+    tables.add_argument("--format", choices=("latex", "markdown", "csv"), default="markdown")
+    tables.add_argument("--style", choices=("mvfa", "medsad"), default=None,
+                        help="mvfa: AC/AS (AUROCs); medsad: Dice/Acc at the main threshold")
+    tables.add_argument("--metrics", type=_csv(str), help="explicit metric columns, e.g. dice,dice_oracle")
+    tables.add_argument("--published", action="store_true", help="add the papers' numbers and the difference")
+    tables.add_argument("--results-dir", default="results")
+    tables.add_argument("--out")
+    sub.add_parser("list", help="methods, datasets and protocols")
+    synth = sub.add_parser("synth", help="write the synthetic data sets")
+    synth.add_argument("--out", default="data/synthetic")
+    synth.add_argument("--seed", type=int, default=0)
+    fetch = sub.add_parser("fetch-weights", help="download open_clip weights into the cache (needs internet)")
+    fetch.add_argument("model")
+    fetch.add_argument("tag")
+    return p
+
+
+def _cmd_run(args) -> int:
+    import dataclasses
+
+    from benchmark.cells import expand
+    from benchmark.data.catalog import load_catalog
+    from benchmark.protocol import load_protocol
+
+    protocol = load_protocol(args.protocol)
+    changes = {}
+    if args.data_root:
+        changes["data_root"] = args.data_root
+    if args.results_dir:
+        changes["results_dir"] = args.results_dir
+    protocol = dataclasses.replace(protocol, **changes)
+    catalog = load_catalog([Path(p) for p in protocol.dataset_cards])
+    cells = expand(protocol, catalog, args.methods, args.datasets, args.seeds)
+    root = Path(protocol.data_root)
+    if args.dry_run:
+        return _dry_run(protocol, catalog, cells, root)
+    from benchmark.runner import run_protocol
+
+    print(f"{protocol.name} (protocol version {protocol.version}): {len(cells)} cells, data root '{root}'")
+    summary = run_protocol(protocol, catalog, cells, root, resume=args.resume, save_predictions=args.save_predictions)
+    print(f"finished {len(summary.finished)}, skipped {len(summary.skipped)}, failed {len(summary.failed)}; "
+          f"results in {Path(protocol.results_dir) / protocol.name}")
+    if summary.failed:
+        return 2 if summary.bad_input else 1
+    return 0
+
+
+def _dry_run(protocol, catalog, cells, root: Path) -> int:
+    from benchmark.data.splits import make_split
+    from benchmark.runner import prepare_synthetic
+
+    prepare_synthetic(protocol, catalog, root)
+    for cell in cells:
+        split = make_split(root, catalog, cell.dataset, cell.setting, cell.shots, cell.sampling_seed, cell.loo_sources,
+                           protocol.manifests)
+        print(f"{cell.cell_id}  backbone={cell.backbone.label()}  train={len(split.train)} from {split.train_source}"
+              f"  test={len(split.test)}")
+        if cell.setting in ("few_shot", "few_normal"):
+            for s in split.train:
+                print(f"    {'anomalous' if s.label else 'normal   '}  {s.path}")
+    print(f"{len(cells)} cells (dry run: nothing was run or recorded)")
+    return 0
+
+
+def _cmd_tables(args) -> int:
+    from benchmark.reports import tables
+    from benchmark.store import ResultStore
+
+    store = ResultStore(args.results_dir, args.experiment)
+    frame = store.frame()
+    if frame.empty:
+        raise BenchmarkError(f"{store.path}: no finished cells for experiment '{args.experiment}'")
+    if args.metrics:
+        metrics = tuple(args.metrics)
+    elif args.style:
+        metrics = tables.STYLES[args.style]
+    else:
+        metrics = tables.STYLES["mvfa"]
+    unknown = [m for m in metrics if m not in set(frame["metric"])]
+    if unknown:
+        raise BenchmarkError(f"--metrics: '{unknown[0]}' was not recorded (recorded: {sorted(set(frame['metric']))})")
+    caption = tables.caption_for(frame, args.experiment, metrics)
+    if args.format == "latex":
+        text = tables.render_latex(frame, metrics, caption, f"tab:{args.experiment}", args.published)
+    elif args.format == "markdown":
+        text = tables.render_markdown(frame, metrics, caption, args.published)
+    else:
+        text = tables.render_csv(frame, args.published)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text, encoding="utf-8")
+        print(f"wrote {args.out}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _cmd_list(_args) -> int:
+    from benchmark.data.catalog import load_catalog
+    from benchmark.method import METHODS
+
+    print("methods:")
+    for name in METHODS.names():
+        cls = METHODS.get(name)
+        print(f"  {name:14s} settings: {', '.join(sorted(cls.settings))}")
+    print("datasets:")
+    for spec in load_catalog().values():
+        masks = "masks" if spec.masks else "image labels"
+        print(f"  {spec.name:12s} {spec.folder:20s} organ '{spec.organ}', {masks}{' (synthetic)' if spec.synthetic else ''}")
+    print("protocols:")
+    for path in sorted(PROTOCOLS_DIR.glob("*.yaml")):
+        print(f"  {path.relative_to(PROTOCOLS_DIR.parent)}")
+    return 0
+
+
+def _cmd_synth(args) -> int:
+    from benchmark.data.catalog import load_catalog
+    from benchmark.data.synthetic import MODALITIES, SyntheticConfig, write_dataset
+
+    catalog = load_catalog()
+    for name in MODALITIES:
+        print(write_dataset(Path(args.out), catalog[name], SyntheticConfig(seed=args.seed)))
+    return 0
+
+
+def _cmd_fetch(args) -> int:
+    from benchmark.backbones.weights import fetch_clip_weights
+
+    print(fetch_clip_weights(args.model, args.tag))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = {"run": _cmd_run, "tables": _cmd_tables, "list": _cmd_list, "synth": _cmd_synth,
+               "fetch-weights": _cmd_fetch}[args.command]
+    try:
+        return handler(args)
+    except BenchmarkError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

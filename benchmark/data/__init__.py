@@ -1,0 +1,1 @@
+"""Datasets: cards, the BMAD folder layout, the synthetic generator, splits and image loading."""

@@ -1,0 +1,64 @@
+"""Dataset cards: Markdown files whose YAML front matter describes one dataset.
+
+The cards under ``datasets/`` are the single source of truth for a dataset's folder, modality, the organ
+word used in prompts and whether it has pixel masks. A protocol may name extra card folders, so a new
+dataset is one Markdown file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from benchmark.errors import BenchmarkError
+
+CARDS_DIR = Path(__file__).resolve().parents[2] / "datasets"
+_CARD_KEYS = {"name", "folder", "modality", "organ", "masks", "synthetic", "mvfa_seed_folder"}
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What the harness needs to know of one dataset, read from its card."""
+
+    name: str
+    folder: str
+    modality: str
+    organ: str
+    masks: bool
+    synthetic: bool = False
+    mvfa_seed_folder: str | None = None
+    card: str = ""
+
+
+def read_card(path: Path) -> DatasetSpec:
+    text = path.read_text(encoding="utf-8")
+    if not text.startswith("---\n") or "\n---" not in text[4:]:
+        raise BenchmarkError(f"{path}: a dataset card must start with YAML front matter between '---' lines")
+    front = yaml.safe_load(text[4 : text.index("\n---", 4)]) or {}
+    if not isinstance(front, dict):
+        raise BenchmarkError(f"{path}: front matter must be a mapping")
+    unknown = set(front) - _CARD_KEYS
+    if unknown:
+        raise BenchmarkError(f"{path}: unknown key '{sorted(unknown)[0]}' (expected {sorted(_CARD_KEYS)})")
+    for key in ("name", "folder", "modality", "organ", "masks"):
+        if key not in front:
+            raise BenchmarkError(f"{path}: missing key '{key}'")
+    if not isinstance(front["masks"], bool):
+        raise BenchmarkError(f"{path}: key 'masks' must be true or false")
+    return DatasetSpec(card=str(path), **{k: front[k] for k in front})
+
+
+def load_catalog(extra_dirs: list[Path] | tuple[Path, ...] = ()) -> dict[str, DatasetSpec]:
+    """All cards of ``datasets/`` and of ``extra_dirs`` (later folders override earlier ones), by name."""
+    catalog: dict[str, DatasetSpec] = {}
+    for folder in (CARDS_DIR, *extra_dirs):
+        if not Path(folder).is_dir():
+            raise BenchmarkError(f"dataset card folder '{folder}' does not exist")
+        for path in sorted(Path(folder).glob("*.md")):
+            if path.name.lower() == "readme.md":
+                continue
+            spec = read_card(path)
+            catalog[spec.name] = spec
+    return catalog

@@ -1,0 +1,185 @@
+"""Which samples a cell may train on, and its test split.
+
+Pools, per dataset (documented in the README):
+
+- labelled pool: ``train/`` when it holds anomalous images, else ``valid/`` (BMAD's ``train/`` is normal
+  only, and MVFA-AD's copy has no ``train/``; both draw labelled samples from ``valid/``);
+- normal pool: ``train/good`` when ``train/`` exists, else ``valid/good``.
+
+Settings: ``zero_shot_loo`` trains on the labelled pools of the other listed datasets and never opens the
+target's ``train/`` or ``valid/``; ``few_shot`` K draws K normal and K anomalous images from the labelled
+pool (MVFA-AD's convention: its ``fewshot_seed`` files list ``n-i:`` and ``a-i:`` lines of K names each);
+``few_normal`` K draws K normal images; ``supervised`` takes the whole labelled pool; ``full_normal`` the
+whole normal pool. Draws use their own seed (the cell's sampling seed), apart from the model seed.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from benchmark.data.catalog import DatasetSpec
+from benchmark.data.layout import Sample, file_hash, has_split, read_split
+from benchmark.errors import BenchmarkError
+
+
+@dataclass(frozen=True)
+class Split:
+    train: tuple[Sample, ...]
+    test: tuple[Sample, ...]
+    valid: tuple[Sample, ...]
+    train_source: str
+    manifest: dict = field(default_factory=dict)
+
+
+def labelled_pool(root: Path, spec: DatasetSpec) -> tuple[list[Sample], str]:
+    if has_split(root, spec, "train"):
+        train = read_split(root, spec, "train")
+        if any(s.label for s in train):
+            return train, "train"
+    return read_split(root, spec, "valid"), "valid"
+
+
+def normal_pool(root: Path, spec: DatasetSpec) -> tuple[list[Sample], str]:
+    split = "train" if has_split(root, spec, "train") else "valid"
+    return read_split(root, spec, split, states=("good",)), split
+
+
+def _rng(sampling_seed: int, dataset: str, shots: int, kind: str) -> np.random.Generator:
+    return np.random.default_rng([sampling_seed, zlib.crc32(dataset.encode()), shots, zlib.crc32(kind.encode())])
+
+
+def _draw(pool: list[Sample], k: int, rng: np.random.Generator, what: str, spec: DatasetSpec) -> list[Sample]:
+    if len(pool) < k:
+        raise BenchmarkError(f"dataset '{spec.name}': {k}-shot needs {k} {what} images, the pool has {len(pool)}")
+    idx = rng.choice(len(pool), size=k, replace=False)
+    return sorted((pool[i] for i in idx), key=lambda s: s.path)
+
+
+def _manifest_names(path: Path, iteration: int, dataset: str) -> tuple[list[str], list[str]]:
+    """Normal and anomalous file names from our JSON manifest or an MVFA-AD ``K-shot.txt`` file."""
+    if not path.is_file():
+        raise BenchmarkError(f"sampling.manifests: file '{path}' for dataset '{dataset}' not found")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        data = json.loads(text)
+        return ([Path(s["path"]).name for s in data["train"] if s["label"] == 0],
+                [Path(s["path"]).name for s in data["train"] if s["label"] == 1])
+    lines = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if parts:
+            lines[parts[0]] = parts[1:]
+    normal, anomalous = lines.get(f"n-{iteration}:"), lines.get(f"a-{iteration}:")
+    if normal is None and anomalous is None:
+        raise BenchmarkError(f"{path}: no 'n-{iteration}:' or 'a-{iteration}:' line (the sampling seed picks the line)")
+    return normal or [], anomalous or []
+
+
+def _from_names(pool: list[Sample], names: list[str], label: int, source: Path) -> list[Sample]:
+    by_name = {Path(s.path).name: s for s in pool if s.label == label}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise BenchmarkError(f"{source}: '{missing[0]}' is not in the dataset's pool")
+    return [by_name[n] for n in names]
+
+
+def manifest_path(template: str, spec: DatasetSpec, shots: int) -> Path:
+    return Path(template.format(dataset=spec.name, folder=spec.folder.removesuffix("_AD"),
+                                mvfa=spec.mvfa_seed_folder or spec.folder.removesuffix("_AD"), shots=shots))
+
+
+def make_split(
+    root: Path,
+    catalog: dict[str, DatasetSpec],
+    dataset: str,
+    setting: str,
+    shots: int | None,
+    sampling_seed: int,
+    loo_sources: tuple[str, ...] = (),
+    manifests: str | None = None,
+    need_valid: bool = False,
+) -> Split:
+    spec = catalog[dataset]
+    root = Path(root)
+    test = read_split(root, spec, "test")
+    source: str
+    if setting == "zero_shot_loo":
+        if not loo_sources:
+            raise BenchmarkError(f"zero_shot_loo on '{dataset}' needs at least one other dataset to train on")
+        train: list[Sample] = []
+        for other in loo_sources:
+            pool, _ = labelled_pool(root, catalog[other])
+            train += pool
+        source = "labelled pools of " + ", ".join(loo_sources)
+    elif setting in ("few_shot", "supervised"):
+        pool, where = labelled_pool(root, spec)
+        source = f"{where}/"
+        if setting == "supervised":
+            train = pool
+        elif manifests:
+            path = manifest_path(manifests, spec, shots or 0)
+            normal_names, anomalous_names = _manifest_names(path, sampling_seed, dataset)
+            train = _from_names(pool, normal_names, 0, path) + _from_names(pool, anomalous_names, 1, path)
+            source += f" from manifest {path}"
+        else:
+            k = shots or 0
+            train = (_draw([s for s in pool if not s.label], k, _rng(sampling_seed, dataset, k, "n"), "normal", spec)
+                     + _draw([s for s in pool if s.label], k, _rng(sampling_seed, dataset, k, "a"), "anomalous", spec))
+    elif setting in ("few_normal", "full_normal"):
+        pool, where = normal_pool(root, spec)
+        source = f"{where}/good"
+        if setting == "full_normal":
+            train = pool
+        elif manifests:
+            path = manifest_path(manifests, spec, shots or 0)
+            train = _from_names(pool, _manifest_names(path, sampling_seed, dataset)[0], 0, path)
+            source += f" from manifest {path}"
+        else:
+            k = shots or 0
+            train = _draw(pool, k, _rng(sampling_seed, dataset, k, "n"), "normal", spec)
+    else:
+        raise BenchmarkError(f"unknown setting '{setting}'")
+
+    valid: list[Sample] = []
+    if need_valid:
+        if setting == "zero_shot_loo":
+            raise BenchmarkError("threshold.mode: validation is not available with zero_shot_loo "
+                                 "(the target's valid/ is never read); use mode: fixed")
+        used = {s.path for s in train}
+        valid = [s for s in read_split(root, spec, "valid") if s.path not in used]
+        if not valid or len({s.label for s in valid}) < 2:
+            raise BenchmarkError(f"threshold.mode: validation: dataset '{dataset}' has no normal and anomalous "
+                                 "valid/ images left that are not training samples")
+    overlap = {s.path for s in train} & {s.path for s in test}
+    if overlap:
+        raise BenchmarkError(f"dataset '{dataset}': training and test samples overlap ('{sorted(overlap)[0]}')")
+    manifest = {
+        "dataset": dataset,
+        "setting": setting,
+        "shots": shots,
+        "sampling_seed": sampling_seed,
+        "source": source,
+        "train": [{"path": _rel(s.path, root), "label": s.label, "sha1": file_hash(s.path)} for s in train]
+        if setting != "zero_shot_loo" else [{"path": _rel(s.path, root), "label": s.label} for s in train],
+        "test_count": len(test),
+    }
+    return Split(tuple(train), tuple(test), tuple(valid), source, manifest)
+
+
+def _rel(path: str, root: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(root.resolve()))
+    except ValueError:
+        return path
+
+
+def content_hash(hashes: list[str]) -> str:
+    """One hash for a set of samples, from their sorted file hashes."""
+    import hashlib
+
+    return hashlib.sha1("\n".join(sorted(hashes)).encode()).hexdigest()

@@ -1,0 +1,9 @@
+"""User-facing errors: one line naming the file or key and what was expected; the CLI exits 2."""
+
+
+class BenchmarkError(Exception):
+    """Bad input from the user (protocol, data, weights); printed as one line, exit status 2."""
+
+
+class WeightsUnavailableError(BenchmarkError):
+    """Pretrained weights are not on this machine."""

@@ -1,0 +1,260 @@
+"""Protocol files: YAML validated on load into a frozen ``Protocol``.
+
+Every error is one line naming the file and the key (``protocols/x.yaml: settings[1].shots: ...``).
+A protocol never chooses anything on test data: thresholds are fixed or chosen on the validation split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from benchmark.errors import BenchmarkError
+
+SETTINGS = ("zero_shot_loo", "few_shot", "few_normal", "supervised", "full_normal")
+SHOT_SETTINGS = ("few_shot", "few_normal")
+ALLOWED_SHOTS = (1, 2, 4, 8, 16)
+DEFAULT_SWEEP = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+PROTOCOL_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SettingSpec:
+    """One training setting; ``shots`` is set for the few-shot settings only."""
+
+    name: str
+    shots: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """An open_clip (or timm) model and its weights: a pretrained tag, a checkpoint path or ``random-init``."""
+
+    model: str
+    weights: str
+    seed: int = 0
+
+    @property
+    def random_init(self) -> bool:
+        return self.weights == "random-init"
+
+    def label(self) -> str:
+        kind = f"random-init, seed {self.seed}" if self.random_init else "pretrained"
+        return f"{self.model} / {self.weights} ({kind})"
+
+
+@dataclass(frozen=True)
+class ThresholdSpec:
+    """``fixed`` uses ``value``; ``validation`` picks the sweep threshold best on the validation split."""
+
+    mode: str = "fixed"
+    value: float = 0.5
+
+
+@dataclass(frozen=True)
+class Protocol:
+    path: str
+    name: str
+    version: int
+    description: str
+    datasets: tuple[str, ...]
+    settings: tuple[SettingSpec, ...]
+    methods: dict[str, dict[str, Any]]
+    seeds: tuple[int, ...]
+    sampling_seeds: tuple[int, ...]
+    manifests: str | None
+    image_size: int
+    batch_size: int
+    backbone: BackboneSpec | None
+    threshold: ThresholdSpec
+    sweep: tuple[float, ...]
+    data_root: str
+    dataset_cards: tuple[str, ...]
+    synthetic: dict[str, Any]
+    tracking_uri: str | None
+    results_dir: str
+    device: str
+    figure_samples: int
+    raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+
+class _Reader:
+    """Typed access to a mapping that reports the file and key path on any mismatch."""
+
+    def __init__(self, path: str, data: Any, where: str = ""):
+        self.path, self.where = path, where
+        if not isinstance(data, dict):
+            self.fail(f"expected a mapping, got {type(data).__name__}")
+        self.data = data
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.where}.{name}" if self.where else name
+
+    def fail(self, msg: str, key: str | None = None) -> None:
+        where = key if key is not None else (self.where or "top level")
+        raise BenchmarkError(f"{self.path}: {where}: {msg}")
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any = ..., required: bool = False) -> Any:
+        self.used.add(name)
+        if name not in self.data or self.data[name] is None:
+            if required or default is ...:
+                self.fail("missing required key", self.key(name))
+            return default
+        value = self.data[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+            names = " or ".join(k.__name__ for k in kinds)
+            self.fail(f"expected {names}, got {type(value).__name__} {value!r}", self.key(name))
+        return value
+
+    def get_list(self, name: str, item: type, default: Any = ...) -> tuple:
+        value = self.get(name, (list, item), default)
+        if value is default and not isinstance(value, list | item):
+            return value
+        items = value if isinstance(value, list) else [value]
+        out = []
+        for i, v in enumerate(items):
+            if item is float and isinstance(v, int) and not isinstance(v, bool):
+                v = float(v)
+            if isinstance(v, bool) or not isinstance(v, item):
+                self.fail(f"expected a list of {item.__name__}, got {v!r}", f"{self.key(name)}[{i}]")
+            out.append(v)
+        if not out:
+            self.fail("must not be empty", self.key(name))
+        return tuple(out)
+
+    def sub(self, name: str) -> _Reader:
+        self.used.add(name)
+        return _Reader(self.path, self.data.get(name) or {}, self.key(name))
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            self.fail(f"unknown key (expected one of {sorted(self.used)})", self.key(unknown[0]))
+
+
+def _settings(r: _Reader) -> tuple[SettingSpec, ...]:
+    value = r.get("settings", list, required=True)
+    out = []
+    for i, entry in enumerate(value):
+        entry = {"name": entry} if isinstance(entry, str) else entry
+        s = _Reader(r.path, entry, f"settings[{i}]")
+        name = s.get("name", str, required=True)
+        if name not in SETTINGS:
+            s.fail(f"unknown setting '{name}' (expected one of {', '.join(SETTINGS)})", s.key("name"))
+        shots: tuple[int, ...] = ()
+        if name in SHOT_SETTINGS:
+            shots = s.get_list("shots", int)
+            bad = [k for k in shots if k not in ALLOWED_SHOTS]
+            if bad:
+                s.fail(f"K={bad[0]} not allowed (expected K in {ALLOWED_SHOTS})", s.key("shots"))
+        s.finish()
+        out.append(SettingSpec(name, shots))
+    if not out:
+        r.fail("must not be empty", "settings")
+    return tuple(out)
+
+
+def _backbone(r: _Reader) -> BackboneSpec | None:
+    if r.data.get("backbone") is None:
+        r.used.add("backbone")
+        return None
+    b = r.sub("backbone")
+    spec = BackboneSpec(b.get("model", str, required=True), b.get("weights", str, required=True), b.get("seed", int, 0))
+    b.finish()
+    return spec
+
+
+def parse_backbone(path: str, data: Any, where: str) -> BackboneSpec:
+    """Validate a per-method ``backbone`` mapping (same keys as the protocol's)."""
+    r = _Reader(path, {"backbone": data}, where.rsplit(".", 1)[0] if "." in where else "")
+    spec = _backbone(r)
+    assert spec is not None
+    return spec
+
+
+def load_protocol(path: str | Path) -> Protocol:
+    """Read and validate one protocol file; raises ``BenchmarkError`` naming the file and key."""
+    path = str(path)
+    if not Path(path).is_file():
+        raise BenchmarkError(f"{path}: protocol file not found")
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark else ""
+        raise BenchmarkError(f"{path}: not valid YAML{line}") from None
+    r = _Reader(path, data)
+    version = r.get("version", int, required=True)
+    if version != PROTOCOL_VERSION:
+        r.fail(f"unsupported protocol version {version} (this harness reads version {PROTOCOL_VERSION})", "version")
+    name = r.get("name", str, required=True)
+    if not name.replace("_", "").replace("-", "").isalnum():
+        r.fail("use letters, digits, '-' and '_' only", "name")
+    methods_raw = r.get("methods", (dict, list), required=True)
+    if isinstance(methods_raw, list):
+        methods_raw = {m: {} for m in methods_raw}
+    methods = {}
+    for m, params in methods_raw.items():
+        if params is not None and not isinstance(params, dict):
+            r.fail(f"expected a mapping of parameters, got {params!r}", f"methods.{m}")
+        methods[str(m)] = dict(params or {})
+    seeds = r.get_list("seeds", int, (0,))
+    sampling = r.sub("sampling")
+    sampling_seeds = sampling.get_list("seeds", int, seeds)
+    if len(sampling_seeds) != len(seeds):
+        sampling.fail(f"needs one sampling seed per seed ({len(seeds)})", sampling.key("seeds"))
+    manifests = sampling.get("manifests", str, None)
+    sampling.finish()
+    thr = r.sub("threshold")
+    threshold = ThresholdSpec(thr.get("mode", str, "fixed"), thr.get("value", float, 0.5))
+    if threshold.mode not in ("fixed", "validation"):
+        thr.fail(f"expected 'fixed' or 'validation', got '{threshold.mode}'", thr.key("mode"))
+    if not 0.0 <= threshold.value <= 1.0:
+        thr.fail("expected a number in [0, 1]", thr.key("value"))
+    thr.finish()
+    sweep = r.get_list("sweep", float, DEFAULT_SWEEP)
+    if any(not 0.0 < t < 1.0 for t in sweep) or list(sweep) != sorted(set(sweep)):
+        r.fail("expected increasing thresholds in (0, 1)", "sweep")
+    tracking = r.sub("tracking")
+    tracking_uri = tracking.get("uri", str, None)
+    tracking.finish()
+    synthetic = r.get("synthetic", dict, {})
+    protocol = Protocol(
+        path=path,
+        name=name,
+        version=version,
+        description=r.get("description", str, ""),
+        datasets=r.get_list("datasets", str),
+        settings=_settings(r),
+        methods=methods,
+        seeds=seeds,
+        sampling_seeds=sampling_seeds,
+        manifests=manifests,
+        image_size=r.get("image_size", int, 240),
+        batch_size=r.get("batch_size", int, 16),
+        backbone=_backbone(r),
+        threshold=threshold,
+        sweep=sweep,
+        data_root=r.get("data_root", str, "data"),
+        dataset_cards=r.get_list("dataset_cards", str, ()),
+        synthetic=synthetic,
+        tracking_uri=tracking_uri,
+        results_dir=r.get("results_dir", str, "results"),
+        device=r.get("device", str, "auto"),
+        figure_samples=r.get("figure_samples", int, 4),
+        raw=data,
+    )
+    r.finish()
+    for key, value in (("image_size", protocol.image_size), ("batch_size", protocol.batch_size)):
+        if value <= 0:
+            r.fail("expected a positive integer", key)
+    if protocol.device not in ("auto", "cpu", "cuda") and not protocol.device.startswith("cuda:"):
+        r.fail(f"expected auto, cpu, cuda or cuda:N, got '{protocol.device}'", "device")
+    return protocol

@@ -1,0 +1,32 @@
+"""A figure of a few test images with their masks and anomaly maps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def samples_figure(samples: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, float]], title: str,
+                   out: Path) -> Path:
+    """Rows of (image, mask, map); ``samples`` holds (name, image [3,H,W], mask [H,W], map [H,W], score)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = max(len(samples), 1)
+    fig, axes = plt.subplots(rows, 3, figsize=(7.5, 2.5 * rows), squeeze=False)
+    for row, (name, image, mask, amap, score) in enumerate(samples):
+        panels = (image.permute(1, 2, 0).numpy(), mask.float().numpy(), amap.numpy())
+        labels = (name, "mask", f"map (score {score:.3f})")
+        for ax, panel, label in zip(axes[row], panels, labels, strict=True):
+            ax.imshow(panel, cmap=None if panel.ndim == 3 else ("gray" if label == "mask" else "jet"), vmin=0, vmax=1)
+            ax.set_title(label, fontsize=8)
+            ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out

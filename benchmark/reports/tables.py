@@ -1,0 +1,174 @@
+"""Paper-style tables from the results store: LaTeX (booktabs), Markdown and CSV.
+
+Rows are (method variant, setting, K); columns are datasets as groups with one sub-column per metric
+(AC/AS as MVFA Table 1, or Dice/Acc as MedSAD-CLIP Table 2). A cell is mean ± std over seeds, in percent.
+In each column the best mean is bold and the second underlined, decided on unrounded means and the
+metric's direction; tied means share a mark. ``published=True`` adds, under each row, the papers' number and our difference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+from tabulate import tabulate
+
+from benchmark.metrics import METRICS
+from benchmark.reports.published import load_published, lookup
+
+HEADERS = {"image_auroc": "AC", "pixel_auroc": "AS", "dice": "Dice", "image_accuracy": "Acc", "dice_oracle": "Dice (oracle)"}
+STYLES = {"mvfa": ("image_auroc", "pixel_auroc"), "medsad": ("dice", "image_accuracy")}
+SETTING_NAMES = {"zero_shot_loo": "zero-shot LOO", "few_shot": "few-shot", "few_normal": "few-normal-shot",
+                 "supervised": "supervised", "full_normal": "full-normal"}
+
+
+def summarize(frame: pd.DataFrame) -> pd.DataFrame:
+    """Mean, std (ddof 1; 0 for one seed) and seed count per row key, dataset and metric."""
+    keys = ["method", "variant", "setting", "shots", "backbone", "threshold", "dataset", "metric"]
+    frame = frame.assign(shots=frame["shots"].fillna(0).astype(int))
+    grouped = frame.groupby(keys, dropna=False)["value"]
+    out = grouped.agg(mean="mean", std=lambda v: float(v.std(ddof=1)) if len(v) > 1 else 0.0, n="count")
+    return out.reset_index()
+
+
+def _row_label(method: str, variant: str, setting: str, shots: int) -> str:
+    name = variant if isinstance(variant, str) and variant else method
+    k = f", K={shots}" if shots else ""
+    return f"{name} ({SETTING_NAMES.get(setting, setting)}{k})"
+
+
+def build(frame: pd.DataFrame, metrics: tuple[str, ...], published: bool = False):
+    """Rows as (label, {(dataset, metric): (mean, std, n)}, is_ours) and the column list."""
+    summary = summarize(frame)
+    summary = summary[summary["metric"].isin(metrics)]
+    datasets = list(dict.fromkeys(summary["dataset"]))
+    columns = [(d, m) for d in datasets for m in metrics if not summary[(summary["dataset"] == d) & (summary["metric"] == m)].empty]
+    table_rows = []
+    pub = load_published() if published else None
+    row_keys = summary[["method", "variant", "setting", "shots", "backbone", "threshold"]].drop_duplicates()
+    order = {name: i for i, name in enumerate(SETTING_NAMES)}
+    row_keys = row_keys.assign(_order=row_keys["setting"].map(order))
+    for _, key in row_keys.sort_values(["_order", "shots", "method", "variant"]).iterrows():
+        part = summary[(summary["method"] == key["method"]) & (summary["variant"] == key["variant"])
+                       & (summary["setting"] == key["setting"]) & (summary["shots"] == key["shots"])
+                       & (summary["backbone"] == key["backbone"])]
+        values = {(r["dataset"], r["metric"]): (r["mean"], r["std"], int(r["n"])) for _, r in part.iterrows()}
+        label = _row_label(key["method"], key["variant"], key["setting"], int(key["shots"]))
+        table_rows.append((label, values, True))
+        if pub is None:
+            continue
+        from benchmark.method import METHODS
+
+        name = METHODS.get(key["method"]).published_name if key["method"] in METHODS else key["method"]
+        found, delta, sources = {}, {}, set()
+        for d, m in columns:
+            hit = lookup(pub, name, key["setting"], int(key["shots"]), d, m, key["threshold"])
+            if hit is not None:
+                found[(d, m)] = (hit[0] / 100.0, 0.0, 0)
+                sources.add(hit[1])
+                if (d, m) in values:
+                    delta[(d, m)] = (values[(d, m)][0] - hit[0] / 100.0, 0.0, 0)
+        if found:
+            table_rows.append((f"  published ({'; '.join(sorted(sources))})", found, False))
+            table_rows.append(("  difference", delta, False))
+    return table_rows, columns
+
+
+def _ranks(rows, columns) -> dict[tuple, dict[int, int]]:
+    ranks: dict[tuple, dict[int, int]] = {}
+    for col in columns:
+        better = METRICS[col[1]].higher_is_better if col[1] in METRICS else True
+        scored = {i: v[col][0] for i, (_, v, ours) in enumerate(rows) if ours and col in v and not math.isnan(v[col][0])}
+        distinct = sorted(set(scored.values()), reverse=better)[:2]
+        ranks[col] = {i: distinct.index(value) for i, value in scored.items() if value in distinct}
+    return ranks
+
+
+def _fmt(value: tuple[float, float, int] | None, signed: bool = False) -> str:
+    if value is None or math.isnan(value[0]):
+        return "--"
+    mean, std, n = value
+    text = f"{mean * 100:+.2f}" if signed else f"{mean * 100:.2f}"
+    return f"{text} ± {std * 100:.2f}" if n > 1 else text
+
+
+def _latex_escape(text: str) -> str:
+    for a, b in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"), ("#", r"\#"), ("±", r"$\pm$")):
+        text = text.replace(a, b)
+    return text
+
+
+def render_latex(frame: pd.DataFrame, metrics: tuple[str, ...], caption: str, label: str, published: bool = False) -> str:
+    rows, columns = build(frame, metrics, published)
+    ranks = _ranks(rows, columns)
+    datasets = list(dict.fromkeys(d for d, _ in columns))
+    spans = [(d, sum(1 for c in columns if c[0] == d)) for d in datasets]
+    lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{_latex_escape(caption)}}}", rf"\label{{{label}}}",
+             r"\begin{tabular}{l" + "".join(" " + "c" * n for _, n in spans) + "}", r"\toprule"]
+    lines.append(" & " + " & ".join(rf"\multicolumn{{{n}}}{{c}}{{{_latex_escape(d)}}}" for d, n in spans) + r" \\")
+    start, rules = 2, []
+    for _, n in spans:
+        rules.append(rf"\cmidrule(lr){{{start}-{start + n - 1}}}")
+        start += n
+    lines.append(" ".join(rules))
+    lines.append("Method & " + " & ".join(HEADERS.get(m, m) for _, m in columns) + r" \\")
+    lines.append(r"\midrule")
+    for i, (label_text, values, ours) in enumerate(rows):
+        cells = []
+        for col in columns:
+            text = _latex_escape(_fmt(values.get(col), signed=label_text.strip() == "difference"))
+            rank = ranks[col].get(i) if ours else None
+            if rank == 0:
+                text = rf"\textbf{{{text}}}"
+            elif rank == 1:
+                text = rf"\underline{{{text}}}"
+            cells.append(text)
+        name = _latex_escape(label_text.strip())
+        name = rf"\quad {name}" if label_text.startswith("  ") else name
+        lines.append(name + " & " + " & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def render_markdown(frame: pd.DataFrame, metrics: tuple[str, ...], caption: str, published: bool = False) -> str:
+    rows, columns = build(frame, metrics, published)
+    ranks = _ranks(rows, columns)
+    headers = ["Method"] + [f"{d} {HEADERS.get(m, m)}" for d, m in columns]
+    body = []
+    for i, (label_text, values, ours) in enumerate(rows):
+        cells = [label_text.strip() if ours else "↳ " + label_text.strip()]
+        for col in columns:
+            text = _fmt(values.get(col), signed=label_text.strip() == "difference")
+            rank = ranks[col].get(i) if ours else None
+            cells.append(f"**{text}**" if rank == 0 else f"<u>{text}</u>" if rank == 1 else text)
+        body.append(cells)
+    return f"{caption}\n\n" + tabulate(body, headers=headers, tablefmt="github", disable_numparse=True) + "\n"
+
+
+def render_csv(frame: pd.DataFrame, published: bool = False) -> str:
+    summary = summarize(frame)
+    if published:
+        from benchmark.method import METHODS
+
+        pub = load_published()
+        values, sources = [], []
+        for _, r in summary.iterrows():
+            name = METHODS.get(r["method"]).published_name if r["method"] in METHODS else r["method"]
+            hit = lookup(pub, name, r["setting"], int(r["shots"]), r["dataset"], r["metric"], r["threshold"])
+            values.append(hit[0] / 100.0 if hit else float("nan"))
+            sources.append(hit[1] if hit else "")
+        summary["published"] = values
+        summary["published_source"] = sources
+        summary["difference"] = summary["mean"] - summary["published"]
+    return summary.to_csv(index=False)
+
+
+def caption_for(frame: pd.DataFrame, experiment: str, metrics: tuple[str, ...]) -> str:
+    names = ", ".join(f"{HEADERS.get(m, m)} = {m}" for m in metrics)
+    backbones = sorted(set(frame["backbone"]))
+    text = f"{experiment}: {names}, in %, mean ± std over seeds. Backbones: {'; '.join(backbones)}."
+    if "dice_oracle" in metrics:
+        text += " Dice (oracle): the best Dice over the threshold sweep, picked on test data; for reference only."
+    if any("random-init" in b for b in backbones):
+        text += " Random-init backbones: not comparable with published numbers."
+    return text
