@@ -83,14 +83,28 @@ def expand(protocol: Protocol, catalog: dict[str, DatasetSpec], methods=None, da
         image_size = protocol.image_size
         for setting in protocol.settings:
             if setting.name not in cls.settings:
-                raise BenchmarkError(f"{where}: settings: method '{m}' does not support '{setting.name}' "
-                                     f"(it supports {sorted(cls.settings)})")
+                raise BenchmarkError(
+                    f"{where}: settings: method '{m}' does not support '{setting.name}' "
+                    f"(it supports {sorted(cls.settings)})"
+                )
             for d in picked_datasets:
                 loo = tuple(x for x in protocol.datasets if x != d) if setting.name == "zero_shot_loo" else ()
                 for k in setting.shots or (None,):
                     for seed, sampling_seed in seed_pairs:
-                        cells.append(Cell(m, d, setting.name, k, seed, sampling_seed, dict(asdict(params)),
-                                          backbone, image_size, loo))
+                        cells.append(
+                            Cell(
+                                m,
+                                d,
+                                setting.name,
+                                k,
+                                seed,
+                                sampling_seed,
+                                dict(asdict(params)),
+                                backbone,
+                                image_size,
+                                loo,
+                            )
+                        )
     return cells
 
 

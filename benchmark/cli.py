@@ -37,8 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     tables = sub.add_parser("tables", help="render an experiment's results as tables")
     tables.add_argument("experiment")
     tables.add_argument("--format", choices=("latex", "markdown", "csv"), default="markdown")
-    tables.add_argument("--style", choices=("mvfa", "medsad"), default=None,
-                        help="mvfa: AC/AS (AUROCs); medsad: Dice/Acc at the main threshold")
+    tables.add_argument(
+        "--style",
+        choices=("mvfa", "medsad"),
+        default=None,
+        help="mvfa: AC/AS (AUROCs); medsad: Dice/Acc at the main threshold",
+    )
     tables.add_argument("--metrics", type=_csv(str), help="explicit metric columns, e.g. dice,dice_oracle")
     tables.add_argument("--published", action="store_true", help="add the papers' numbers and the difference")
     tables.add_argument("--results-dir", default="results")
@@ -76,8 +80,10 @@ def _cmd_run(args) -> int:
 
     print(f"{protocol.name} (protocol version {protocol.version}): {len(cells)} cells, data root '{root}'")
     summary = run_protocol(protocol, catalog, cells, root, resume=args.resume, save_predictions=args.save_predictions)
-    print(f"finished {len(summary.finished)}, skipped {len(summary.skipped)}, failed {len(summary.failed)}; "
-          f"results in {Path(protocol.results_dir) / protocol.name}")
+    print(
+        f"finished {len(summary.finished)}, skipped {len(summary.skipped)}, failed {len(summary.failed)}; "
+        f"results in {Path(protocol.results_dir) / protocol.name}"
+    )
     if summary.failed:
         return 2 if summary.bad_input else 1
     return 0
@@ -89,10 +95,20 @@ def _dry_run(protocol, catalog, cells, root: Path) -> int:
 
     prepare_synthetic(protocol, catalog, root)
     for cell in cells:
-        split = make_split(root, catalog, cell.dataset, cell.setting, cell.shots, cell.sampling_seed, cell.loo_sources,
-                           protocol.manifests)
-        print(f"{cell.cell_id}  backbone={cell.backbone.label()}  train={len(split.train)} from {split.train_source}"
-              f"  test={len(split.test)}")
+        split = make_split(
+            root,
+            catalog,
+            cell.dataset,
+            cell.setting,
+            cell.shots,
+            cell.sampling_seed,
+            cell.loo_sources,
+            protocol.manifests,
+        )
+        print(
+            f"{cell.cell_id}  backbone={cell.backbone.label()}  train={len(split.train)} from {split.train_source}"
+            f"  test={len(split.test)}"
+        )
         if cell.setting in ("few_shot", "few_normal"):
             for s in split.train:
                 print(f"    {'anomalous' if s.label else 'normal   '}  {s.path}")
@@ -144,7 +160,8 @@ def _cmd_list(_args) -> int:
     print("datasets:")
     for spec in load_catalog().values():
         masks = "masks" if spec.masks else "image labels"
-        print(f"  {spec.name:12s} {spec.folder:20s} organ '{spec.organ}', {masks}{' (synthetic)' if spec.synthetic else ''}")
+        synthetic = " (synthetic)" if spec.synthetic else ""
+        print(f"  {spec.name:12s} {spec.folder:20s} organ '{spec.organ}', {masks}{synthetic}")
     print("protocols:")
     for path in sorted(PROTOCOLS_DIR.glob("*.yaml")):
         print(f"  {path.relative_to(PROTOCOLS_DIR.parent)}")
@@ -170,8 +187,13 @@ def _cmd_fetch(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"run": _cmd_run, "tables": _cmd_tables, "list": _cmd_list, "synth": _cmd_synth,
-               "fetch-weights": _cmd_fetch}[args.command]
+    handler = {
+        "run": _cmd_run,
+        "tables": _cmd_tables,
+        "list": _cmd_list,
+        "synth": _cmd_synth,
+        "fetch-weights": _cmd_fetch,
+    }[args.command]
     try:
         return handler(args)
     except BenchmarkError as exc:

@@ -16,8 +16,12 @@ def git_commit() -> str:
     root = Path(__file__).resolve().parents[1]
     try:
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     commit = out.stdout.strip() or "unknown"
@@ -25,8 +29,13 @@ def git_commit() -> str:
 
 
 def describe(device: torch.device) -> dict[str, str]:
-    info = {"git_commit": git_commit(), "python": platform.python_version(), "platform": platform.platform(),
-            "device": str(device), "cuda": torch.version.cuda or "none"}
+    info = {
+        "git_commit": git_commit(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "cuda": torch.version.cuda or "none",
+    }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     for name in PACKAGES:

@@ -112,7 +112,9 @@ class Method:
         raw = {k: v for k, v in raw.items() if k != "backbone"}
         for key, value in raw.items():
             if key not in fields:
-                raise BenchmarkError(f"{where}.{key}: unknown parameter of '{cls.name}' (expected one of {sorted(fields)})")
+                raise BenchmarkError(
+                    f"{where}.{key}: unknown parameter of '{cls.name}' (expected one of {sorted(fields)})"
+                )
             default = fields[key].default
             if default is not dataclasses.MISSING and default is not None and not _same_type(default, value):
                 raise BenchmarkError(f"{where}.{key}: expected {type(default).__name__}, got {value!r}")

@@ -19,7 +19,9 @@ class PredictionWriter:
         self.path = path
         self.tmp = path.parent / "predictions.tmp"
         self.tmp.mkdir(parents=True, exist_ok=True)
-        self.maps = np.lib.format.open_memmap(self.tmp / "maps.npy", mode="w+", dtype=np.float32, shape=(count, size, size))
+        self.maps = np.lib.format.open_memmap(
+            self.tmp / "maps.npy", mode="w+", dtype=np.float32, shape=(count, size, size)
+        )
         self.masks = np.lib.format.open_memmap(self.tmp / "masks.npy", mode="w+", dtype=bool, shape=(count, size, size))
         self.paths: list[str] = []
         self.scores: list[np.ndarray] = []
@@ -39,8 +41,11 @@ class PredictionWriter:
         self.maps.flush()
         self.masks.flush()
         del self.maps, self.masks
-        small = {"paths": np.array(self.paths), "image_scores": np.concatenate(self.scores),
-                 "image_labels": np.concatenate(self.labels)}
+        small = {
+            "paths": np.array(self.paths),
+            "image_scores": np.concatenate(self.scores),
+            "image_labels": np.concatenate(self.labels),
+        }
         for name, value in small.items():
             np.save(self.tmp / f"{name}.npy", value)
         partial = self.path.with_suffix(".npz.partial")

@@ -81,17 +81,27 @@ class Evaluation:
 
 def _check_prediction(method: Method, scores: torch.Tensor, maps: torch.Tensor, n: int, size: int):
     if tuple(scores.shape) != (n,) or tuple(maps.shape) != (n, size, size):
-        raise RuntimeError(f"method '{method.name}' returned scores {tuple(scores.shape)} and maps "
-                           f"{tuple(maps.shape)}; expected ({n},) and ({n}, {size}, {size})")
+        raise RuntimeError(
+            f"method '{method.name}' returned scores {tuple(scores.shape)} and maps "
+            f"{tuple(maps.shape)}; expected ({n},) and ({n}, {size}, {size})"
+        )
     for what, t in (("image scores", scores), ("anomaly maps", maps)):
         if not torch.isfinite(t).all() or t.min() < -1e-5 or t.max() > 1 + 1e-5:
             raise RuntimeError(f"method '{method.name}' returned {what} outside [0, 1] or not finite")
     return scores.clamp(0, 1), maps.clamp(0, 1)
 
 
-def evaluate(method: Method, samples: tuple[Sample, ...], has_masks: bool, thresholds: dict[str, float],
-             sweep: tuple[float, ...], size: int, batch_size: int, figure_samples: int = 0,
-             writer: PredictionWriter | None = None) -> Evaluation:
+def evaluate(
+    method: Method,
+    samples: tuple[Sample, ...],
+    has_masks: bool,
+    thresholds: dict[str, float],
+    sweep: tuple[float, ...],
+    size: int,
+    batch_size: int,
+    figure_samples: int = 0,
+    writer: PredictionWriter | None = None,
+) -> Evaluation:
     """Predict ``samples`` batch by batch into streaming accumulators; maps are never all held at once."""
     images = ImageMetrics()
     pixels = PixelMetrics((*sweep, thresholds["dice"])) if has_masks else None
@@ -129,7 +139,9 @@ def evaluate(method: Method, samples: tuple[Sample, ...], has_masks: bool, thres
     return Evaluation(metrics, rows, figure, content_hash(keys))
 
 
-def choose_thresholds(method: Method, valid: tuple[Sample, ...], has_masks: bool, protocol: Protocol) -> dict[str, float]:
+def choose_thresholds(
+    method: Method, valid: tuple[Sample, ...], has_masks: bool, protocol: Protocol
+) -> dict[str, float]:
     """Thresholds of best validation Dice (pixels) and accuracy (images) over the protocol's sweep."""
     fixed = {"dice": protocol.threshold.value, "accuracy": protocol.threshold.value}
     if protocol.threshold.mode == "fixed":
@@ -140,11 +152,28 @@ def choose_thresholds(method: Method, valid: tuple[Sample, ...], has_masks: bool
     return {"dice": best_dice, "accuracy": best_acc}
 
 
-def run_cell(cell: Cell, protocol: Protocol, catalog: dict[str, DatasetSpec], root: Path, device: torch.device,
-             cache: FeatureCache, cell_dir: Path, save_predictions: bool) -> tuple[Evaluation, dict, dict]:
+def run_cell(
+    cell: Cell,
+    protocol: Protocol,
+    catalog: dict[str, DatasetSpec],
+    root: Path,
+    device: torch.device,
+    cache: FeatureCache,
+    cell_dir: Path,
+    save_predictions: bool,
+) -> tuple[Evaluation, dict]:
     spec = catalog[cell.dataset]
-    split = make_split(root, catalog, cell.dataset, cell.setting, cell.shots, cell.sampling_seed, cell.loo_sources,
-                       protocol.manifests, need_valid=protocol.threshold.mode == "validation")
+    split = make_split(
+        root,
+        catalog,
+        cell.dataset,
+        cell.setting,
+        cell.shots,
+        cell.sampling_seed,
+        cell.loo_sources,
+        protocol.manifests,
+        need_valid=protocol.threshold.mode == "validation",
+    )
     cell_dir.mkdir(parents=True, exist_ok=True)
     (cell_dir / "manifest.json").write_text(json.dumps(split.manifest, indent=1))
     seed_everything(cell.seed)
@@ -156,8 +185,17 @@ def run_cell(cell: Cell, protocol: Protocol, catalog: dict[str, DatasetSpec], ro
     writer = None
     if save_predictions:
         writer = PredictionWriter(cell_dir / "predictions.npz", len(split.test), cell.image_size)
-    ev = evaluate(method, split.test, spec.masks, thresholds, protocol.sweep, cell.image_size, protocol.batch_size,
-                  protocol.figure_samples, writer)
+    ev = evaluate(
+        method,
+        split.test,
+        spec.masks,
+        thresholds,
+        protocol.sweep,
+        cell.image_size,
+        protocol.batch_size,
+        protocol.figure_samples,
+        writer,
+    )
     if writer is not None:
         writer.close()
     with (cell_dir / "sweep.csv").open("w", newline="") as fh:
@@ -166,13 +204,26 @@ def run_cell(cell: Cell, protocol: Protocol, catalog: dict[str, DatasetSpec], ro
         out.writerows(ev.sweep)
     title = f"{cell.cell_id} | backbone {cell.backbone.label()}"
     samples_figure(ev.figure, title, cell_dir / "samples.png")
-    info = {"train_source": split.train_source, "train_count": len(split.train), "test_count": len(split.test),
-            "threshold_dice": thresholds["dice"], "threshold_accuracy": thresholds["accuracy"], **method.describe()}
-    return ev, split.manifest, info
+    info = {
+        "train_source": split.train_source,
+        "train_count": len(split.train),
+        "test_count": len(split.test),
+        "threshold_dice": thresholds["dice"],
+        "threshold_accuracy": thresholds["accuracy"],
+        **method.describe(),
+    }
+    return ev, info
 
 
-def run_protocol(protocol: Protocol, catalog: dict[str, DatasetSpec], cells: list[Cell], data_root: Path,
-                 resume: bool = False, save_predictions: bool = False, echo: Callable[[str], None] = print) -> RunSummary:
+def run_protocol(
+    protocol: Protocol,
+    catalog: dict[str, DatasetSpec],
+    cells: list[Cell],
+    data_root: Path,
+    resume: bool = False,
+    save_predictions: bool = False,
+    echo: Callable[[str], None] = print,
+) -> RunSummary:
     summary = RunSummary()
     store = ResultStore(protocol.results_dir, protocol.name)
     finished = store.finished_hashes() if resume else set()
@@ -181,8 +232,10 @@ def run_protocol(protocol: Protocol, catalog: dict[str, DatasetSpec], cells: lis
     cache = FeatureCache(Path(protocol.results_dir) / "cache")
     tracker = Tracker(tracking_uri(protocol), protocol.name, Path(protocol.results_dir) / "mlartifacts" / protocol.name)
     env = environment.describe(device)
-    parent = tracker.start(f"{protocol.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                           {"protocol_version": str(protocol.version), "git_commit": env["git_commit"]})
+    parent = tracker.start(
+        f"{protocol.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+        {"protocol_version": str(protocol.version), "git_commit": env["git_commit"]},
+    )
     tracker.log(parent, params={"protocol": protocol.path, "protocol_version": protocol.version, "cells": len(cells)})
     tracker.log_dict(parent, protocol.raw, "protocol.json")
     tracker.log_dict(parent, env, "environment.json")
@@ -193,37 +246,83 @@ def run_protocol(protocol: Protocol, catalog: dict[str, DatasetSpec], cells: lis
             summary.skipped.append(cell.cell_id)
             echo(f"{tag}: finished earlier, skipped (--resume)")
             continue
-        base = {"config_hash": digest, "cell_id": cell.cell_id, "method": cell.method, "dataset": cell.dataset,
-                "setting": cell.setting, "shots": cell.shots, "seed": cell.seed, "sampling_seed": cell.sampling_seed,
-                "backbone": cell.backbone.label(), "protocol_version": protocol.version}
+        base = {
+            "config_hash": digest,
+            "cell_id": cell.cell_id,
+            "method": cell.method,
+            "dataset": cell.dataset,
+            "setting": cell.setting,
+            "shots": cell.shots,
+            "seed": cell.seed,
+            "sampling_seed": cell.sampling_seed,
+            "backbone": cell.backbone.label(),
+            "protocol_version": protocol.version,
+        }
         weights_tag = "random-init" if cell.backbone.random_init else f"pretrained:{cell.backbone.weights}"
-        run_id = tracker.start(cell.cell_id, {"method": cell.method, "dataset": cell.dataset, "setting": cell.setting,
-                                              "shots": str(cell.shots or 0), "seed": str(cell.seed),
-                                              "backbone_weights": weights_tag, "config_hash": digest}, parent)
+        run_id = tracker.start(
+            cell.cell_id,
+            {
+                "method": cell.method,
+                "dataset": cell.dataset,
+                "setting": cell.setting,
+                "shots": str(cell.shots or 0),
+                "seed": str(cell.seed),
+                "backbone_weights": weights_tag,
+                "config_hash": digest,
+            },
+            parent,
+        )
         started = time.time()
         cell_dir = store.dir / cell.cell_id
         try:
             tracker.log_dict(run_id, cell.config(protocol), "config.json")
             tracker.log_dict(run_id, env, "environment.json")
-            ev, manifest, info = run_cell(cell, protocol, catalog, data_root, device, cache, cell_dir, save_predictions)
-            params = {"backbone": cell.backbone.label(), "image_size": cell.image_size, "sampling_seed": cell.sampling_seed,
-                      "protocol_version": protocol.version, "threshold_mode": protocol.threshold.mode,
-                      **{f"param_{k}": v for k, v in cell.params.items()}, **info}
-            tracker.log(run_id, params=params, metrics=ev.metrics,
-                        tags={"test_content_hash": ev.test_hash, "git_commit": env["git_commit"],
-                              "torch": env["pkg_torch"], "cuda": env["cuda"], "device": env["device"]})
+            ev, info = run_cell(cell, protocol, catalog, data_root, device, cache, cell_dir, save_predictions)
+            params = {
+                "backbone": cell.backbone.label(),
+                "image_size": cell.image_size,
+                "sampling_seed": cell.sampling_seed,
+                "protocol_version": protocol.version,
+                "threshold_mode": protocol.threshold.mode,
+                **{f"param_{k}": v for k, v in cell.params.items()},
+                **info,
+            }
+            tracker.log(
+                run_id,
+                params=params,
+                metrics=ev.metrics,
+                tags={
+                    "test_content_hash": ev.test_hash,
+                    "git_commit": env["git_commit"],
+                    "torch": env["pkg_torch"],
+                    "cuda": env["cuda"],
+                    "device": env["device"],
+                },
+            )
             for name in ("manifest.json", "sweep.csv", "samples.png"):
                 tracker.log_artifact(run_id, cell_dir / name)
             duration = time.time() - started
-            store.append({**base, "status": "finished", "metrics": ev.metrics, "params": params,
-                          "threshold": info["threshold_dice"], "variant": info.get("variant", cell.method),
-                          "test_content_hash": ev.test_hash, "mlflow_run_id": run_id, "duration_s": round(duration, 2)})
+            store.append(
+                {
+                    **base,
+                    "status": "finished",
+                    "metrics": ev.metrics,
+                    "params": params,
+                    "threshold": info["threshold_dice"],
+                    "variant": info.get("variant", cell.method),
+                    "test_content_hash": ev.test_hash,
+                    "mlflow_run_id": run_id,
+                    "duration_s": round(duration, 2),
+                }
+            )
             tracker.end(run_id, ok=True)
             summary.finished.append(cell.cell_id)
-            shown = " ".join(f"{k}={ev.metrics[k]:.3f}" for k in ("image_auroc", "pixel_auroc", "dice") if k in ev.metrics)
+            shown = " ".join(
+                f"{k}={ev.metrics[k]:.3f}" for k in ("image_auroc", "pixel_auroc", "dice") if k in ev.metrics
+            )
             label = " [random-init backbone]" if cell.backbone.random_init else ""
             echo(f"{tag}: {shown} ({duration:.1f} s){label}")
-        except Exception as exc:  # noqa: BLE001 - a failed cell is recorded, the grid goes on
+        except Exception as exc:
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             summary.failed.append((cell.cell_id, message))
             summary.bad_input |= isinstance(exc, BenchmarkError)

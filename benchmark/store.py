@@ -56,7 +56,35 @@ class ResultStore:
             if rec["status"] != "finished":
                 continue
             for metric, value in rec["metrics"].items():
-                rows.append({**{k: rec[k] for k in ("method", "dataset", "setting", "shots", "seed", "backbone",
-                                                     "threshold", "variant")}, "metric": metric, "value": value})
-        columns = ["method", "dataset", "setting", "shots", "seed", "backbone", "threshold", "variant", "metric", "value"]
+                rows.append(
+                    {
+                        **{
+                            k: rec[k]
+                            for k in (
+                                "method",
+                                "dataset",
+                                "setting",
+                                "shots",
+                                "seed",
+                                "backbone",
+                                "threshold",
+                                "variant",
+                            )
+                        },
+                        "metric": metric,
+                        "value": value,
+                    }
+                )
+        columns = [
+            "method",
+            "dataset",
+            "setting",
+            "shots",
+            "seed",
+            "backbone",
+            "threshold",
+            "variant",
+            "metric",
+            "value",
+        ]
         return pd.DataFrame(rows, columns=columns)

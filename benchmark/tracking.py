@@ -35,7 +35,9 @@ class Tracker:
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
             artifact_dir.mkdir(parents=True, exist_ok=True)
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_dir.resolve().as_uri())
+            self.experiment_id = self.client.create_experiment(
+                experiment, artifact_location=artifact_dir.resolve().as_uri()
+            )
         else:
             self.experiment_id = found.experiment_id
 
@@ -45,8 +47,13 @@ class Tracker:
             tags["mlflow.parentRunId"] = parent
         return self.client.create_run(self.experiment_id, tags=tags, run_name=name).info.run_id
 
-    def log(self, run_id: str, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
-            tags: dict[str, Any] | None = None) -> None:
+    def log(
+        self,
+        run_id: str,
+        params: dict[str, Any] | None = None,
+        metrics: dict[str, float] | None = None,
+        tags: dict[str, Any] | None = None,
+    ) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
         self.client.log_batch(

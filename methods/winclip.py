@@ -37,17 +37,37 @@ from benchmark.method import METHODS, Method, MethodContext, Prediction, TrainSe
 from benchmark.protocol import BackboneSpec
 
 NORMAL_STATES = (
-    "{}", "flawless {}", "perfect {}", "unblemished {}", "{} without flaw", "{} without defect", "{} without damage",
+    "{}",
+    "flawless {}",
+    "perfect {}",
+    "unblemished {}",
+    "{} without flaw",
+    "{} without defect",
+    "{} without damage",
 )
 ANOMALOUS_STATES = ("damaged {}", "{} with flaw", "{} with defect", "{} with damage")
 TEMPLATES = (
-    "a cropped photo of the {}.", "a cropped photo of a {}.", "a close-up photo of a {}.",
-    "a close-up photo of the {}.", "a bright photo of a {}.", "a bright photo of the {}.",
-    "a dark photo of the {}.", "a dark photo of a {}.", "a jpeg corrupted photo of a {}.",
-    "a jpeg corrupted photo of the {}.", "a blurry photo of the {}.", "a blurry photo of a {}.",
-    "a photo of a {}.", "a photo of the {}.", "a photo of a small {}.", "a photo of the small {}.",
-    "a photo of a large {}.", "a photo of the large {}.", "a photo of the {} for visual inspection.",
-    "a photo of a {} for visual inspection.", "a photo of the {} for anomaly detection.",
+    "a cropped photo of the {}.",
+    "a cropped photo of a {}.",
+    "a close-up photo of a {}.",
+    "a close-up photo of the {}.",
+    "a bright photo of a {}.",
+    "a bright photo of the {}.",
+    "a dark photo of the {}.",
+    "a dark photo of a {}.",
+    "a jpeg corrupted photo of a {}.",
+    "a jpeg corrupted photo of the {}.",
+    "a blurry photo of the {}.",
+    "a blurry photo of a {}.",
+    "a photo of a {}.",
+    "a photo of the {}.",
+    "a photo of a small {}.",
+    "a photo of the small {}.",
+    "a photo of a large {}.",
+    "a photo of the large {}.",
+    "a photo of the {} for visual inspection.",
+    "a photo of a {} for visual inspection.",
+    "a photo of the {} for anomaly detection.",
     "a photo of a {} for anomaly detection.",
 )
 
@@ -170,11 +190,15 @@ class WinCLIPParams:
 
 @METHODS.register("winclip")
 class WinCLIP(Method):
-    """Zero-shot WinCLIP; WinCLIP+ when the cell gives normal images of the target dataset."""
+    """Zero-shot WinCLIP; WinCLIP+ when the cell gives normal images of the target dataset.
+
+    In ``few_shot`` and ``supervised`` cells only the normal training images are used (as references);
+    WinCLIP has no use for labelled anomalies. In ``zero_shot_loo`` nothing of the training data is used.
+    """
 
     name = "winclip"
     published_name = "WinCLIP"
-    settings = frozenset({"zero_shot_loo", "few_normal", "few_shot", "full_normal"})
+    settings = frozenset({"zero_shot_loo", "few_normal", "few_shot", "full_normal", "supervised"})
     Params = WinCLIPParams
     default_backbone = BackboneSpec("ViT-B-16-plus-240", "laion400m_e31")
     default_image_size = 240
@@ -202,7 +226,9 @@ class WinCLIP(Method):
         if self.context.setting == "zero_shot_loo" or not self.params.reference_images or not train.normal:
             return
         parts = []
-        for batch in TrainSet(train.normal, train.setting, train.shots, train.image_size).batches(self.params.batch_size):
+        for batch in TrainSet(train.normal, train.setting, train.shots, train.image_size).batches(
+            self.params.batch_size
+        ):
             parts.append(self._features(batch.images, batch.keys))
         memory = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
         self.model.set_memory(memory)

@@ -149,13 +149,17 @@ def load_clip(spec: BackboneSpec, image_size: int, device: torch.device | str = 
     else:
         path, cfg = resolve_clip_weights(spec.model, spec.weights)
         model = open_clip.create_model(
-            spec.model, pretrained=path, force_quick_gelu=bool(cfg.get("quick_gelu", False)),
+            spec.model,
+            pretrained=path,
+            force_quick_gelu=bool(cfg.get("quick_gelu", False)),
             force_image_size=image_size,
         )
         tokenizer = open_clip.get_tokenizer(spec.model)
         mean, std = cfg.get("mean", OPENAI_MEAN), cfg.get("std", OPENAI_STD)
     if image_size % model.visual.patch_size[0]:
-        raise BenchmarkError(f"image_size {image_size} is not a multiple of the patch size {model.visual.patch_size[0]}")
+        raise BenchmarkError(
+            f"image_size {image_size} is not a multiple of the patch size {model.visual.patch_size[0]}"
+        )
     return ClipBackbone(model, spec, tokenizer, mean, std).to(device)
 
 

@@ -14,8 +14,10 @@ _HF_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
 def _hint(model: str, tag: str) -> str:
-    return (f"run `python -m benchmark fetch-weights {model} {tag}` on a machine with internet (it fills the "
-            "Hugging Face cache; copy ~/.cache/huggingface here), or set backbone.weights to a local checkpoint file")
+    return (
+        f"run `python -m benchmark fetch-weights {model} {tag}` on a machine with internet (it fills the "
+        "Hugging Face cache; copy ~/.cache/huggingface here), or set backbone.weights to a local checkpoint file"
+    )
 
 
 def resolve_clip_weights(model: str, weights: str) -> tuple[str, dict]:
@@ -47,7 +49,9 @@ def resolve_clip_weights(model: str, weights: str) -> tuple[str, dict]:
         local = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
         if local.is_file():
             return str(local), cfg
-    raise WeightsUnavailableError(f"backbone weights '{model}' / '{weights}' are not on this machine: {_hint(model, weights)}")
+    raise WeightsUnavailableError(
+        f"backbone weights '{model}' / '{weights}' are not on this machine: {_hint(model, weights)}"
+    )
 
 
 def fetch_clip_weights(model: str, weights: str) -> str:

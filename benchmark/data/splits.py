@@ -67,8 +67,10 @@ def _manifest_names(path: Path, iteration: int, dataset: str) -> tuple[list[str]
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
         data = json.loads(text)
-        return ([Path(s["path"]).name for s in data["train"] if s["label"] == 0],
-                [Path(s["path"]).name for s in data["train"] if s["label"] == 1])
+        return (
+            [Path(s["path"]).name for s in data["train"] if s["label"] == 0],
+            [Path(s["path"]).name for s in data["train"] if s["label"] == 1],
+        )
     lines = {}
     for line in text.splitlines():
         parts = line.split()
@@ -89,8 +91,14 @@ def _from_names(pool: list[Sample], names: list[str], label: int, source: Path) 
 
 
 def manifest_path(template: str, spec: DatasetSpec, shots: int) -> Path:
-    return Path(template.format(dataset=spec.name, folder=spec.folder.removesuffix("_AD"),
-                                mvfa=spec.mvfa_seed_folder or spec.folder.removesuffix("_AD"), shots=shots))
+    return Path(
+        template.format(
+            dataset=spec.name,
+            folder=spec.folder.removesuffix("_AD"),
+            mvfa=spec.mvfa_seed_folder or spec.folder.removesuffix("_AD"),
+            shots=shots,
+        )
+    )
 
 
 def make_split(
@@ -128,8 +136,9 @@ def make_split(
             source += f" from manifest {path}"
         else:
             k = shots or 0
-            train = (_draw([s for s in pool if not s.label], k, _rng(sampling_seed, dataset, k, "n"), "normal", spec)
-                     + _draw([s for s in pool if s.label], k, _rng(sampling_seed, dataset, k, "a"), "anomalous", spec))
+            train = _draw(
+                [s for s in pool if not s.label], k, _rng(sampling_seed, dataset, k, "n"), "normal", spec
+            ) + _draw([s for s in pool if s.label], k, _rng(sampling_seed, dataset, k, "a"), "anomalous", spec)
     elif setting in ("few_normal", "full_normal"):
         pool, where = normal_pool(root, spec)
         source = f"{where}/good"
@@ -148,13 +157,17 @@ def make_split(
     valid: list[Sample] = []
     if need_valid:
         if setting == "zero_shot_loo":
-            raise BenchmarkError("threshold.mode: validation is not available with zero_shot_loo "
-                                 "(the target's valid/ is never read); use mode: fixed")
+            raise BenchmarkError(
+                "threshold.mode: validation is not available with zero_shot_loo "
+                "(the target's valid/ is never read); use mode: fixed"
+            )
         used = {s.path for s in train}
         valid = [s for s in read_split(root, spec, "valid") if s.path not in used]
         if not valid or len({s.label for s in valid}) < 2:
-            raise BenchmarkError(f"threshold.mode: validation: dataset '{dataset}' has no normal and anomalous "
-                                 "valid/ images left that are not training samples")
+            raise BenchmarkError(
+                f"threshold.mode: validation: dataset '{dataset}' has no normal and anomalous "
+                "valid/ images left that are not training samples"
+            )
     overlap = {s.path for s in train} & {s.path for s in test}
     if overlap:
         raise BenchmarkError(f"dataset '{dataset}': training and test samples overlap ('{sorted(overlap)[0]}')")
@@ -165,7 +178,8 @@ def make_split(
         "sampling_seed": sampling_seed,
         "source": source,
         "train": [{"path": _rel(s.path, root), "label": s.label, "sha1": file_hash(s.path)} for s in train]
-        if setting != "zero_shot_loo" else [{"path": _rel(s.path, root), "label": s.label} for s in train],
+        if setting != "zero_shot_loo"
+        else [{"path": _rel(s.path, root), "label": s.label} for s in train],
         "test_count": len(test),
     }
     return Split(tuple(train), tuple(test), tuple(valid), source, manifest)

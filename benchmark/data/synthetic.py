@@ -6,9 +6,10 @@ Three visually distinct "modalities" (so that leave-one-dataset-out means someth
 - ``liver``: a body outline with a brighter liver blob and CT-like speckle; lesions are dark, inside the liver.
 - ``retina``: wavy horizontal retinal layers with OCT speckle; lesions are dark fluid pockets across layers.
 
-Lesions vary in size, contrast and shape (thresholded smooth noise inside a random ellipse). An anomalous
-image differs from its normal counterpart only inside its mask, so every mask is exact. Everything is a
-function of ``(seed, modality, split, state, index)``: the same call writes the same bytes.
+Lesions vary in size, contrast and shape (thresholded smooth noise inside a random ellipse).
+``render(..., anomalous=True)`` differs from ``render(..., anomalous=False)`` with the same arguments only
+inside the mask, so every mask is exact; the files use distinct anatomies for normal and anomalous images.
+Everything is a function of ``(seed, modality, split, state, index)``: the same call writes the same bytes.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from benchmark.data.catalog import DatasetSpec
 
 MODALITIES = {"SynthBrain": "brain", "SynthLiver": "liver", "SynthRetina": "retina"}
 COMPLETE_MARKER = ".synthetic-complete"
+ANOMALOUS_OFFSET = 100_000
 
 
 @dataclass(frozen=True)
@@ -86,8 +88,9 @@ def _brain(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
 def _liver(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
     yy, xx = _grid(n)
     body = _ellipse(yy, xx, 0.0, 0.0, 0.7, 0.9) < 1.0
-    liver = _ellipse(yy, xx, rng.uniform(-0.25, -0.1), rng.uniform(-0.45, -0.3), 0.38, 0.42,
-                     rng.uniform(-0.4, 0.4)) < 1.0 + 0.15 * _smooth_noise(rng, n, 6.0)
+    liver = _ellipse(
+        yy, xx, rng.uniform(-0.25, -0.1), rng.uniform(-0.45, -0.3), 0.38, 0.42, rng.uniform(-0.4, 0.4)
+    ) < 1.0 + 0.15 * _smooth_noise(rng, n, 6.0)
     spine = _ellipse(yy, xx, 0.5, 0.0, 0.12, 0.12) < 1.0
     img = np.where(body, 0.4, 0.0)
     img = np.where(liver & body, 0.62, img)
@@ -128,11 +131,11 @@ def _lesion(rng: np.random.Generator, n: int, region: np.ndarray) -> np.ndarray:
 
 def render(modality: str, seed: int, split: str, index: int, anomalous: bool, size: int):
     """One image in [0,1] (float) and its mask (bool); the image outside the mask does not depend on it."""
-    key = [seed, list(_BASES).index(modality), ("train", "valid", "test").index(split), index, int(anomalous)]
-    rng = np.random.default_rng(key)
-    img, region = _BASES[modality](rng, size)
+    key = [seed, list(_BASES).index(modality), ("train", "valid", "test").index(split), index]
+    img, region = _BASES[modality](np.random.default_rng(key), size)
     mask = np.zeros((size, size), dtype=bool)
     if anomalous:
+        rng = np.random.default_rng([*key, 1])
         mask = _lesion(rng, size, region)
         contrast = rng.uniform(0.15, 0.5) * _LESION_SIGN[modality]
         texture = 1.0 + 0.2 * _smooth_noise(rng, size, 1.5)
@@ -157,7 +160,9 @@ def write_dataset(root: Path, spec: DatasetSpec, config: SyntheticConfig) -> Pat
             if state == "Ungood":
                 (out / split / state / "anomaly_mask").mkdir(parents=True, exist_ok=True)
             for i in range(count):
-                img, mask = render(modality, config.seed, split, i, state == "Ungood", config.image_size)
+                # anomalous images get their own anatomies: index offset, so no normal twin is in the set
+                index = i + ANOMALOUS_OFFSET * (state == "Ungood")
+                img, mask = render(modality, config.seed, split, index, state == "Ungood", config.image_size)
                 name = f"{split}_{state.lower()}_{i:04d}.png"
                 Image.fromarray((img * 255).round().astype(np.uint8)).save(img_dir / name)
                 if state == "Ungood":

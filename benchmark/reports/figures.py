@@ -7,8 +7,9 @@ from pathlib import Path
 import torch
 
 
-def samples_figure(samples: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, float]], title: str,
-                   out: Path) -> Path:
+def samples_figure(
+    samples: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, float]], title: str, out: Path
+) -> Path:
     """Rows of (image, mask, map); ``samples`` holds (name, image [3,H,W], mask [H,W], map [H,W], score)."""
     import matplotlib
 

@@ -27,11 +27,22 @@ def load_published(path: Path = PUBLISHED_CSV) -> pd.DataFrame:
     return frame
 
 
-def lookup(published: pd.DataFrame, method: str, setting: str, shots: int | None, dataset: str, metric: str,
-           threshold: float | None) -> tuple[float, str] | None:
+def lookup(
+    published: pd.DataFrame,
+    method: str,
+    setting: str,
+    shots: int | None,
+    dataset: str,
+    metric: str,
+    threshold: float | None,
+) -> tuple[float, str] | None:
     """Published value (percent) and its source ('mvfa Table 2'), or None."""
-    rows = published[(published["method_key"] == method.lower()) & (published["dataset"] == dataset)
-                     & (published["metric"] == metric) & (published["setting"].isin(published_settings(setting, shots)))]
+    rows = published[
+        (published["method_key"] == method.lower())
+        & (published["dataset"] == dataset)
+        & (published["metric"] == metric)
+        & (published["setting"].isin(published_settings(setting, shots)))
+    ]
     if metric == "dice" and threshold is not None:
         rows = rows[(rows["threshold"] - threshold).abs() < 1e-9]
     if rows.empty:

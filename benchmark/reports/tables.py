@@ -3,7 +3,8 @@
 Rows are (method variant, setting, K); columns are datasets as groups with one sub-column per metric
 (AC/AS as MVFA Table 1, or Dice/Acc as MedSAD-CLIP Table 2). A cell is mean ± std over seeds, in percent.
 In each column the best mean is bold and the second underlined, decided on unrounded means and the
-metric's direction; tied means share a mark. ``published=True`` adds, under each row, the papers' number and our difference.
+metric's direction; tied means share a mark. ``published=True`` adds, under each row, the papers' number
+and our difference.
 """
 
 from __future__ import annotations
@@ -16,10 +17,21 @@ from tabulate import tabulate
 from benchmark.metrics import METRICS
 from benchmark.reports.published import load_published, lookup
 
-HEADERS = {"image_auroc": "AC", "pixel_auroc": "AS", "dice": "Dice", "image_accuracy": "Acc", "dice_oracle": "Dice (oracle)"}
+HEADERS = {
+    "image_auroc": "AC",
+    "pixel_auroc": "AS",
+    "dice": "Dice",
+    "image_accuracy": "Acc",
+    "dice_oracle": "Dice (oracle)",
+}
 STYLES = {"mvfa": ("image_auroc", "pixel_auroc"), "medsad": ("dice", "image_accuracy")}
-SETTING_NAMES = {"zero_shot_loo": "zero-shot LOO", "few_shot": "few-shot", "few_normal": "few-normal-shot",
-                 "supervised": "supervised", "full_normal": "full-normal"}
+SETTING_NAMES = {
+    "zero_shot_loo": "zero-shot LOO",
+    "few_shot": "few-shot",
+    "few_normal": "few-normal-shot",
+    "supervised": "supervised",
+    "full_normal": "full-normal",
+}
 
 
 def summarize(frame: pd.DataFrame) -> pd.DataFrame:
@@ -42,16 +54,25 @@ def build(frame: pd.DataFrame, metrics: tuple[str, ...], published: bool = False
     summary = summarize(frame)
     summary = summary[summary["metric"].isin(metrics)]
     datasets = list(dict.fromkeys(summary["dataset"]))
-    columns = [(d, m) for d in datasets for m in metrics if not summary[(summary["dataset"] == d) & (summary["metric"] == m)].empty]
+    columns = [
+        (d, m)
+        for d in datasets
+        for m in metrics
+        if not summary[(summary["dataset"] == d) & (summary["metric"] == m)].empty
+    ]
     table_rows = []
     pub = load_published() if published else None
     row_keys = summary[["method", "variant", "setting", "shots", "backbone", "threshold"]].drop_duplicates()
     order = {name: i for i, name in enumerate(SETTING_NAMES)}
     row_keys = row_keys.assign(_order=row_keys["setting"].map(order))
     for _, key in row_keys.sort_values(["_order", "shots", "method", "variant"]).iterrows():
-        part = summary[(summary["method"] == key["method"]) & (summary["variant"] == key["variant"])
-                       & (summary["setting"] == key["setting"]) & (summary["shots"] == key["shots"])
-                       & (summary["backbone"] == key["backbone"])]
+        part = summary[
+            (summary["method"] == key["method"])
+            & (summary["variant"] == key["variant"])
+            & (summary["setting"] == key["setting"])
+            & (summary["shots"] == key["shots"])
+            & (summary["backbone"] == key["backbone"])
+        ]
         values = {(r["dataset"], r["metric"]): (r["mean"], r["std"], int(r["n"])) for _, r in part.iterrows()}
         label = _row_label(key["method"], key["variant"], key["setting"], int(key["shots"]))
         table_rows.append((label, values, True))
@@ -78,7 +99,9 @@ def _ranks(rows, columns) -> dict[tuple, dict[int, int]]:
     ranks: dict[tuple, dict[int, int]] = {}
     for col in columns:
         better = METRICS[col[1]].higher_is_better if col[1] in METRICS else True
-        scored = {i: v[col][0] for i, (_, v, ours) in enumerate(rows) if ours and col in v and not math.isnan(v[col][0])}
+        scored = {
+            i: v[col][0] for i, (_, v, ours) in enumerate(rows) if ours and col in v and not math.isnan(v[col][0])
+        }
         distinct = sorted(set(scored.values()), reverse=better)[:2]
         ranks[col] = {i: distinct.index(value) for i, value in scored.items() if value in distinct}
     return ranks
@@ -98,13 +121,21 @@ def _latex_escape(text: str) -> str:
     return text
 
 
-def render_latex(frame: pd.DataFrame, metrics: tuple[str, ...], caption: str, label: str, published: bool = False) -> str:
+def render_latex(
+    frame: pd.DataFrame, metrics: tuple[str, ...], caption: str, label: str, published: bool = False
+) -> str:
     rows, columns = build(frame, metrics, published)
     ranks = _ranks(rows, columns)
     datasets = list(dict.fromkeys(d for d, _ in columns))
     spans = [(d, sum(1 for c in columns if c[0] == d)) for d in datasets]
-    lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{_latex_escape(caption)}}}", rf"\label{{{label}}}",
-             r"\begin{tabular}{l" + "".join(" " + "c" * n for _, n in spans) + "}", r"\toprule"]
+    lines = [
+        r"\begin{table}[t]",
+        r"\centering",
+        rf"\caption{{{_latex_escape(caption)}}}",
+        rf"\label{{{label}}}",
+        r"\begin{tabular}{l" + "".join(" " + "c" * n for _, n in spans) + "}",
+        r"\toprule",
+    ]
     lines.append(" & " + " & ".join(rf"\multicolumn{{{n}}}{{c}}{{{_latex_escape(d)}}}" for d, n in spans) + r" \\")
     start, rules = 2, []
     for _, n in spans:

@@ -1,0 +1,73 @@
+"""Shared fixtures: a small synthetic data root written once per session, and protocol writing."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from benchmark.data.catalog import load_catalog
+from benchmark.data.synthetic import MODALITIES, SyntheticConfig, write_dataset
+
+SMALL = SyntheticConfig(
+    seed=0,
+    image_size=48,
+    train_normal=6,
+    train_anomalous=4,
+    valid_normal=4,
+    valid_anomalous=4,
+    test_normal=5,
+    test_anomalous=5,
+)
+
+
+@pytest.fixture(scope="session")
+def catalog():
+    return load_catalog()
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory, catalog) -> Path:
+    root = tmp_path_factory.mktemp("synthetic")
+    for name in MODALITIES:
+        write_dataset(root, catalog[name], SMALL)
+    return root
+
+
+@pytest.fixture
+def write_protocol(tmp_path, synth_root):
+    """Write a small, valid protocol (overridable per key) and return its path."""
+
+    def write(**overrides) -> Path:
+        data = {
+            "version": 1,
+            "name": "t",
+            "data_root": str(synth_root),
+            "results_dir": str(tmp_path / "results"),
+            "datasets": ["SynthBrain", "SynthLiver"],
+            "settings": [{"name": "few_normal", "shots": [2]}],
+            "seeds": [0],
+            "image_size": 32,
+            "batch_size": 8,
+            "backbone": {"model": "tiny-vit", "weights": "random-init", "seed": 0},
+            "methods": {"winclip": {"scales": [2]}},
+            "figure_samples": 2,
+            "synthetic": dataclasses.asdict(SMALL),
+        }
+        data.update(overrides)
+        for key in [k for k, v in data.items() if v is None]:
+            del data[key]
+        path = tmp_path / "protocol.yaml"
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    return write
+
+
+@pytest.fixture(autouse=True)
+def _no_tracking_env(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")

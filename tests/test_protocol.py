@@ -1,0 +1,89 @@
+import subprocess
+import sys
+
+import pytest
+
+from benchmark.cells import expand
+from benchmark.errors import BenchmarkError
+from benchmark.protocol import load_protocol
+
+
+def _error(path, catalog=None) -> str:
+    with pytest.raises(BenchmarkError) as info:
+        protocol = load_protocol(path)
+        expand(protocol, catalog)
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(path) in message
+    return message
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"sedds": [0]}, "sedds: unknown key"),
+        ({"image_size": "big"}, "image_size: expected int, got str 'big'"),
+        ({"seeds": [0, "one"]}, "seeds[1]: expected a list of int"),
+        ({"settings": [{"name": "few_shot", "shots": [3]}]}, "settings[0].shots: K=3 not allowed"),
+        ({"settings": [{"name": "fewshot"}]}, "settings[0].name: unknown setting 'fewshot'"),
+        ({"settings": [{"name": "few_shot"}]}, "settings[0].shots: missing required key"),
+        ({"threshold": {"mode": "test"}}, "threshold.mode: expected 'fixed' or 'validation'"),
+        ({"threshold": {"value": 1.5}}, "threshold.value: expected a number in [0, 1]"),
+        ({"backbone": {"model": "tiny-vit"}}, "backbone.weights: missing required key"),
+        ({"version": 7}, "version: unsupported protocol version 7"),
+        ({"methods": {"winclp": {}}}, "methods.winclp: unknown method 'winclp'; did you mean 'winclip'?"),
+        ({"datasets": ["SynthBrian"]}, "datasets[0]: unknown dataset 'SynthBrian'; did you mean 'SynthBrain'?"),
+        ({"methods": {"winclip": {"scale": [2]}}}, "methods.winclip.scale: unknown parameter of 'winclip'"),
+        ({"methods": {"winclip": {"temperature": "hot"}}}, "methods.winclip.temperature: expected float"),
+    ],
+)
+def test_validation_errors_name_file_and_key(write_protocol, catalog, overrides, expected):
+    assert expected in _error(write_protocol(**overrides), catalog)
+
+
+def test_unsupported_setting_is_rejected(write_protocol, catalog):
+    from benchmark.method import METHODS, Method
+
+    @METHODS.register("normal_only_plugin")
+    class NormalOnly(Method):
+        name = "normal_only_plugin"
+        settings = frozenset({"full_normal"})
+
+    path = write_protocol(methods={"normal_only_plugin": {}})
+    assert "method 'normal_only_plugin' does not support 'few_normal'" in _error(path, catalog)
+
+
+def test_missing_file_and_bad_yaml(tmp_path, catalog):
+    assert "protocol file not found" in _error(tmp_path / "nope.yaml", catalog)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\nname: [unclosed\n")
+    assert "not valid YAML" in _error(bad, catalog)
+
+
+def test_valid_protocol_expands_to_cells(write_protocol, catalog):
+    protocol = load_protocol(
+        write_protocol(seeds=[0, 1], settings=["zero_shot_loo", {"name": "few_normal", "shots": [1, 2]}])
+    )
+    cells = expand(protocol, catalog)
+    assert len(cells) == 2 * (1 + 2) * 2
+    loo = [c for c in cells if c.setting == "zero_shot_loo" and c.dataset == "SynthBrain"]
+    assert loo[0].loo_sources == ("SynthLiver",)
+    assert len({c.config_hash(protocol) for c in cells}) == len(cells)
+    assert expand(protocol, catalog, seeds=[1], datasets=["SynthLiver"])[0].seed == 1
+
+
+def test_cli_exits_2_with_one_line(write_protocol):
+    path = write_protocol(methods={"winclp": {}})
+    proc = subprocess.run([sys.executable, "-m", "benchmark", "run", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0
+    assert "did you mean 'winclip'" in proc.stderr
+
+
+def test_shipped_protocols_are_valid(catalog):
+    from pathlib import Path
+
+    shipped = sorted(Path(__file__).resolve().parents[1].glob("protocols/*.yaml"))
+    assert len(shipped) >= 8
+    for path in shipped:
+        assert expand(load_protocol(path), catalog)

@@ -1,0 +1,109 @@
+"""End to end: the CLI runs a small demo into a real MLflow store and a local store, then tables."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from benchmark.cli import main
+from benchmark.store import ResultStore
+
+
+@pytest.fixture
+def run(write_protocol):
+    def go(*extra, **overrides) -> tuple[int, object]:
+        path = write_protocol(**overrides)
+        return main(["run", str(path), *extra]), path
+
+    return go
+
+
+def test_small_demo_end_to_end(run, tmp_path, capsys):
+    code, _ = run("--save-predictions", settings=["zero_shot_loo", {"name": "few_normal", "shots": [2]}], seeds=[0, 1])
+    assert code == 0
+    store = ResultStore(tmp_path / "results", "t")
+    latest = store.latest()
+    assert len(latest) == 2 * 2 * 2 and all(r["status"] == "finished" for r in latest.values())
+    rec = next(r for r in latest.values() if r["setting"] == "few_normal")
+    for key in ("image_auroc", "image_accuracy", "pixel_auroc", "dice", "dice_oracle", "dice_t0.1", "dice_t0.9"):
+        assert 0.0 <= rec["metrics"][key] <= 1.0
+    assert rec["metrics"]["dice_oracle"] == max(rec["metrics"][f"dice_t{t / 10:g}"] for t in range(1, 10))
+    assert rec["variant"] == "WinCLIP+" and rec["params"]["reference_images"] == 2
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("t")
+    runs = client.search_runs([exp.experiment_id])
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 8 and len(runs) == 9
+    child = client.get_run(rec["mlflow_run_id"])
+    assert child.info.status == "FINISHED"
+    assert child.data.tags["backbone_weights"] == "random-init"
+    assert child.data.tags["shots"] == "2" and child.data.tags["method"] == "winclip"
+    assert child.data.metrics["dice_t0.5"] == pytest.approx(rec["metrics"]["dice_t0.5"])
+    artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+    assert {"config.json", "environment.json", "manifest.json", "sweep.csv", "samples.png"} <= artifacts
+
+    cell_dir = store.dir / rec["cell_id"]
+    manifest = json.loads((cell_dir / "manifest.json").read_text())
+    assert [s["label"] for s in manifest["train"]] == [0, 0] and all(len(s["sha1"]) == 40 for s in manifest["train"])
+    pred = np.load(cell_dir / "predictions.npz")
+    assert pred["maps"].shape == (10, 32, 32) and pred["masks"].dtype == bool
+    assert pred["image_labels"].tolist() == [0] * 5 + [1] * 5
+    from sklearn.metrics import roc_auc_score
+
+    assert roc_auc_score(pred["image_labels"], pred["image_scores"]) == pytest.approx(rec["metrics"]["image_auroc"])
+
+    assert main(["tables", "t", "--results-dir", str(tmp_path / "results"), "--format", "latex"]) == 0
+    latex = capsys.readouterr().out
+    assert r"\toprule" in latex and "WinCLIP+ (few-normal-shot, K=2)" in latex and "random-init" in latex
+
+
+def test_cache_reuse_gives_identical_metrics(run, tmp_path):
+    assert run()[0] == 0
+    first = {r["cell_id"]: r["metrics"] for r in ResultStore(tmp_path / "results", "t").latest().values()}
+    assert any((tmp_path / "results" / "cache").rglob("*.pt"))
+    assert run()[0] == 0  # same cells again, now from the feature cache
+    second = {r["cell_id"]: r["metrics"] for r in ResultStore(tmp_path / "results", "t").latest().values()}
+    assert first == second
+
+
+def test_failed_cell_recorded_then_resumed(run, tmp_path, synth_root, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(synth_root, root)
+    broken = sorted((root / "SynthLiver_AD" / "test" / "good" / "img").glob("*.png"))[0]
+    good_bytes = broken.read_bytes()
+    broken.write_bytes(b"not a png")
+    code, path = run(data_root=str(root))
+    assert code == 2
+    assert "FAILED" in capsys.readouterr().out
+    store = ResultStore(tmp_path / "results", "t")
+    status = {r["dataset"]: r["status"] for r in store.latest().values()}
+    assert status == {"SynthBrain": "finished", "SynthLiver": "failed"}
+    client = MlflowClient(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
+    failed = next(r for r in store.latest().values() if r["status"] == "failed")
+    assert client.get_run(failed["mlflow_run_id"]).info.status == "FAILED"
+    assert "cannot be read" in failed["error"]
+
+    broken.write_bytes(good_bytes)
+    assert main(["run", str(path), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "SynthBrain-few_normal-k2-seed0: finished earlier, skipped" in out
+    assert {r["status"] for r in store.latest().values()} == {"finished"}
+    assert sum(1 for r in store.records() if r["dataset"] == "SynthBrain") == 1
+
+
+def test_validation_thresholds_are_recorded(run, tmp_path):
+    code, _ = run(threshold={"mode": "validation"}, datasets=["SynthBrain"])
+    assert code == 0
+    rec = next(iter(ResultStore(tmp_path / "results", "t").latest().values()))
+    assert rec["params"]["threshold_dice"] in [round(0.1 * i, 1) for i in range(1, 10)]
+    assert rec["metrics"]["dice"] == rec["metrics"][f"dice_t{rec['params']['threshold_dice']:g}"]
+
+
+def test_dry_run_lists_samples_and_records_nothing(run, tmp_path, capsys):
+    code, _ = run("--dry-run")
+    out = capsys.readouterr().out
+    assert code == 0 and "train=2 from train/good" in out and "train_good_" in out
+    assert not (tmp_path / "results").exists()

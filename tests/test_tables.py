@@ -1,0 +1,84 @@
+from benchmark.reports.tables import render_latex, render_markdown
+from benchmark.store import ResultStore
+
+
+def _record(store, method, variant, setting, shots, seed, dataset, metrics, threshold=0.5):
+    store.append(
+        {
+            "config_hash": f"{method}{setting}{shots}{seed}{dataset}",
+            "status": "finished",
+            "method": method,
+            "variant": variant,
+            "setting": setting,
+            "shots": shots,
+            "seed": seed,
+            "dataset": dataset,
+            "backbone": "bb",
+            "threshold": threshold,
+            "metrics": metrics,
+        }
+    )
+
+
+def _known(tmp_path):
+    store = ResultStore(tmp_path, "known")
+    for seed, (a, b) in enumerate([(0.80, 0.90), (0.84, 0.92)]):
+        _record(
+            store, "winclip", "WinCLIP", "zero_shot_loo", None, seed, "BrainMRI", {"image_auroc": a, "pixel_auroc": b}
+        )
+        _record(store, "winclip", "WinCLIP", "zero_shot_loo", None, seed, "HIS", {"image_auroc": 0.5})
+    _record(store, "other", "Other", "few_shot", 4, 0, "BrainMRI", {"image_auroc": 0.9, "pixel_auroc": 0.7})
+    _record(store, "other", "Other", "few_shot", 4, 0, "HIS", {"image_auroc": 0.6})
+    store.append({"config_hash": "failed", "status": "failed", "method": "x", "dataset": "HIS"})
+    return store.frame()
+
+
+EXPECTED = r"""\begin{table}[t]
+\centering
+\caption{cap}
+\label{tab:known}
+\begin{tabular}{l cc c}
+\toprule
+ & \multicolumn{2}{c}{BrainMRI} & \multicolumn{1}{c}{HIS} \\
+\cmidrule(lr){2-3} \cmidrule(lr){4-4}
+Method & AC & AS & AC \\
+\midrule
+WinCLIP (zero-shot LOO) & \underline{82.00 $\pm$ 2.83} & \textbf{91.00 $\pm$ 1.41} & \underline{50.00 $\pm$ 0.00} \\
+Other (few-shot, K=4) & \textbf{90.00} & \underline{70.00} & \textbf{60.00} \\
+\quad published (mvfa Table 2) & 66.49 & 85.99 & 69.85 \\
+\quad difference & +23.51 & -15.99 & -9.85 \\
+\bottomrule
+\end{tabular}
+\end{table}
+"""
+
+
+def test_latex_exact(tmp_path):
+    frame = _known(tmp_path)
+    got = render_latex(frame, ("image_auroc", "pixel_auroc"), "cap", "tab:known")
+    assert got == EXPECTED.replace("\\quad published (mvfa Table 2) & 66.49 & 85.99 & 69.85 \\\\\n", "").replace(
+        "\\quad difference & +23.51 & -15.99 & -9.85 \\\\\n", ""
+    )
+
+
+def test_latex_with_published_rows(tmp_path):
+    frame = _known(tmp_path)
+    frame.loc[frame["method"] == "other", "method"] = "winclip"
+    frame.loc[frame["variant"] == "Other", "variant"] = "Other"
+    got = render_latex(frame, ("image_auroc", "pixel_auroc"), "cap", "tab:known", published=True)
+    # published WinCLIP zero-shot numbers of MVFA Table 2 sit under the zero-shot row, not the few-shot one
+    lines = got.splitlines()
+    row = lines.index(
+        r"WinCLIP (zero-shot LOO) & \underline{82.00 $\pm$ 2.83} & \textbf{91.00 $\pm$ 1.41} & "
+        r"\underline{50.00 $\pm$ 0.00} \\"
+    )
+    assert lines[row + 1] == r"\quad published (mvfa Table 2) & 66.49 & 85.99 & 69.85 \\"
+    assert lines[row + 2] == r"\quad difference & +15.51 & +5.01 & -19.85 \\"
+
+
+def test_markdown_marks_ties_alike(tmp_path):
+    store = ResultStore(tmp_path, "ties")
+    for m in ("a", "b"):
+        _record(store, m, m.upper(), "full_normal", None, 0, "RESC", {"image_auroc": 0.7})
+    md = render_markdown(store.frame(), ("image_auroc",), "cap")
+    assert md.count("**70.00**") == 2
