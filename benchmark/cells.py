@@ -81,12 +81,13 @@ def expand(protocol: Protocol, catalog: dict[str, DatasetSpec], methods=None, da
         if backbone is None:
             raise BenchmarkError(f"{where}: backbone: method '{m}' has no default backbone; set one")
         image_size = protocol.image_size
-        for setting in protocol.settings:
-            if setting.name not in cls.settings:
-                raise BenchmarkError(
-                    f"{where}: settings: method '{m}' does not support '{setting.name}' "
-                    f"(it supports {sorted(cls.settings)})"
-                )
+        supported = [s for s in protocol.settings if s.name in cls.settings]
+        if not supported:
+            names = ", ".join(s.name for s in protocol.settings)
+            raise BenchmarkError(
+                f"{where}: settings: method '{m}' supports none of {names} (it supports {sorted(cls.settings)})"
+            )
+        for setting in supported:
             for d in picked_datasets:
                 loo = tuple(x for x in protocol.datasets if x != d) if setting.name == "zero_shot_loo" else ()
                 for k in setting.shots or (None,):
@@ -106,6 +107,11 @@ def expand(protocol: Protocol, catalog: dict[str, DatasetSpec], methods=None, da
                             )
                         )
     return cells
+
+
+def skipped_pairs(protocol: Protocol) -> list[tuple[str, str]]:
+    """(method, setting) pairs of the protocol that the method does not support, hence not run."""
+    return [(m, s.name) for m in protocol.methods for s in protocol.settings if s.name not in METHODS.get(m).settings]
 
 
 def _narrow(available: list[str], wanted: list[str] | None, flag: str) -> list[str]:

@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_run(args) -> int:
     import dataclasses
 
-    from benchmark.cells import expand
+    from benchmark.cells import expand, skipped_pairs
     from benchmark.data.catalog import load_catalog
     from benchmark.protocol import load_protocol
 
@@ -79,6 +79,8 @@ def _cmd_run(args) -> int:
     from benchmark.runner import run_protocol
 
     print(f"{protocol.name} (protocol version {protocol.version}): {len(cells)} cells, data root '{root}'")
+    for method, setting in skipped_pairs(protocol):
+        print(f"note: '{method}' does not support '{setting}'; those cells are not run")
     summary = run_protocol(protocol, catalog, cells, root, resume=args.resume, save_predictions=args.save_predictions)
     print(
         f"finished {len(summary.finished)}, skipped {len(summary.skipped)}, failed {len(summary.failed)}; "

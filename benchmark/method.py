@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -33,12 +33,23 @@ class Prediction:
 
 @dataclass(frozen=True)
 class TrainSet:
-    """The training samples of one cell; images are loaded on demand at the protocol's size."""
+    """The training samples of one cell; images are loaded on demand at the protocol's size.
+
+    ``datasets`` maps each sample's dataset name to its card (organ word, masks; in ``zero_shot_loo``
+    the samples come from several datasets); ``valid`` holds the target's validation samples not used for
+    training, for model selection or score calibration (empty in ``zero_shot_loo``: the target's files are
+    never read).
+    """
 
     samples: tuple[Sample, ...]
     setting: str
     shots: int | None
     image_size: int
+    datasets: dict[str, DatasetSpec] = field(default_factory=dict)
+    valid: tuple[Sample, ...] = ()
+
+    def subset(self, samples: tuple[Sample, ...]) -> TrainSet:
+        return dataclasses.replace(self, samples=tuple(samples))
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -36,6 +36,7 @@ class BackboneSpec:
     model: str
     weights: str
     seed: int = 0
+    quick_gelu: bool | None = None  # None: as the weights were trained
 
     @property
     def random_init(self) -> bool:
@@ -43,7 +44,8 @@ class BackboneSpec:
 
     def label(self) -> str:
         kind = f"random-init, seed {self.seed}" if self.random_init else "pretrained"
-        return f"{self.model} / {self.weights} ({kind})"
+        act = "" if self.quick_gelu is None else (", QuickGELU" if self.quick_gelu else ", exact GELU")
+        return f"{self.model} / {self.weights} ({kind}{act})"
 
 
 @dataclass(frozen=True)
@@ -166,7 +168,12 @@ def _backbone(r: _Reader) -> BackboneSpec | None:
         r.used.add("backbone")
         return None
     b = r.sub("backbone")
-    spec = BackboneSpec(b.get("model", str, required=True), b.get("weights", str, required=True), b.get("seed", int, 0))
+    spec = BackboneSpec(
+        b.get("model", str, required=True),
+        b.get("weights", str, required=True),
+        b.get("seed", int, 0),
+        b.get("quick_gelu", bool, None),
+    )
     b.finish()
     return spec
 

@@ -180,7 +180,8 @@ def run_cell(
     cls = METHODS.get(cell.method)
     context = MethodContext(spec, cell.setting, cell.shots, cell.seed, cell.image_size, device, cell.backbone, cache)
     method = cls(cls.Params(**cell.params), context)
-    method.fit(TrainSet(split.train, cell.setting, cell.shots, cell.image_size))
+    specs = {name: catalog[name] for name in {s.dataset for s in split.train} | {cell.dataset}}
+    method.fit(TrainSet(split.train, cell.setting, cell.shots, cell.image_size, specs, split.valid))
     thresholds = choose_thresholds(method, split.valid, spec.masks, protocol)
     writer = None
     if save_predictions:

@@ -226,9 +226,7 @@ class WinCLIP(Method):
         if self.context.setting == "zero_shot_loo" or not self.params.reference_images or not train.normal:
             return
         parts = []
-        for batch in TrainSet(train.normal, train.setting, train.shots, train.image_size).batches(
-            self.params.batch_size
-        ):
+        for batch in train.subset(train.normal).batches(self.params.batch_size):
             parts.append(self._features(batch.images, batch.keys))
         memory = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
         self.model.set_memory(memory)

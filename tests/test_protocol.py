@@ -50,7 +50,22 @@ def test_unsupported_setting_is_rejected(write_protocol, catalog):
         settings = frozenset({"full_normal"})
 
     path = write_protocol(methods={"normal_only_plugin": {}})
-    assert "method 'normal_only_plugin' does not support 'few_normal'" in _error(path, catalog)
+    assert "method 'normal_only_plugin' supports none of few_normal" in _error(path, catalog)
+    both = load_protocol(
+        write_protocol(
+            methods={"normal_only_plugin": {}, "winclip": {}},
+            settings=["full_normal", {"name": "few_normal", "shots": [1]}],
+        )
+    )
+    cells = expand(both, catalog)
+    assert {(c.method, c.setting) for c in cells} == {
+        ("normal_only_plugin", "full_normal"),
+        ("winclip", "full_normal"),
+        ("winclip", "few_normal"),
+    }
+    from benchmark.cells import skipped_pairs
+
+    assert skipped_pairs(both) == [("normal_only_plugin", "few_normal")]
 
 
 def test_missing_file_and_bad_yaml(tmp_path, catalog):

@@ -141,9 +141,13 @@ def load_clip(spec: BackboneSpec, image_size: int, device: torch.device | str = 
             cfg = TINY_CONFIGS[spec.model]
             vision = open_clip.CLIPVisionCfg(image_size=image_size, **cfg["vision_cfg"])
             text = open_clip.CLIPTextCfg(**cfg["text_cfg"])
-            model = open_clip.CLIP(embed_dim=cfg["embed_dim"], vision_cfg=vision, text_cfg=text)
+            model = open_clip.CLIP(
+                embed_dim=cfg["embed_dim"], vision_cfg=vision, text_cfg=text, quick_gelu=bool(spec.quick_gelu)
+            )
         else:
-            model = open_clip.create_model(spec.model, pretrained=None, force_image_size=image_size)
+            model = open_clip.create_model(
+                spec.model, pretrained=None, force_image_size=image_size, force_quick_gelu=bool(spec.quick_gelu)
+            )
         tokenizer = open_clip.tokenize
         mean, std = OPENAI_MEAN, OPENAI_STD
     else:
@@ -151,7 +155,7 @@ def load_clip(spec: BackboneSpec, image_size: int, device: torch.device | str = 
         model = open_clip.create_model(
             spec.model,
             pretrained=path,
-            force_quick_gelu=bool(cfg.get("quick_gelu", False)),
+            force_quick_gelu=bool(cfg.get("quick_gelu", False) if spec.quick_gelu is None else spec.quick_gelu),
             force_image_size=image_size,
         )
         tokenizer = open_clip.get_tokenizer(spec.model)

@@ -26,6 +26,7 @@ class Sample:
     path: str
     label: int
     mask: str | None = None
+    dataset: str = ""
 
 
 def file_hash(path: str | Path) -> str:
@@ -74,7 +75,7 @@ def read_split(root: Path, spec: DatasetSpec, split: str, states: tuple[str, ...
         label = int(state == "Ungood")
         images = _images(img_dir)
         if not label or not spec.masks:
-            samples += [Sample(str(p), label) for p in images]
+            samples += [Sample(str(p), label, None, spec.name) for p in images]
             continue
         mask_dir = _mask_dir(state_dir)
         if mask_dir is None:
@@ -88,7 +89,7 @@ def read_split(root: Path, spec: DatasetSpec, split: str, states: tuple[str, ...
         extra = sorted(set(masks) - {p.stem for p in images})
         if extra:
             raise BenchmarkError(f"dataset '{spec.name}': mask '{masks[extra[0]].name}' in '{mask_dir}' has no image")
-        samples += [Sample(str(p), 1, str(masks[p.stem])) for p in images]
+        samples += [Sample(str(p), 1, str(masks[p.stem]), spec.name) for p in images]
     if not samples:
         raise BenchmarkError(f"dataset '{spec.name}': split '{base}' holds no images")
     return samples

@@ -29,6 +29,8 @@ from benchmark.errors import BenchmarkError
 
 @dataclass(frozen=True)
 class Split:
+    """Training samples, test samples, and the target's valid/ samples not used for training (none in LOO)."""
+
     train: tuple[Sample, ...]
     test: tuple[Sample, ...]
     valid: tuple[Sample, ...]
@@ -155,14 +157,15 @@ def make_split(
         raise BenchmarkError(f"unknown setting '{setting}'")
 
     valid: list[Sample] = []
+    if setting != "zero_shot_loo" and has_split(root, spec, "valid"):
+        used = {s.path for s in train}
+        valid = [s for s in read_split(root, spec, "valid") if s.path not in used]
     if need_valid:
         if setting == "zero_shot_loo":
             raise BenchmarkError(
                 "threshold.mode: validation is not available with zero_shot_loo "
                 "(the target's valid/ is never read); use mode: fixed"
             )
-        used = {s.path for s in train}
-        valid = [s for s in read_split(root, spec, "valid") if s.path not in used]
         if not valid or len({s.label for s in valid}) < 2:
             raise BenchmarkError(
                 f"threshold.mode: validation: dataset '{dataset}' has no normal and anomalous "

@@ -1,0 +1,79 @@
+"""The training loop shared by every trained method: optimizer, epochs, progress bar, seeding, device
+placement, mixed precision on CUDA, gradient clipping, and a per-epoch hook for model selection.
+
+A method supplies the parameters to train, a ``step(batch) -> loss`` function and the batches of an epoch;
+the loop owns everything else, so that methods differ only in their maths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 50
+    lr: float = 1e-3
+    optimizer: str = "adam"  # adam | adamw
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    grad_clip: float | None = None
+    amp: bool = True  # autocast (bf16 where supported, else fp16 with loss scaling); CUDA only
+    progress: bool = True
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: no parameter requires a gradient")
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    raise ValueError(f"unknown optimizer '{config.optimizer}' (adam, adamw)")
+
+
+def fit(
+    params: Iterable[torch.nn.Parameter],
+    step: Callable[[object], torch.Tensor],
+    epoch_batches: Callable[[int], Iterable[object]],
+    config: TrainConfig,
+    device: torch.device,
+    desc: str = "train",
+    on_epoch_end: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Train for ``config.epochs`` epochs; returns the mean loss of each epoch.
+
+    ``epoch_batches(epoch)`` yields the batches of one epoch (the method shuffles them with its own seeded
+    generator); ``step`` moves a batch to ``device`` itself and returns a scalar loss.
+    """
+    params = [p for p in params if p.requires_grad]
+    optimizer = make_optimizer(params, config)
+    use_amp = config.amp and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    history: list[float] = []
+    bar = tqdm(range(config.epochs), desc=desc, disable=not config.progress, leave=False)
+    for epoch in bar:
+        total, count = 0.0, 0
+        for batch in epoch_batches(epoch):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                loss = step(batch)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if config.grad_clip is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            total += float(loss.detach())
+            count += 1
+        history.append(total / max(count, 1))
+        bar.set_postfix(loss=f"{history[-1]:.4f}")
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, history[-1])
+    return history
