@@ -107,3 +107,23 @@ def test_dry_run_lists_samples_and_records_nothing(run, tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0 and "train=2 from train/good" in out and "train_good_" in out
     assert not (tmp_path / "results").exists()
+
+
+def test_mvfa_through_the_cli(run, tmp_path, capsys):
+    code, _ = run(
+        methods={
+            "mvfa": {"mode": "paper", "layers": [1, 2, 3, 4], "epochs": 2, "progress": False},
+            "winclip": {"scales": [2]},
+        },
+        settings=["zero_shot_loo", {"name": "few_shot", "shots": [2]}, {"name": "few_normal", "shots": [1]}],
+        datasets=["SynthBrain", "SynthLiver"],
+    )
+    assert code == 0
+    assert "note: 'mvfa' does not support 'few_normal'" in capsys.readouterr().out
+    latest = ResultStore(tmp_path / "results", "t").latest().values()
+    mvfa = [r for r in latest if r["method"] == "mvfa"]
+    assert len(mvfa) == 4 and {r["variant"] for r in mvfa} == {"MVFA (paper)"}
+    few = next(r for r in mvfa if r["setting"] == "few_shot")
+    assert few["params"]["trainable_params"] > 0 and few["params"]["memory_bank"] == 2 * 16
+    assert main(["tables", "t", "--results-dir", str(tmp_path / "results"), "--format", "markdown"]) == 0
+    assert "MVFA (paper) (few-shot, K=2)" in capsys.readouterr().out
