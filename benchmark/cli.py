@@ -51,7 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     synth = sub.add_parser("synth", help="write the synthetic data sets")
     synth.add_argument("--out", default="data/synthetic")
     synth.add_argument("--seed", type=int, default=0)
-    fetch = sub.add_parser("fetch-weights", help="download open_clip weights into the cache (needs internet)")
+    fetch = sub.add_parser(
+        "fetch-weights", help="download open_clip (or timm:MODEL) weights into the cache (needs internet)"
+    )
     fetch.add_argument("model")
     fetch.add_argument("tag")
     return p
@@ -181,9 +183,9 @@ def _cmd_synth(args) -> int:
 
 
 def _cmd_fetch(args) -> int:
-    from benchmark.backbones.weights import fetch_clip_weights
+    from benchmark.backbones.weights import fetch_weights
 
-    print(fetch_clip_weights(args.model, args.tag))
+    print(fetch_weights(args.model, args.tag))
     return 0
 
 

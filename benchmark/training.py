@@ -45,11 +45,13 @@ def fit(
     device: torch.device,
     desc: str = "train",
     on_epoch_end: Callable[[int, float], None] | None = None,
+    lr_at: Callable[[int, int, int], float] | None = None,
 ) -> list[float]:
     """Train for ``config.epochs`` epochs; returns the mean loss of each epoch.
 
     ``epoch_batches(epoch)`` yields the batches of one epoch (the method shuffles them with its own seeded
-    generator); ``step`` moves a batch to ``device`` itself and returns a scalar loss.
+    generator); ``step`` moves a batch to ``device`` itself and returns a scalar loss, or None to skip the
+    batch. ``lr_at(epoch, index, count)`` sets the learning rate before each step (a schedule).
     """
     params = [p for p in params if p.requires_grad]
     optimizer = make_optimizer(params, config)
@@ -60,9 +62,15 @@ def fit(
     bar = tqdm(range(config.epochs), desc=desc, disable=not config.progress, leave=False)
     for epoch in bar:
         total, count = 0.0, 0
-        for batch in epoch_batches(epoch):
+        batches = list(epoch_batches(epoch))
+        for index, batch in enumerate(batches):
+            if lr_at is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(epoch, index, len(batches))
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 loss = step(batch)
+            if loss is None:
+                continue
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if config.grad_clip is not None:

@@ -54,8 +54,15 @@ def resolve_clip_weights(model: str, weights: str) -> tuple[str, dict]:
     )
 
 
-def fetch_clip_weights(model: str, weights: str) -> str:
-    """Download an open_clip pretrained tag into the usual caches (needs a network)."""
+def fetch_weights(model: str, weights: str) -> str:
+    """Download an open_clip pretrained tag (or, for ``timm:MODEL``, a timm tag) into the caches (needs a network)."""
+    if model.startswith("timm:"):
+        import timm
+
+        from benchmark.backbones.cnn import resolve_timm_weights
+
+        timm.create_model(f"{model[5:]}.{weights}", pretrained=True)
+        return resolve_timm_weights(model[5:], weights)
     import open_clip
 
     open_clip.create_model(model, pretrained=weights)

@@ -1,0 +1,89 @@
+"""A frozen timm CNN giving feature maps of chosen stages, with weights looked up on disk only.
+
+``BackboneSpec.weights`` is a timm pretrained tag of the model (``aa_in1k`` for
+``tf_efficientnet_b6.aa_in1k``), a local checkpoint file, or ``random-init`` (tests and the demo use small
+timm architectures such as ``mobilenetv3_small_050`` with seeded random weights).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import timm
+import torch
+from torch import nn
+
+from benchmark.errors import BenchmarkError, WeightsUnavailableError
+from benchmark.protocol import BackboneSpec
+
+_HF_NAMES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+
+
+def resolve_timm_weights(model: str, weights: str) -> str:
+    """Local file of a timm pretrained tag or checkpoint; never downloads."""
+    if os.path.isfile(weights):
+        return weights
+    if any(weights.endswith(ext) for ext in (".pt", ".pth", ".bin", ".safetensors")) or os.sep in weights:
+        raise WeightsUnavailableError(f"backbone.weights: checkpoint file '{weights}' not found")
+    name = f"{model}.{weights}"
+    if name not in timm.list_pretrained(f"{model}.*"):
+        tags = ", ".join(n.split(".", 1)[1] for n in timm.list_pretrained(f"{model}.*")) or "none"
+        raise BenchmarkError(f"backbone.weights: '{weights}' is no timm pretrained tag of '{model}' (tags: {tags})")
+    cfg = timm.models.get_pretrained_cfg(name)
+    hub = getattr(cfg, "hf_hub_id", None)
+    if hub:
+        from huggingface_hub import try_to_load_from_cache
+
+        for filename in _HF_NAMES:
+            found = try_to_load_from_cache(hub, filename)
+            if isinstance(found, str):
+                return found
+    raise WeightsUnavailableError(
+        f"backbone weights '{name}' are not on this machine: run `python -m benchmark fetch-weights timm:{model} "
+        f"{weights}` on a machine with internet (it fills the Hugging Face cache; copy ~/.cache/huggingface here), "
+        "or set backbone.weights to a local checkpoint file"
+    )
+
+
+class CnnBackbone(nn.Module):
+    """Frozen timm ``features_only`` model; ``forward`` takes images in [0,1] and normalises them itself."""
+
+    def __init__(self, model: nn.Module, spec: BackboneSpec, mean, std) -> None:
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.spec = spec
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def channels(self) -> list[int]:
+        return self.model.feature_info.channels()
+
+    @property
+    def reductions(self) -> list[int]:
+        return self.model.feature_info.reduction()
+
+    def train(self, mode: bool = True) -> CnnBackbone:
+        return super().train(False)  # always frozen: batch-norm statistics never move
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return self.model((images - self.mean) / self.std)
+
+
+def load_timm(spec: BackboneSpec, out_indices: Sequence[int], device: torch.device | str = "cpu") -> CnnBackbone:
+    if spec.model not in timm.list_models():
+        raise BenchmarkError(f"backbone.model: unknown timm model '{spec.model}'")
+    kwargs = {"features_only": True, "out_indices": tuple(out_indices)}
+    if spec.random_init:
+        torch.manual_seed(spec.seed)
+        model = timm.create_model(spec.model, pretrained=False, **kwargs)
+    else:
+        path = resolve_timm_weights(spec.model, spec.weights)
+        name = spec.model if os.path.isfile(spec.weights) else f"{spec.model}.{spec.weights}"
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": path}, **kwargs)
+    cfg = model.pretrained_cfg
+    return CnnBackbone(model, spec, cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))).to(
+        device
+    )
