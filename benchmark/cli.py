@@ -45,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     tables.add_argument("--metrics", type=_csv(str), help="explicit metric columns, e.g. dice,dice_oracle")
     tables.add_argument("--published", action="store_true", help="add the papers' numbers and the difference")
+    tables.add_argument(
+        "--efficiency",
+        action="store_true",
+        help="trainable parameters and head FLOPs beside average AUROC (MCMIAD Table 2)",
+    )
     tables.add_argument("--results-dir", default="results")
     tables.add_argument("--out")
     sub.add_parser("list", help="methods, datasets and protocols")
@@ -138,7 +143,10 @@ def _cmd_tables(args) -> int:
     if unknown:
         raise BenchmarkError(f"--metrics: '{unknown[0]}' was not recorded (recorded: {sorted(set(frame['metric']))})")
     caption = tables.caption_for(frame, args.experiment, metrics)
-    if args.format == "latex":
+    if args.efficiency:
+        caption = f"{args.experiment}: trainable parameters of each method's head beside its mean AUROC (%)."
+        text = tables.render_efficiency(list(store.latest().values()), args.format, caption)
+    elif args.format == "latex":
         text = tables.render_latex(frame, metrics, caption, f"tab:{args.experiment}", args.published)
     elif args.format == "markdown":
         text = tables.render_markdown(frame, metrics, caption, args.published)

@@ -24,6 +24,8 @@ from benchmark.errors import BenchmarkError
 from benchmark.protocol import BackboneSpec
 from benchmark.registry import Registry
 
+HARNESS_KEYS = ("backbone", "image_size")  # per-method protocol keys the harness reads, not the method
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -120,7 +122,7 @@ class Method:
     def parse_params(cls, raw: dict[str, Any], where: str) -> Any:
         """Validate ``raw`` against ``cls.Params`` (a dataclass); unknown keys and wrong types are errors."""
         fields = {f.name: f for f in dataclasses.fields(cls.Params)}
-        raw = {k: v for k, v in raw.items() if k != "backbone"}
+        raw = {k: v for k, v in raw.items() if k not in HARNESS_KEYS}
         for key, value in raw.items():
             if key not in fields:
                 raise BenchmarkError(

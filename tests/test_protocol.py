@@ -35,6 +35,7 @@ def _error(path, catalog=None) -> str:
         ({"datasets": ["SynthBrian"]}, "datasets[0]: unknown dataset 'SynthBrian'; did you mean 'SynthBrain'?"),
         ({"methods": {"winclip": {"scale": [2]}}}, "methods.winclip.scale: unknown parameter of 'winclip'"),
         ({"methods": {"winclip": {"temperature": "hot"}}}, "methods.winclip.temperature: expected float"),
+        ({"methods": {"winclip": {"image_size": "big"}}}, "methods.winclip.image_size: expected a positive integer"),
     ],
 )
 def test_validation_errors_name_file_and_key(write_protocol, catalog, overrides, expected):
@@ -85,6 +86,8 @@ def test_valid_protocol_expands_to_cells(write_protocol, catalog):
     assert loo[0].loo_sources == ("SynthLiver",)
     assert len({c.config_hash(protocol) for c in cells}) == len(cells)
     assert expand(protocol, catalog, seeds=[1], datasets=["SynthLiver"])[0].seed == 1
+    sized = load_protocol(write_protocol(methods={"winclip": {"image_size": 48, "scales": [2]}}))
+    assert {c.image_size for c in expand(sized, catalog)} == {48}
 
 
 def test_cli_exits_2_with_one_line(write_protocol):

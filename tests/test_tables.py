@@ -1,3 +1,5 @@
+import pytest
+
 from benchmark.reports.tables import render_latex, render_markdown
 from benchmark.store import ResultStore
 
@@ -82,3 +84,29 @@ def test_markdown_marks_ties_alike(tmp_path):
         _record(store, m, m.upper(), "full_normal", None, 0, "RESC", {"image_auroc": 0.7})
     md = render_markdown(store.frame(), ("image_auroc",), "cap")
     assert md.count("**70.00**") == 2
+
+
+def test_efficiency_table_puts_parameters_beside_mean_auroc(tmp_path):
+    from benchmark.reports.tables import efficiency_frame, render_efficiency
+
+    store = ResultStore(tmp_path, "eff")
+    for seed, (img, pix) in enumerate([(0.8, 0.9), (0.6, 0.7)]):
+        store.append(
+            {
+                "config_hash": f"h{seed}",
+                "status": "finished",
+                "method": "mcmiad",
+                "variant": "MCMIAD",
+                "setting": "full_normal",
+                "shots": None,
+                "seed": seed,
+                "dataset": "RESC",
+                "params": {"trainable_params": 2_970_000, "head_flops": 3.26e9},
+                "metrics": {"image_auroc": img, "pixel_auroc": pix},
+            }
+        )
+    row = efficiency_frame(store.records()).iloc[0]
+    assert row["trainable_params_M"] == pytest.approx(2.97) and row["head_gflops"] == pytest.approx(3.26)
+    assert row["image_auroc"] == pytest.approx(0.7) and row["average_auroc"] == pytest.approx(0.75)
+    md = render_efficiency(store.records(), "markdown", "cap")
+    assert "| MCMIAD   | full-normal |     | 2.97" in md and "75.00" in md

@@ -203,3 +203,69 @@ def caption_for(frame: pd.DataFrame, experiment: str, metrics: tuple[str, ...]) 
     if any("random-init" in b for b in backbones):
         text += " Random-init backbones: not comparable with published numbers."
     return text
+
+
+def efficiency_frame(records: list[dict]) -> pd.DataFrame:
+    """Trainable parameters (and head FLOPs) beside average image and pixel AUROC, as MCMIAD Table 2."""
+    rows = []
+    for rec in records:
+        if rec.get("status") != "finished":
+            continue
+        params = rec.get("params", {})
+        rows.append(
+            {
+                "method": rec.get("variant") or rec["method"],
+                "setting": rec["setting"],
+                "shots": rec.get("shots") or 0,
+                "dataset": rec["dataset"],
+                "trainable_params_M": params.get("trainable_params", 0) / 1e6,
+                "head_gflops": params.get("head_flops", float("nan")) / 1e9,
+                "image_auroc": rec["metrics"].get("image_auroc", float("nan")),
+                "pixel_auroc": rec["metrics"].get("pixel_auroc", float("nan")),
+            }
+        )
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    out = frame.groupby(["method", "setting", "shots"], dropna=False).agg(
+        trainable_params_M=("trainable_params_M", "first"),
+        head_gflops=("head_gflops", "first"),
+        image_auroc=("image_auroc", "mean"),
+        pixel_auroc=("pixel_auroc", "mean"),
+    )
+    out["average_auroc"] = out[["image_auroc", "pixel_auroc"]].mean(axis=1)
+    return out.reset_index()
+
+
+def render_efficiency(records: list[dict], fmt: str, caption: str) -> str:
+    frame = efficiency_frame(records)
+    for col in ("image_auroc", "pixel_auroc", "average_auroc"):
+        frame[col] = frame[col] * 100
+    if fmt == "csv":
+        return frame.to_csv(index=False)
+    headers = ["Method", "Setting", "K", "Trainable params (M)", "Head GFLOPs", "Image AUROC", "Pixel AUROC", "Avg."]
+    body = [
+        [
+            r.method,
+            SETTING_NAMES.get(r.setting, r.setting),
+            r.shots or "",
+            f"{r.trainable_params_M:.2f}",
+            "--" if math.isnan(r.head_gflops) else f"{r.head_gflops:.2f}",
+            *("--" if math.isnan(v) else f"{v:.2f}" for v in (r.image_auroc, r.pixel_auroc, r.average_auroc)),
+        ]
+        for r in frame.itertuples()
+    ]
+    if fmt == "markdown":
+        return f"{caption}\n\n" + tabulate(body, headers=headers, tablefmt="github", disable_numparse=True) + "\n"
+    lines = [
+        r"\begin{table}[t]",
+        r"\centering",
+        rf"\caption{{{_latex_escape(caption)}}}",
+        r"\begin{tabular}{lllrrrrr}",
+        r"\toprule",
+        " & ".join(headers) + r" \\",
+        r"\midrule",
+    ]
+    lines += [" & ".join(_latex_escape(str(c)) for c in row) + r" \\" for row in body]
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,335 @@
+"""MCMIAD: frozen CNN features, a CLIP text prior and a denoising Transformer decoder (Lin et al., MIDL 2026
+submission, ../shared/papers/mcmiad.txt). Trained on normal images only.
+
+Pipeline (Sec. 3): frozen EfficientNet-B4 stages -> tokens ``X_vis`` (Eq. 1: stages resized to a common grid,
+concatenated to ``C_org`` channels, linear projection to ``D``) -> shallow cross-attention with the offline
+text embedding (Eq. 2, ``X_fused = X_vis + alpha Z``, alpha = 1) -> feature jittering during training (Eq. 3)
+-> denoising decoder (self-attention, neighbourhood-masked attention, FFN; Fig. 2) -> linear map back to
+``C_org`` -> score ``S = |F_in - F_out|^2 + (1 - cos(F_in, F_out))`` per location (Eq. 4-6), bilinear
+upsampling, image score ``0.5 max + 0.3 mean + 0.2 top-5 mean`` (Eq. 7).
+
+The text embedding (Sec. 3.2, App. A.2): the 15 normal prompts, each encoded by the CLIP text encoder,
+L2-normalised, averaged. ``use_text_fusion: false`` replaces it by a zero vector (the paper's ablation), which
+keeps the architecture and its parameter count.
+
+With a single key, Eq. 2's softmax over keys is 1 for every query, so the cross-attention output is the same
+vector for every token: ``Z = W_O W_V T``. We implement the equation as written (a multi-head attention
+layer) and test that property.
+
+Interpretations (the paper does not say; each is a parameter):
+
+- backbone: the main text says EfficientNet-B4 (Sec. 4.2), the appendix OpenCLIP ViT-B/16 (A.1); we use timm
+  ``efficientnet_b4`` (``ra2_in1k``) stages at strides 2, 4, 8, 16 (timm ``out_indices`` 0-3, UniAD's
+  choice for its MoEAD-like head), resized to stride 16 (14 x 14 at 224 px), ``C_org`` = 272; the text
+  encoder is OpenCLIP ViT-B/16 (``text_model``);
+- decoder: width 256, 8 heads, FFN 1024, 2 blocks, 7 x 7 neighbourhood mask, learned position embeddings,
+  post-norm blocks (UniAD's layout); the paper gives 2.97 M trainable parameters but no sizes;
+- jittering: Gaussian noise with standard deviation ``|x| / (D * 20)`` per token, probability 1 (UniAD's
+  defaults; the paper: "proportional to the feature norm", sigma and p fixed but not given);
+- training loss: mean squared error between ``F_in`` and ``F_out`` (not stated; the reconstruction objective);
+- Eq. 6 is a direct sum, Sec. 4.2 mentions lambda = 0.7 in Eq. 5: ``score_weights`` = (MSE, cosine)
+  weights, (1, 1) by default as Eq. 6;
+- maps in [0, 1] (a harness contract): ``S / (S + c)``, with ``c`` the ``calibration_quantile`` of the
+  training images' location scores (1.0: their maximum, so 0.5 means "beyond every training location"); it
+  is monotone, so AUROCs are those of ``S``; Eq. 7 is applied to that map;
+- AdamW, lr 2e-4, weight decay 1e-4, gradient clipping 0.1, batch 16, 100 epochs, cosine decay (Sec. 4.2);
+- the light CLIP adaptation of App. A.1 is not implemented (off by default in the issue; the appendix does not
+  give enough detail to reproduce it): the text encoder is used as loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmark import training
+from benchmark.backbones.clip import shared_clip
+from benchmark.backbones.cnn import CnnBackbone, load_timm
+from benchmark.data.loading import ImageBatch
+from benchmark.method import METHODS, Method, MethodContext, Prediction, TrainSet
+from benchmark.protocol import BackboneSpec
+
+NORMAL_PROMPTS = (
+    "A FLAIR brain MRI slice of a healthy adult with no tumor, mass effect, or abnormal hyperintense regions.",
+    "A normal brain MRI FLAIR image showing symmetric ventricles and clean white matter without lesions.",
+    "A T2-FLAIR axial brain MRI with intact gray-white matter boundaries and no signs of edema or glioma.",
+    "A neurologically normal brain MRI without hemorrhage, infarction, or abnormal contrast in the parenchyma.",
+    "A diagnostically unremarkable brain MRI scan used as a reference for healthy anatomy.",
+    "A healthy retinal OCT B-scan with smooth, continuous retinal layers and a normal foveal depression.",
+    "A normal macular OCT image without intraretinal or subretinal fluid, cysts, or hyperreflective foci.",
+    "A high-quality retinal OCT slice showing intact outer retinal layers and a regular retinal pigment "
+    "epithelium band.",
+    "A clinically normal OCT scan of the macula used as a reference for healthy retinal structure.",
+    "A retinal OCT image from an eye without diabetic macular edema, neovascularization, or drusen.",
+    "A normal contrast-enhanced liver CT slice with homogeneous liver parenchyma and no focal lesions.",
+    "An abdominal CT image where the liver appears smooth, with clear margins and no visible tumors or nodules.",
+    "A healthy liver CT slice showing normal vessel enhancement and no hypodense or hyperdense abnormal areas.",
+    "A diagnostic liver CT scan from a patient without hepatic tumors, cysts, or metastases.",
+    "A standard liver CT image used as a normal reference in medical imaging studies.",
+)
+
+
+def image_score(maps: torch.Tensor, weights=(0.5, 0.3, 0.2), k: int = 5) -> torch.Tensor:
+    """Eq. 7: ``w1 max + w2 mean + w3 mean(top-k)`` of each map ``[B, H, W]``."""
+    flat = maps.flatten(1)
+    top = flat.topk(min(k, flat.shape[1]), dim=1).values.mean(1)
+    return weights[0] * flat.amax(1) + weights[1] * flat.mean(1) + weights[2] * top
+
+
+def anomaly_scores(f_in: torch.Tensor, f_out: torch.Tensor, weights=(1.0, 1.0)) -> torch.Tensor:
+    """Eq. 4-6 per location of ``[B, C, h, w]`` features: squared error plus cosine distance."""
+    mse = ((f_in - f_out) ** 2).sum(1)
+    cos = 1 - F.cosine_similarity(f_in, f_out, dim=1, eps=1e-8)
+    return weights[0] * mse + weights[1] * cos
+
+
+def neighbourhood_mask(h: int, w: int, size: int) -> torch.Tensor:
+    """Boolean ``[hw, hw]``: True where attention is *blocked* (outside the ``size x size`` neighbourhood)."""
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    ys, xs = ys.reshape(-1), xs.reshape(-1)
+    half = size // 2
+    near = ((ys[:, None] - ys[None]).abs() <= half) & ((xs[:, None] - xs[None]).abs() <= half)
+    return ~near
+
+
+class DecoderBlock(nn.Module):
+    """Self-attention, neighbourhood-masked attention and FFN, each residual and post-normed (Fig. 2)."""
+
+    def __init__(self, dim: int, heads: int, ffn: int) -> None:
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.masked_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn), nn.GELU(), nn.Linear(ffn, dim))
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(3))
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q = x + pos
+        x = self.norms[0](x + self.self_attn(q, q, x, need_weights=False)[0])
+        q = x + pos
+        x = self.norms[1](x + self.masked_attn(q, q, x, attn_mask=mask, need_weights=False)[0])
+        return self.norms[2](x + self.ffn(x))
+
+
+class MCMIADHead(nn.Module):
+    """The trainable head: projection, text cross-attention fusion, jittering, decoder, back-projection."""
+
+    def __init__(
+        self,
+        channels: int,
+        grid: tuple[int, int],
+        text_dim: int,
+        dim: int = 256,
+        heads: int = 8,
+        ffn: int = 1024,
+        blocks: int = 2,
+        neighbourhood: int = 7,
+        alpha: float = 1.0,
+        jitter_scale: float = 20.0,
+        jitter_prob: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.grid, self.alpha = grid, alpha
+        self.jitter_scale, self.jitter_prob = jitter_scale, jitter_prob
+        self.proj_in = nn.Linear(channels, dim)
+        self.text_proj = nn.Linear(text_dim, dim)  # T = e_txt W (Sec. 3.3)
+        self.cross_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.pos = nn.Parameter(torch.zeros(1, grid[0] * grid[1], dim))
+        nn.init.trunc_normal_(self.pos, std=0.02)
+        self.blocks = nn.ModuleList(DecoderBlock(dim, heads, ffn) for _ in range(blocks))
+        self.proj_out = nn.Linear(dim, channels)
+        self.register_buffer("mask", neighbourhood_mask(*grid, neighbourhood), persistent=False)
+
+    def fuse(self, tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Eq. 2 and the residual: ``X + alpha CrossAttn(Q=X, K=T, V=T)`` with a single text key."""
+        t = self.text_proj(text).view(1, 1, -1).expand(tokens.shape[0], 1, -1)
+        z = self.cross_attn(tokens, t, t, need_weights=False)[0]
+        return tokens + self.alpha * z
+
+    def jitter(self, x: torch.Tensor) -> torch.Tensor:
+        """Eq. 3: Gaussian noise with std ``|x| / (D * scale)`` per token, applied with probability p."""
+        if torch.rand(()) >= self.jitter_prob:
+            return x
+        std = x.norm(dim=-1, keepdim=True) / (x.shape[-1] * self.jitter_scale)
+        return x + torch.randn_like(x) * std
+
+    def forward(self, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """``[B, C, h, w]`` features -> reconstructed features of the same shape."""
+        b, c, h, w = features.shape
+        x = self.fuse(self.proj_in(features.flatten(2).transpose(1, 2)), text)
+        if self.training:
+            x = self.jitter(x)
+        for block in self.blocks:
+            x = block(x, self.pos, self.mask)
+        return self.proj_out(x).transpose(1, 2).reshape(b, c, h, w)
+
+
+@dataclass(frozen=True)
+class MCMIADParams:
+    levels: tuple[int, ...] = (0, 1, 2, 3)  # timm indices: strides 2, 4, 8, 16
+    stride: int = 16  # common grid of the concatenated stages
+    dim: int = 256
+    heads: int = 8
+    ffn: int = 1024
+    blocks: int = 2
+    neighbourhood: int = 7
+    alpha: float = 1.0
+    jitter_scale: float = 20.0
+    jitter_prob: float = 1.0
+    use_text_fusion: bool = True
+    text_model: str = "ViT-B-16"
+    text_weights: str = "openai"
+    score_weights: tuple[float, ...] = (1.0, 1.0)
+    image_weights: tuple[float, ...] = (0.5, 0.3, 0.2)
+    top_k: int = 5
+    calibration_quantile: float = 1.0
+    epochs: int = 100
+    lr: float = 2e-4
+    weight_decay: float = 1e-4
+    grad_clip: float = 0.1
+    batch_size: int = 16
+    progress: bool = True
+
+
+@METHODS.register("mcmiad")
+class MCMIAD(Method):
+    """Reconstruction of frozen CNN features by a text-conditioned denoising decoder; normal images only."""
+
+    name = "mcmiad"
+    published_name = "MCMIAD"
+    settings = frozenset({"full_normal", "few_normal"})
+    Params = MCMIADParams
+    default_backbone = BackboneSpec("efficientnet_b4", "ra2_in1k")
+    default_image_size = 224
+
+    def __init__(self, params: MCMIADParams, context: MethodContext) -> None:
+        super().__init__(params, context)
+        device = context.device
+        self.backbone: CnnBackbone = load_timm(context.backbone, params.levels, device)
+        size = context.image_size
+        if size % params.stride:
+            raise ValueError(f"mcmiad: image_size {size} is not a multiple of stride {params.stride}")
+        grid = (size // params.stride, size // params.stride)
+        text_spec = (
+            BackboneSpec(params.text_model, params.text_weights, context.backbone.seed)
+            if params.text_weights == "random-init"
+            else BackboneSpec(params.text_model, params.text_weights)
+        )
+        clip = shared_clip(text_spec, 224 if params.text_weights != "random-init" else 32, device)
+        with torch.no_grad():
+            text = F.normalize(clip.encode_prompts(NORMAL_PROMPTS), dim=-1).mean(0)
+        self.text_spec = text_spec
+        self.text = text if params.use_text_fusion else torch.zeros_like(text)
+        torch.manual_seed(context.seed)
+        self.head = MCMIADHead(
+            sum(self.backbone.channels),
+            grid,
+            text.shape[0],
+            params.dim,
+            params.heads,
+            params.ffn,
+            params.blocks,
+            params.neighbourhood,
+            params.alpha,
+            params.jitter_scale,
+            params.jitter_prob,
+        ).to(device)
+        self.grid = grid
+        self.recipe = {
+            "features": "timm-features-v1",
+            "backbone": context.backbone.label(),
+            "image_size": size,
+            "levels": list(params.levels),
+        }
+        self.calibration = 1.0
+        self.history: list[float] = []
+
+    def features(self, images: torch.Tensor, keys: tuple[str, ...]) -> torch.Tensor:
+        """Frozen stages (cached on disk), resized to the common grid and concatenated: ``F_in``."""
+        out = self.context.cache.cached(
+            self.recipe,
+            keys,
+            images.to(self.context.device),
+            lambda x: {str(i): f for i, f in enumerate(self.backbone(x))},
+        )
+        maps = [out[str(i)] for i in range(len(self.params.levels))]
+        return torch.cat([F.interpolate(m, size=self.grid, mode="bilinear", align_corners=False) for m in maps], 1)
+
+    def raw_scores(self, f_in: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        f_out = self.head(f_in, self.text)
+        s = anomaly_scores(f_in, f_out, self.params.score_weights)
+        return F.interpolate(s.unsqueeze(1), size=size, mode="bilinear", align_corners=False)[:, 0]
+
+    def fit(self, train: TrainSet) -> None:
+        p = self.params
+        normal = train.subset(train.normal)
+        cached = [(self.features(b.images, b.keys).cpu()) for b in normal.batches(p.batch_size)]
+        f_all = torch.cat(cached)
+        generator = torch.Generator().manual_seed(self.context.seed)
+
+        def epoch_batches(_epoch: int):
+            order = torch.randperm(len(f_all), generator=generator)
+            return [f_all[order[i : i + p.batch_size]] for i in range(0, len(order), p.batch_size)]
+
+        def step(f_in: torch.Tensor) -> torch.Tensor:
+            f_in = f_in.to(self.context.device)
+            return F.mse_loss(self.head(f_in, self.text), f_in)
+
+        def lr_at(epoch: int, index: int, count: int) -> float:
+            progress = (epoch + index / max(count, 1)) / p.epochs
+            return 0.5 * p.lr * (1 + math.cos(math.pi * progress))
+
+        config = training.TrainConfig(
+            epochs=p.epochs,
+            lr=p.lr,
+            optimizer="adamw",
+            weight_decay=p.weight_decay,
+            grad_clip=p.grad_clip,
+            progress=p.progress,
+        )
+        self.head.train()
+        self.history = training.fit(
+            self.head.parameters(),
+            step,
+            epoch_batches,
+            config,
+            self.context.device,
+            desc=f"mcmiad {self.context.dataset.name}",
+            lr_at=lr_at,
+        )
+        self.head.eval()
+        with torch.no_grad():
+            size = (self.context.image_size, self.context.image_size)
+            scores = torch.cat([self.raw_scores(f.to(self.context.device), size).flatten().cpu() for f in cached])
+        self.calibration = max(
+            float(torch.quantile(scores.double()[:: max(1, len(scores) // 1_000_000)], p.calibration_quantile)), 1e-12
+        )
+
+    def predict(self, batch: ImageBatch) -> Prediction:
+        size = tuple(batch.images.shape[-2:])
+        with torch.no_grad():
+            s = self.raw_scores(self.features(batch.images, batch.keys), size)
+        maps = s / (s + self.calibration)
+        return Prediction(image_score(maps, self.params.image_weights, self.params.top_k).clamp(0, 1), maps)
+
+    def head_flops(self) -> int:
+        """FLOPs of one forward pass of the head on one image (torch's flop counter)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        f = torch.zeros(1, sum(self.backbone.channels), *self.grid, device=self.context.device)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            self.head(f, self.text)
+        return int(counter.get_total_flops())
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "variant": "MCMIAD" if self.params.use_text_fusion else "MCMIAD (no text fusion)",
+            "trainable_params": sum(q.numel() for q in self.head.parameters()),
+            "head_flops": self.head_flops(),
+            "text_encoder": self.text_spec.label(),
+            "calibration": round(self.calibration, 6),
+            "final_train_loss": round(self.history[-1], 6) if self.history else float("nan"),
+        }
