@@ -16,6 +16,9 @@ from benchmark.protocol import BackboneSpec, Protocol, parse_backbone
 
 @dataclass(frozen=True)
 class Cell:
+    """One atomic job. ``method`` is the protocol's entry name; ``plugin`` the registered method it runs
+    (they differ for aliases, e.g. ``medsad_no_tpca: {method: medsad_clip, use_tpca: false}``)."""
+
     method: str
     dataset: str
     setting: str
@@ -26,6 +29,11 @@ class Cell:
     backbone: BackboneSpec
     image_size: int
     loo_sources: tuple[str, ...] = ()
+    plugin: str = ""
+
+    @property
+    def plugin_name(self) -> str:
+        return self.plugin or self.method
 
     @property
     def cell_id(self) -> str:
@@ -59,8 +67,11 @@ def expand(protocol: Protocol, catalog: dict[str, DatasetSpec], methods=None, da
             close = difflib.get_close_matches(name, list(catalog), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise BenchmarkError(f"{where}: datasets[{i}]: unknown dataset '{name}'{hint}")
-    for name in protocol.methods:
-        METHODS.get(name, where=f"{where}: methods.{name}")
+    for name, raw in protocol.methods.items():
+        plugin = raw.get("method", name)
+        if not isinstance(plugin, str):
+            raise BenchmarkError(f"{where}: methods.{name}.method: expected a method name, got {plugin!r}")
+        METHODS.get(plugin, where=f"{where}: methods.{name}" + (".method" if "method" in raw else ""))
     picked_methods = _narrow(list(protocol.methods), methods, "--methods")
     picked_datasets = _narrow(list(protocol.datasets), datasets, "--datasets")
     seed_pairs = list(zip(protocol.seeds, protocol.sampling_seeds, strict=True))
@@ -71,8 +82,9 @@ def expand(protocol: Protocol, catalog: dict[str, DatasetSpec], methods=None, da
         seed_pairs = [p for p in seed_pairs if p[0] in seeds]
     cells = []
     for m in picked_methods:
-        cls = METHODS.get(m)
         raw = protocol.methods[m]
+        plugin = raw.get("method", m)
+        cls = METHODS.get(plugin)
         params = cls.parse_params(raw, f"{where}: methods.{m}")
         if "backbone" in raw:
             backbone = parse_backbone(where, raw["backbone"], f"methods.{m}.backbone")
@@ -106,6 +118,7 @@ def expand(protocol: Protocol, catalog: dict[str, DatasetSpec], methods=None, da
                                 backbone,
                                 image_size,
                                 loo,
+                                plugin if plugin != m else "",
                             )
                         )
     return cells
@@ -113,7 +126,12 @@ def expand(protocol: Protocol, catalog: dict[str, DatasetSpec], methods=None, da
 
 def skipped_pairs(protocol: Protocol) -> list[tuple[str, str]]:
     """(method, setting) pairs of the protocol that the method does not support, hence not run."""
-    return [(m, s.name) for m in protocol.methods for s in protocol.settings if s.name not in METHODS.get(m).settings]
+    return [
+        (m, s.name)
+        for m, raw in protocol.methods.items()
+        for s in protocol.settings
+        if s.name not in METHODS.get(raw.get("method", m)).settings
+    ]
 
 
 def _narrow(available: list[str], wanted: list[str] | None, flag: str) -> list[str]:

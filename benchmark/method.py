@@ -24,7 +24,7 @@ from benchmark.errors import BenchmarkError
 from benchmark.protocol import BackboneSpec
 from benchmark.registry import Registry
 
-HARNESS_KEYS = ("backbone", "image_size")  # per-method protocol keys the harness reads, not the method
+HARNESS_KEYS = ("method", "backbone", "image_size")  # per-method protocol keys the harness reads
 
 
 @dataclass(frozen=True)

@@ -177,7 +177,7 @@ def run_cell(
     cell_dir.mkdir(parents=True, exist_ok=True)
     (cell_dir / "manifest.json").write_text(json.dumps(split.manifest, indent=1))
     seed_everything(cell.seed)
-    cls = METHODS.get(cell.method)
+    cls = METHODS.get(cell.plugin_name)
     context = MethodContext(spec, cell.setting, cell.shots, cell.seed, cell.image_size, device, cell.backbone, cache)
     method = cls(cls.Params(**cell.params), context)
     specs = {name: catalog[name] for name in {s.dataset for s in split.train} | {cell.dataset}}
@@ -251,6 +251,7 @@ def run_protocol(
             "config_hash": digest,
             "cell_id": cell.cell_id,
             "method": cell.method,
+            "plugin": cell.plugin_name,
             "dataset": cell.dataset,
             "setting": cell.setting,
             "shots": cell.shots,
@@ -264,6 +265,7 @@ def run_protocol(
             cell.cell_id,
             {
                 "method": cell.method,
+                "plugin": cell.plugin_name,
                 "dataset": cell.dataset,
                 "setting": cell.setting,
                 "shots": str(cell.shots or 0),

@@ -71,12 +71,14 @@ class ResultStore:
                                 "variant",
                             )
                         },
+                        "plugin": rec.get("plugin", rec["method"]),
                         "metric": metric,
                         "value": value,
                     }
                 )
         columns = [
             "method",
+            "plugin",
             "dataset",
             "setting",
             "shots",

@@ -273,11 +273,13 @@ class MVFA(Method):
         size = images.shape[-2:]
         total = images.new_zeros(())
         for seg_l, det_l in zip(seg, det, strict=True):
-            probs = self.model.text_probs(det_l[:, 1:], text).softmax(-1)[..., 1]
+            logits = self.model.text_probs(det_l[:, 1:], text)
             if self.official:
+                probs = logits.softmax(-1)[..., 1]
                 total = total + F.binary_cross_entropy_with_logits(probs.mean(-1), labels.float())
-            else:
-                total = total + F.binary_cross_entropy(probs.amax(-1).clamp(1e-6, 1 - 1e-6), labels.float())
+            else:  # BCE on max_G softmax = sigmoid(max_G of the logit difference): exact, no saturation
+                margin = (logits[..., 1] - logits[..., 0]).amax(-1)
+                total = total + F.binary_cross_entropy_with_logits(margin, labels.float())
             if has_mask.any():
                 logits = self.model.to_grid(self.model.text_probs(seg_l[has_mask, 1:], text[has_mask]))
                 if self.official:

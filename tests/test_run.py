@@ -127,3 +127,19 @@ def test_mvfa_through_the_cli(run, tmp_path, capsys):
     assert few["params"]["trainable_params"] > 0 and few["params"]["memory_bank"] == 2 * 16
     assert main(["tables", "t", "--results-dir", str(tmp_path / "results"), "--format", "markdown"]) == 0
     assert "MVFA (paper) (few-shot, K=2)" in capsys.readouterr().out
+
+
+def test_aliases_run_one_method_with_different_switches(run, tmp_path, capsys):
+    tiny = {"method": "medsad_clip", "layers": [1, 2, 3, 4], "heads": 4, "decoder_hidden": 8, "epochs": 1,
+            "batch_size": 8, "progress": False}
+    code, _ = run(methods={"full": tiny, "no_tpca": {**tiny, "use_tpca": False}}, datasets=["SynthBrain"],
+                  settings=["supervised"])
+    assert code == 0
+    latest = list(ResultStore(tmp_path / "results", "t").latest().values())
+    assert {(r["method"], r["plugin"], r["variant"]) for r in latest} == {
+        ("full", "medsad_clip", "MedSAD-CLIP"),
+        ("no_tpca", "medsad_clip", "MedSAD-CLIP (prompt=on, TPCA=off, MC=on)"),
+    }
+    assert main(["tables", "t", "--results-dir", str(tmp_path / "results"), "--style", "medsad"]) == 0
+    out = capsys.readouterr().out
+    assert "MedSAD-CLIP (supervised)" in out and "TPCA=off" in out

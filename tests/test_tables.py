@@ -65,7 +65,7 @@ def test_latex_exact(tmp_path):
 
 def test_latex_with_published_rows(tmp_path):
     frame = _known(tmp_path)
-    frame.loc[frame["method"] == "other", "method"] = "winclip"
+    frame.loc[frame["method"] == "other", ["method", "plugin"]] = "winclip"
     frame.loc[frame["variant"] == "Other", "variant"] = "Other"
     got = render_latex(frame, ("image_auroc", "pixel_auroc"), "cap", "tab:known", published=True)
     # published WinCLIP zero-shot numbers of MVFA Table 2 sit under the zero-shot row, not the few-shot one

@@ -20,10 +20,14 @@ from torch import nn
 
 
 class BottleneckAdapter(nn.Module):
-    def __init__(self, width: int, bottleneck: int, activation: str = "leaky_relu") -> None:
+    """``c -> bottleneck -> c``; ``norm`` puts a LayerNorm after each linear layer (MedSAD-CLIP Eq. 2)."""
+
+    def __init__(self, width: int, bottleneck: int, activation: str = "leaky_relu", norm: bool = False) -> None:
         super().__init__()
         self.down = nn.Linear(width, bottleneck, bias=False)
         self.up = nn.Linear(bottleneck, width, bias=False)
+        self.norm_down = nn.LayerNorm(bottleneck) if norm else nn.Identity()
+        self.norm_up = nn.LayerNorm(width) if norm else nn.Identity()
         if activation == "leaky_relu":
             self.act_down, self.act_up = nn.LeakyReLU(), nn.LeakyReLU()
         elif activation == "relu":
@@ -32,21 +36,27 @@ class BottleneckAdapter(nn.Module):
             raise ValueError(f"unknown adapter activation '{activation}' (leaky_relu, relu)")
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.act_down(self.down(x))
-        return hidden, self.act_up(self.up(hidden))
+        hidden = self.act_down(self.norm_down(self.down(x)))
+        return hidden, self.act_up(self.norm_up(self.up(hidden)))
 
 
 class DualAdapters(nn.Module):
     """A seg and a det adapter at each of ``layers`` (1-based), mixed into the residual stream."""
 
     def __init__(
-        self, layers: Sequence[int], width: int, bottleneck: int, gamma: float = 0.1, activation: str = "leaky_relu"
+        self,
+        layers: Sequence[int],
+        width: int,
+        bottleneck: int,
+        gamma: float = 0.1,
+        activation: str = "leaky_relu",
+        norm: bool = False,
     ) -> None:
         super().__init__()
         self.layers = tuple(layers)
         self.gamma = gamma
-        self.seg = nn.ModuleList(BottleneckAdapter(width, bottleneck, activation) for _ in self.layers)
-        self.det = nn.ModuleList(BottleneckAdapter(width, bottleneck, activation) for _ in self.layers)
+        self.seg = nn.ModuleList(BottleneckAdapter(width, bottleneck, activation, norm) for _ in self.layers)
+        self.det = nn.ModuleList(BottleneckAdapter(width, bottleneck, activation, norm) for _ in self.layers)
         self.seg_features: list[torch.Tensor] = []
         self.det_features: list[torch.Tensor] = []
 

@@ -122,6 +122,19 @@ class ClipBackbone(nn.Module):
         x, outputs = self.run_blocks(self.embed(images), layers, adapters)
         return self.pool(x), self.visual.ln_post(x), outputs
 
+    def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(list(prompts)).to(self.mean.device)
+
+    def encode_token_embeddings(self, x: torch.Tensor, eot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text tower on token *embeddings* ``[B, L, width]`` (learnable prompts): the pooled embedding at the
+        EOT positions ``eot`` ``[B]`` and every token's projected output ``[B, L, embed_dim]``."""
+        model = self.model
+        x = model.transformer(x + model.positional_embedding.to(x.dtype), attn_mask=model.attn_mask)
+        x = model.ln_final(x)
+        proj = model.text_projection
+        tokens = proj(x) if isinstance(proj, nn.Linear) else x @ proj
+        return tokens[torch.arange(len(eot), device=x.device), eot], tokens
+
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         """L2-normalised text embeddings of the prompts, ``[len(prompts), embed_dim]``."""

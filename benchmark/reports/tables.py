@@ -36,7 +36,7 @@ SETTING_NAMES = {
 
 def summarize(frame: pd.DataFrame) -> pd.DataFrame:
     """Mean, std (ddof 1; 0 for one seed) and seed count per row key, dataset and metric."""
-    keys = ["method", "variant", "setting", "shots", "backbone", "threshold", "dataset", "metric"]
+    keys = ["method", "plugin", "variant", "setting", "shots", "backbone", "threshold", "dataset", "metric"]
     frame = frame.assign(shots=frame["shots"].fillna(0).astype(int))
     grouped = frame.groupby(keys, dropna=False)["value"]
     out = grouped.agg(mean="mean", std=lambda v: float(v.std(ddof=1)) if len(v) > 1 else 0.0, n="count")
@@ -62,7 +62,7 @@ def build(frame: pd.DataFrame, metrics: tuple[str, ...], published: bool = False
     ]
     table_rows = []
     pub = load_published() if published else None
-    row_keys = summary[["method", "variant", "setting", "shots", "backbone", "threshold"]].drop_duplicates()
+    row_keys = summary[["method", "plugin", "variant", "setting", "shots", "backbone", "threshold"]].drop_duplicates()
     order = {name: i for i, name in enumerate(SETTING_NAMES)}
     row_keys = row_keys.assign(_order=row_keys["setting"].map(order))
     for _, key in row_keys.sort_values(["_order", "shots", "method", "variant"]).iterrows():
@@ -80,7 +80,7 @@ def build(frame: pd.DataFrame, metrics: tuple[str, ...], published: bool = False
             continue
         from benchmark.method import METHODS
 
-        name = METHODS.get(key["method"]).published_name if key["method"] in METHODS else key["method"]
+        name = METHODS.get(key["plugin"]).published_name if key["plugin"] in METHODS else key["plugin"]
         found, delta, sources = {}, {}, set()
         for d, m in columns:
             hit = lookup(pub, name, key["setting"], int(key["shots"]), d, m, key["threshold"])
@@ -184,7 +184,7 @@ def render_csv(frame: pd.DataFrame, published: bool = False) -> str:
         pub = load_published()
         values, sources = [], []
         for _, r in summary.iterrows():
-            name = METHODS.get(r["method"]).published_name if r["method"] in METHODS else r["method"]
+            name = METHODS.get(r["plugin"]).published_name if r["plugin"] in METHODS else r["plugin"]
             hit = lookup(pub, name, r["setting"], int(r["shots"]), r["dataset"], r["metric"], r["threshold"])
             values.append(hit[0] / 100.0 if hit else float("nan"))
             sources.append(hit[1] if hit else "")
