@@ -97,3 +97,12 @@ def test_cache_hits_give_identical_features(backbone, tmp_path):
     other = cache.cached({**recipe, "image_size": 64}, keys[:1], images[:1], compute)
     assert calls[-1] == 1 and other["emb"].shape == (1, 64)
     assert len(list((tmp_path / "cache").rglob("*.pt"))) == 5
+
+
+def test_image_size_need_not_be_a_patch_multiple():
+    # MVFA runs ViT-L/14 at 240 px: a 17 x 17 grid, the strided patch convolution drops the last 2 pixels
+    backbone = load_clip(BackboneSpec("tiny-vit", "random-init", 0), 36)
+    assert backbone.grid_size == (4, 4)
+    with torch.no_grad():
+        emb, tokens, _ = backbone.forward_features(torch.rand(1, 3, 36, 36))
+    assert tokens.shape == (1, 17, 128)

@@ -173,10 +173,6 @@ def load_clip(spec: BackboneSpec, image_size: int, device: torch.device | str = 
         )
         tokenizer = open_clip.get_tokenizer(spec.model)
         mean, std = cfg.get("mean", OPENAI_MEAN), cfg.get("std", OPENAI_STD)
-    if image_size % model.visual.patch_size[0]:
-        raise BenchmarkError(
-            f"image_size {image_size} is not a multiple of the patch size {model.visual.patch_size[0]}"
-        )
     return ClipBackbone(model, spec, tokenizer, mean, std).to(device)
 
 
