@@ -104,5 +104,5 @@ def test_image_size_need_not_be_a_patch_multiple():
     backbone = load_clip(BackboneSpec("tiny-vit", "random-init", 0), 36)
     assert backbone.grid_size == (4, 4)
     with torch.no_grad():
-        emb, tokens, _ = backbone.forward_features(torch.rand(1, 3, 36, 36))
+        _, tokens, _ = backbone.forward_features(torch.rand(1, 3, 36, 36))
     assert tokens.shape == (1, 17, 128)

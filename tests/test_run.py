@@ -130,10 +130,18 @@ def test_mvfa_through_the_cli(run, tmp_path, capsys):
 
 
 def test_aliases_run_one_method_with_different_switches(run, tmp_path, capsys):
-    tiny = {"method": "medsad_clip", "layers": [1, 2, 3, 4], "heads": 4, "decoder_hidden": 8, "epochs": 1,
-            "batch_size": 8, "progress": False}
-    code, _ = run(methods={"full": tiny, "no_tpca": {**tiny, "use_tpca": False}}, datasets=["SynthBrain"],
-                  settings=["supervised"])
+    tiny = {
+        "method": "medsad_clip",
+        "layers": [1, 2, 3, 4],
+        "heads": 4,
+        "decoder_hidden": 8,
+        "epochs": 1,
+        "batch_size": 8,
+        "progress": False,
+    }
+    code, _ = run(
+        methods={"full": tiny, "no_tpca": {**tiny, "use_tpca": False}}, datasets=["SynthBrain"], settings=["supervised"]
+    )
     assert code == 0
     latest = list(ResultStore(tmp_path / "results", "t").latest().values())
     assert {(r["method"], r["plugin"], r["variant"]) for r in latest} == {
