@@ -99,21 +99,11 @@ def _cmd_run(args) -> int:
 
 
 def _dry_run(protocol, catalog, cells, root: Path) -> int:
-    from benchmark.data.splits import make_split
-    from benchmark.runner import prepare_synthetic
+    from benchmark.runner import cell_split, prepare_synthetic
 
     prepare_synthetic(protocol, catalog, root)
     for cell in cells:
-        split = make_split(
-            root,
-            catalog,
-            cell.dataset,
-            cell.setting,
-            cell.shots,
-            cell.sampling_seed,
-            cell.loo_sources,
-            protocol.manifests,
-        )
+        split = cell_split(cell, protocol, catalog, root)
         print(
             f"{cell.cell_id}  backbone={cell.backbone.label()}  train={len(split.train)} from {split.train_source}"
             f"  test={len(split.test)}"

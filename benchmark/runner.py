@@ -24,7 +24,7 @@ from benchmark.cells import Cell
 from benchmark.data.catalog import DatasetSpec
 from benchmark.data.layout import Sample
 from benchmark.data.loading import iterate_batches
-from benchmark.data.splits import content_hash, make_split
+from benchmark.data.splits import Split, content_hash, make_split
 from benchmark.data.synthetic import MODALITIES, SyntheticConfig, write_dataset
 from benchmark.errors import BenchmarkError
 from benchmark.method import METHODS, Method, MethodContext, TrainSet
@@ -56,6 +56,21 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def cell_split(cell: Cell, protocol: Protocol, catalog: dict[str, DatasetSpec], root: Path) -> Split:
+    """The training, validation and test samples of one cell (the dry run shows the same)."""
+    return make_split(
+        root,
+        catalog,
+        cell.dataset,
+        cell.setting,
+        cell.shots,
+        cell.sampling_seed,
+        cell.loo_sources,
+        protocol.manifests,
+        need_valid=protocol.threshold.mode == "validation",
+    )
 
 
 def prepare_synthetic(protocol: Protocol, catalog: dict[str, DatasetSpec], root: Path) -> None:
@@ -163,17 +178,7 @@ def run_cell(
     save_predictions: bool,
 ) -> tuple[Evaluation, dict]:
     spec = catalog[cell.dataset]
-    split = make_split(
-        root,
-        catalog,
-        cell.dataset,
-        cell.setting,
-        cell.shots,
-        cell.sampling_seed,
-        cell.loo_sources,
-        protocol.manifests,
-        need_valid=protocol.threshold.mode == "validation",
-    )
+    split = cell_split(cell, protocol, catalog, root)
     cell_dir.mkdir(parents=True, exist_ok=True)
     (cell_dir / "manifest.json").write_text(json.dumps(split.manifest, indent=1))
     seed_everything(cell.seed)

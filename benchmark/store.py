@@ -15,6 +15,8 @@ import pandas as pd
 
 from benchmark.errors import BenchmarkError
 
+RECORD_KEYS = ("method", "dataset", "setting", "shots", "seed", "backbone", "threshold", "variant")
+
 
 class ResultStore:
     def __init__(self, results_dir: str | Path, experiment: str) -> None:
@@ -58,35 +60,10 @@ class ResultStore:
             for metric, value in rec["metrics"].items():
                 rows.append(
                     {
-                        **{
-                            k: rec[k]
-                            for k in (
-                                "method",
-                                "dataset",
-                                "setting",
-                                "shots",
-                                "seed",
-                                "backbone",
-                                "threshold",
-                                "variant",
-                            )
-                        },
+                        **{k: rec[k] for k in RECORD_KEYS},
                         "plugin": rec.get("plugin", rec["method"]),
                         "metric": metric,
                         "value": value,
                     }
                 )
-        columns = [
-            "method",
-            "plugin",
-            "dataset",
-            "setting",
-            "shots",
-            "seed",
-            "backbone",
-            "threshold",
-            "variant",
-            "metric",
-            "value",
-        ]
-        return pd.DataFrame(rows, columns=columns)
+        return pd.DataFrame(rows, columns=[*RECORD_KEYS[:1], "plugin", *RECORD_KEYS[1:], "metric", "value"])

@@ -198,28 +198,14 @@ class BGAD(Method):
         self.model = BGADModel(
             self.backbone.channels, params.pos_embed_dim, params.coupling_blocks, params.clamp_alpha
         ).to(context.device)
-        self.recipe = {
-            "features": "timm-features-v1",
-            "backbone": context.backbone.label(),
-            "image_size": context.image_size,
-            "levels": list(params.levels),
-        }
         self.reference: list[float] = []
         self.history: list[float] = []
-
-    def features(self, images: torch.Tensor, keys: tuple[str, ...]) -> list[torch.Tensor]:
-        """Frozen feature maps, from the on-disk cache when the image was seen before."""
-        device = self.context.device
-        out = self.context.cache.cached(
-            self.recipe, keys, images.to(device), lambda x: {str(i): f for i, f in enumerate(self.backbone(x))}
-        )
-        return [out[str(i)] for i in range(len(self.params.levels))]
 
     def _vectors(self, train: TrainSet) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Per level: feature vectors, positions, pixel labels (masks by nearest neighbour), normal-image flag."""
         per_level: list[list[tuple]] = [[] for _ in self.params.levels]
         for batch in train.batches(16):
-            feats = self.features(batch.images, batch.keys)
+            feats = self.backbone.cached(self.context.cache, batch.keys, batch.images)
             for level, f in enumerate(feats):
                 b, c, h, w = f.shape
                 mask = F.interpolate(batch.masks.unsqueeze(1).float(), size=(h, w), mode="nearest").reshape(-1)
@@ -308,7 +294,7 @@ class BGAD(Method):
     def predict(self, batch: ImageBatch) -> Prediction:
         size = tuple(batch.images.shape[-2:])
         with torch.no_grad():
-            maps = self.model.logp_maps(self.features(batch.images, batch.keys))
+            maps = self.model.logp_maps(self.backbone.cached(self.context.cache, batch.keys, batch.images))
         normality = [
             F.interpolate((m - ref).exp().clamp(max=1.0).unsqueeze(1), size=size, mode="bilinear", align_corners=True)
             for m, ref in zip(maps, self.reference, strict=True)

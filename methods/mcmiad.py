@@ -238,24 +238,12 @@ class MCMIAD(Method):
             params.jitter_prob,
         ).to(device)
         self.grid = grid
-        self.recipe = {
-            "features": "timm-features-v1",
-            "backbone": context.backbone.label(),
-            "image_size": size,
-            "levels": list(params.levels),
-        }
         self.calibration = 1.0
         self.history: list[float] = []
 
     def features(self, images: torch.Tensor, keys: tuple[str, ...]) -> torch.Tensor:
         """Frozen stages (cached on disk), resized to the common grid and concatenated: ``F_in``."""
-        out = self.context.cache.cached(
-            self.recipe,
-            keys,
-            images.to(self.context.device),
-            lambda x: {str(i): f for i, f in enumerate(self.backbone(x))},
-        )
-        maps = [out[str(i)] for i in range(len(self.params.levels))]
+        maps = self.backbone.cached(self.context.cache, keys, images)
         return torch.cat([F.interpolate(m, size=self.grid, mode="bilinear", align_corners=False) for m in maps], 1)
 
     def raw_scores(self, f_in: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-Features = dict[str, torch.Tensor]
+Features = dict[str | int, torch.Tensor]
 
 
 class FeatureCache:

@@ -14,6 +14,7 @@ import timm
 import torch
 from torch import nn
 
+from benchmark.backbones.cache import FeatureCache
 from benchmark.errors import BenchmarkError, WeightsUnavailableError
 from benchmark.protocol import BackboneSpec
 
@@ -49,10 +50,11 @@ def resolve_timm_weights(model: str, weights: str) -> str:
 class CnnBackbone(nn.Module):
     """Frozen timm ``features_only`` model; ``forward`` takes images in [0,1] and normalises them itself."""
 
-    def __init__(self, model: nn.Module, spec: BackboneSpec, mean, std) -> None:
+    def __init__(self, model: nn.Module, spec: BackboneSpec, mean, std, out_indices: Sequence[int] = ()) -> None:
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.spec = spec
+        self.out_indices = tuple(out_indices)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
@@ -71,6 +73,18 @@ class CnnBackbone(nn.Module):
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         return self.model((images - self.mean) / self.std)
 
+    def cached(self, cache: FeatureCache, keys: tuple[str, ...], images: torch.Tensor) -> list[torch.Tensor]:
+        """Feature maps of a batch, read from the on-disk cache for images seen before (keyed by backbone,
+        weights, image size, stages and the image file's hash)."""
+        recipe = {
+            "features": "timm-features-v1",
+            "backbone": self.spec.label(),
+            "image_size": images.shape[-1],
+            "levels": list(self.out_indices),
+        }
+        out = cache.cached(recipe, keys, images.to(self.mean.device), lambda x: dict(enumerate(self(x))))
+        return [out[i] for i in range(len(self.out_indices))]
+
 
 def load_timm(spec: BackboneSpec, out_indices: Sequence[int], device: torch.device | str = "cpu") -> CnnBackbone:
     if spec.model not in timm.list_models():
@@ -84,6 +98,5 @@ def load_timm(spec: BackboneSpec, out_indices: Sequence[int], device: torch.devi
         name = spec.model if os.path.isfile(spec.weights) else f"{spec.model}.{spec.weights}"
         model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": path}, **kwargs)
     cfg = model.pretrained_cfg
-    return CnnBackbone(model, spec, cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))).to(
-        device
-    )
+    mean, std = cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
+    return CnnBackbone(model, spec, mean, std, out_indices).to(device)
