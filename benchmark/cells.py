@@ -103,6 +103,8 @@ def expand(protocol: Protocol, catalog: dict[str, DatasetSpec], methods=None, da
             )
         for setting in supported:
             for d in picked_datasets:
+                if cls.requires_masks and not catalog[d].masks:
+                    continue  # reported by skipped_pairs
                 loo = tuple(x for x in protocol.datasets if x != d) if setting.name == "zero_shot_loo" else ()
                 for k in setting.shots or (None,):
                     for seed, sampling_seed in seed_pairs:
@@ -124,14 +126,16 @@ def expand(protocol: Protocol, catalog: dict[str, DatasetSpec], methods=None, da
     return cells
 
 
-def skipped_pairs(protocol: Protocol) -> list[tuple[str, str]]:
-    """(method, setting) pairs of the protocol that the method does not support, hence not run."""
-    return [
-        (m, s.name)
-        for m, raw in protocol.methods.items()
-        for s in protocol.settings
-        if s.name not in METHODS.get(raw.get("method", m)).settings
-    ]
+def skipped_pairs(protocol: Protocol, catalog: dict[str, DatasetSpec]) -> list[tuple[str, str]]:
+    """(method, setting or dataset) pairs of the protocol that are not run: settings the method does not
+    support, and datasets without pixel masks for methods that train on masks."""
+    skipped = []
+    for m, raw in protocol.methods.items():
+        cls = METHODS.get(raw.get("method", m))
+        skipped += [(m, s.name) for s in protocol.settings if s.name not in cls.settings]
+        if cls.requires_masks:
+            skipped += [(m, d) for d in protocol.datasets if d in catalog and not catalog[d].masks]
+    return skipped
 
 
 def _narrow(available: list[str], wanted: list[str] | None, flag: str) -> list[str]:

@@ -86,8 +86,12 @@ def _cmd_run(args) -> int:
     from benchmark.runner import run_protocol
 
     print(f"{protocol.name} (protocol version {protocol.version}): {len(cells)} cells, data root '{root}'")
-    for method, setting in skipped_pairs(protocol):
-        print(f"note: '{method}' does not support '{setting}'; those cells are not run")
+    for method, what in skipped_pairs(protocol, catalog):
+        print(
+            f"note: '{method}' is not run on '{what}': it has no pixel masks"
+            if what in catalog
+            else f"note: '{method}' does not support '{what}'; those cells are not run"
+        )
     summary = run_protocol(protocol, catalog, cells, root, resume=args.resume, save_predictions=args.save_predictions)
     print(
         f"finished {len(summary.finished)}, skipped {len(summary.skipped)}, failed {len(summary.failed)}; "

@@ -100,6 +100,7 @@ class Method:
     name: ClassVar[str] = ""
     published_name: ClassVar[str] = ""
     settings: ClassVar[frozenset[str]] = frozenset()
+    requires_masks: ClassVar[bool] = False  # trains on pixel masks: not run on image-label-only datasets
     Params: ClassVar[type] = NoParams
     default_backbone: ClassVar[BackboneSpec | None] = None
     default_image_size: ClassVar[int | None] = None

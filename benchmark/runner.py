@@ -20,9 +20,11 @@ import torch
 
 from benchmark import environment
 from benchmark.backbones.cache import FeatureCache
+from benchmark.backbones.cnn import resolve_timm_weights
+from benchmark.backbones.weights import resolve_clip_weights
 from benchmark.cells import Cell
 from benchmark.data.catalog import DatasetSpec
-from benchmark.data.layout import Sample
+from benchmark.data.layout import Sample, dataset_dir
 from benchmark.data.loading import iterate_batches
 from benchmark.data.splits import Split, content_hash, make_split
 from benchmark.data.synthetic import MODALITIES, SyntheticConfig, write_dataset
@@ -71,6 +73,21 @@ def cell_split(cell: Cell, protocol: Protocol, catalog: dict[str, DatasetSpec], 
         protocol.manifests,
         need_valid=protocol.threshold.mode == "validation",
     )
+
+
+def preflight(protocol: Protocol, catalog: dict[str, DatasetSpec], cells: list[Cell], root: Path) -> None:
+    """Fail before anything is recorded when a dataset folder or a backbone's weights are missing."""
+    for name in dict.fromkeys(d for c in cells for d in (c.dataset, *c.loo_sources)):
+        dataset_dir(root, catalog[name])
+    for spec in dict.fromkeys(c.backbone for c in cells):
+        if spec.random_init:
+            continue
+        import open_clip
+
+        if spec.model in open_clip.list_models():
+            resolve_clip_weights(spec.model, spec.weights)
+        else:
+            resolve_timm_weights(spec.model, spec.weights)
 
 
 def prepare_synthetic(protocol: Protocol, catalog: dict[str, DatasetSpec], root: Path) -> None:
@@ -235,6 +252,7 @@ def run_protocol(
     finished = store.finished_hashes() if resume else set()
     device = resolve_device(protocol.device)
     prepare_synthetic(protocol, catalog, data_root)
+    preflight(protocol, catalog, cells, data_root)
     cache = FeatureCache(Path(protocol.results_dir) / "cache")
     tracker = Tracker(tracking_uri(protocol), protocol.name, Path(protocol.results_dir) / "mlartifacts" / protocol.name)
     env = environment.describe(device)

@@ -187,6 +187,7 @@ class BGAD(Method):
     name = "bgad"
     published_name = "BGAD"
     settings = frozenset({"few_shot", "supervised"})
+    requires_masks = True
     Params = BGADParams
     default_backbone = BackboneSpec("tf_efficientnet_b6", "aa_in1k")
     default_image_size = 256

@@ -183,6 +183,7 @@ class MedSADCLIP(Method):
     name = "medsad_clip"
     published_name = "MedSAD-CLIP"
     settings = frozenset({"supervised", "few_shot"})
+    requires_masks = True
     Params = MedSADParams
     default_backbone = BackboneSpec("ViT-L-14-336", "openai")
     default_image_size = 240

@@ -66,7 +66,19 @@ def test_unsupported_setting_is_rejected(write_protocol, catalog):
     }
     from benchmark.cells import skipped_pairs
 
-    assert skipped_pairs(both) == [("normal_only_plugin", "few_normal")]
+    assert skipped_pairs(both, catalog) == [("normal_only_plugin", "few_normal")]
+
+
+def test_mask_trained_methods_skip_image_label_datasets(catalog):
+    from pathlib import Path
+
+    from benchmark.cells import skipped_pairs
+
+    protocol = load_protocol(Path(__file__).resolve().parents[1] / "protocols" / "fewshot_k4.yaml")
+    cells = expand(protocol, catalog)
+    assert {c.dataset for c in cells if c.method == "bgad"} == {"BrainMRI", "LiverCT", "RESC"}
+    assert {c.dataset for c in cells if c.method == "mvfa"} == set(protocol.datasets)
+    assert ("bgad", "HIS") in skipped_pairs(protocol, catalog)
 
 
 def test_missing_file_and_bad_yaml(tmp_path, catalog):

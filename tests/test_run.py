@@ -151,3 +151,19 @@ def test_aliases_run_one_method_with_different_switches(run, tmp_path, capsys):
     assert main(["tables", "t", "--results-dir", str(tmp_path / "results"), "--style", "medsad"]) == 0
     out = capsys.readouterr().out
     assert "MedSAD-CLIP (supervised)" in out and "TPCA=off" in out
+
+
+def test_bad_data_root_fails_before_anything_is_recorded(run, tmp_path, capsys):
+    code, _ = run(data_root=str(tmp_path / "nowhere"), datasets=["BrainMRI", "LiverCT"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Brain_AD" in err and "not found" in err
+    assert not (tmp_path / "results" / "t" / "results.jsonl").exists()
+    assert not (tmp_path / "results" / "mlflow.db").exists()
+
+
+def test_missing_weights_fail_before_anything_is_recorded(run, tmp_path, capsys):
+    code, _ = run(backbone={"model": "ViT-B-16-plus-240", "weights": "laion400m_e31"})
+    assert code == 2
+    assert "fetch-weights ViT-B-16-plus-240 laion400m_e31" in capsys.readouterr().err
+    assert not (tmp_path / "results" / "mlflow.db").exists()
