@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import FrEIA.framework as Ff
 import FrEIA.modules as Fm
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -196,6 +197,7 @@ class BGAD(Method):
         super().__init__(params, context)
         self.backbone: CnnBackbone = load_timm(context.backbone, params.levels, context.device)
         torch.manual_seed(context.seed)
+        np.random.seed(context.seed)  # FrEIA draws its soft permutations from numpy's global generator
         self.model = BGADModel(
             self.backbone.channels, params.pos_embed_dim, params.coupling_blocks, params.clamp_alpha
         ).to(context.device)

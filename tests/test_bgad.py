@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,6 +23,9 @@ CNN = BackboneSpec("mobilenetv3_small_050", "random-init", 0)
 
 
 def test_log_likelihood_matches_change_of_variables():
+    # FrEIA draws its soft permutations from numpy's global generator and stores them in float32, so they
+    # are orthogonal to ~1e-7 while it counts their log-determinant as 0: hence the 1e-6 tolerance.
+    np.random.seed(0)
     torch.manual_seed(0)
     flow = conditional_flow(4, 4, blocks=2).double().eval()
     x = torch.randn(3, 4, dtype=torch.float64)
@@ -32,7 +36,7 @@ def test_log_likelihood_matches_change_of_variables():
         jac = torch.autograd.functional.jacobian(lambda v, i=i: flow(v.unsqueeze(0), c=[cond[i : i + 1]])[0][0], x[i])
         log_det = torch.linalg.slogdet(jac).logabsdet
         direct = (-0.5 * (z[i] ** 2).sum() - 4 * 0.5 * math.log(2 * math.pi) + log_det) / 4
-        assert ours[i].item() == pytest.approx(direct.item(), abs=1e-8)
+        assert ours[i].item() == pytest.approx(direct.item(), abs=1e-6)
 
 
 def test_boundaries_and_loss_by_hand():
