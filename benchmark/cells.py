@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -62,8 +63,6 @@ def expand(protocol: Protocol, catalog: dict[str, DatasetSpec], methods=None, da
     where = protocol.path
     for i, name in enumerate(protocol.datasets):
         if name not in catalog:
-            import difflib
-
             close = difflib.get_close_matches(name, list(catalog), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise BenchmarkError(f"{where}: datasets[{i}]: unknown dataset '{name}'{hint}")

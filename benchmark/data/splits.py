@@ -15,6 +15,7 @@ whole normal pool. Draws use their own seed (the cell's sampling seed), apart fr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import zlib
 from dataclasses import dataclass, field
@@ -197,6 +198,4 @@ def _rel(path: str, root: Path) -> str:
 
 def content_hash(hashes: list[str]) -> str:
     """One hash for a set of samples, from their sorted file hashes."""
-    import hashlib
-
     return hashlib.sha1("\n".join(sorted(hashes)).encode()).hexdigest()
