@@ -167,3 +167,29 @@ def test_missing_weights_fail_before_anything_is_recorded(run, tmp_path, capsys)
     assert code == 2
     assert "fetch-weights ViT-B-16-plus-240 laion400m_e31" in capsys.readouterr().err
     assert not (tmp_path / "results" / "mlflow.db").exists()
+
+
+def test_trained_methods_reproduce_exactly(write_protocol, tmp_path):
+    methods = {
+        "mvfa": {"mode": "official", "layers": [1, 2, 3, 4], "epochs": 2, "progress": False},
+        "bgad": {
+            "backbone": {"model": "mobilenetv3_small_050", "weights": "random-init"},
+            "meta_epochs": 2,
+            "sub_epochs": 1,
+            "n_batch": 256,
+            "coupling_blocks": 2,
+            "pos_embed_dim": 16,
+            "progress": False,
+        },
+    }
+    results = []
+    for name in ("a", "b"):
+        path = write_protocol(
+            methods=methods,
+            datasets=["SynthBrain"],
+            settings=[{"name": "few_shot", "shots": [2]}],
+            results_dir=str(tmp_path / name),
+        )
+        assert main(["run", str(path)]) == 0
+        results.append({r["cell_id"]: r["metrics"] for r in ResultStore(tmp_path / name, "t").latest().values()})
+    assert len(results[0]) == 2 and results[0] == results[1]
