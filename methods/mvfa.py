@@ -329,15 +329,15 @@ class MVFA(Method):
             has_mask = torch.tensor([s.masks for s in specs], device=device)
             return self.loss(batch.images.to(device), batch.labels.to(device), batch.masks.to(device), text, has_mask)
 
-        valid = (
-            train.valid if (self.official and p.select_on_valid and len({s.label for s in train.valid}) == 2) else ()
-        )
+        select = self.official and p.select_on_valid and len({s.label for s in train.valid}) == 2
+        valid = self._batches(train.valid) if select else []
+        memory_images = self._memory_images(train, augmented)
         best: dict = {"score": -math.inf}
 
         def on_epoch_end(epoch: int, _loss: float) -> None:
             if not valid:
                 return
-            self._build_memory(train)
+            self._build_memory(memory_images)
             score = self._calibrate_and_score(valid)
             if score > best["score"]:
                 best.update(
@@ -363,20 +363,31 @@ class MVFA(Method):
             self.model.adapters.load_state_dict(best["state"])
             self.memory, self.stats, self.selected_epoch = best["memory"], best["stats"], best["epoch"]
             return
-        self._build_memory(train)
+        self._build_memory(memory_images)
         if self.official:
-            self._calibrate_and_score(train.samples if zero_shot else train.valid or train.samples)
+            self._calibrate_and_score(self._batches(train.samples if zero_shot else train.valid or train.samples))
 
     # ----- memory bank and scores -----
+    def _batches(self, samples) -> list[LabelledBatch]:
+        """Samples loaded once into batches (validation and calibration images are reused every epoch)."""
+        return list(TrainSet(tuple(samples), "", None, self.context.image_size).batches(16))
+
+    @staticmethod
+    def _memory_images(train: TrainSet, augmented: LabelledBatch | None) -> torch.Tensor | None:
+        """Eq. 5's memory images: the normal target images (official: their 11x augmentations, which
+        ``augmented`` already holds); none in zero_shot_loo."""
+        if train.setting == "zero_shot_loo" or not train.normal:
+            return None
+        if augmented is not None:
+            return augmented.images[augmented.labels == 0]
+        return train.subset(train.normal).load().images
+
     @torch.no_grad()
-    def _build_memory(self, train: TrainSet) -> None:
-        """Eq. 5's memory of the normal target images (none in zero_shot_loo)."""
+    def _build_memory(self, images: torch.Tensor | None) -> None:
+        """Encode the memory images with the current adapters (Eq. 5); no memory without images."""
         self.memory = None
-        normal = train.normal if train.setting != "zero_shot_loo" else ()
-        if not normal:
+        if images is None:
             return
-        full = train.subset(normal).load()
-        images = augment(full.images, full.masks)[0] if self.official else full.images
         seg_mem: list[list[torch.Tensor]] = [[] for _ in self.params.layers]
         det_mem: list[list[torch.Tensor]] = [[] for _ in self.params.layers]
         for start in range(0, len(images), 16):
@@ -439,10 +450,9 @@ class MVFA(Method):
             image = maps.flatten(1).amax(-1)  # official: image score = max of the fused map
         return image, maps
 
-    def _calibrate_and_score(self, samples) -> float:
-        """Official mode: min-max statistics of each raw output on ``samples``; returns their AUROC sum."""
+    def _calibrate_and_score(self, batches: list[LabelledBatch]) -> float:
+        """Official mode: min-max statistics of each raw output on ``batches``; returns their AUROC sum."""
         outputs: dict[str, list[torch.Tensor]] = {}
-        batches = list(TrainSet(tuple(samples), "", None, self.context.image_size).batches(16))
         for batch in batches:
             for k, v in self.raw(batch.images.to(self.context.device)).items():
                 outputs.setdefault(k, []).append(v.cpu())
