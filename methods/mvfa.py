@@ -56,19 +56,13 @@ from benchmark.data.loading import ImageBatch, LabelledBatch
 from benchmark.method import METHODS, Method, MethodContext, Prediction, TrainSet
 from benchmark.metrics import ImageMetrics, PixelMetrics
 from benchmark.protocol import BackboneSpec
+from methods.winclip import ANOMALOUS_STATES as WINCLIP_ANOMALOUS_STATES
+from methods.winclip import NORMAL_STATES
 
-NORMAL_STATES = (
-    "{}",
-    "flawless {}",
-    "perfect {}",
-    "unblemished {}",
-    "{} without flaw",
-    "{} without defect",
-    "{} without damage",
-)
+# Fig. 7's state words are WinCLIP's compositional states [26]; the official code adds 'broken {}'.
 ANOMALOUS_STATES = {
     "official": ("damaged {}", "broken {}", "{} with flaw", "{} with defect", "{} with damage"),
-    "paper": ("damaged {}", "{} with flaw", "{} with defect", "{} with damage"),
+    "paper": WINCLIP_ANOMALOUS_STATES,
 }
 TEMPLATES = (
     "a bad photo of a {}.",
