@@ -334,7 +334,9 @@ def run_protocol(
                     "status": "finished",
                     "metrics": ev.metrics,
                     "params": params,
-                    "threshold": info["threshold_dice"],
+                    # the protocol's main threshold (None when chosen per cell on validation data; the
+                    # chosen values are in params): tables group seeds on it and match published Dice by it
+                    "threshold": protocol.threshold.value if protocol.threshold.mode == "fixed" else None,
                     "variant": info.get("variant", cell.method),
                     "test_content_hash": ev.test_hash,
                     "mlflow_run_id": run_id,

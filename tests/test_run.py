@@ -99,6 +99,7 @@ def test_validation_thresholds_are_recorded(run, tmp_path):
     assert code == 0
     rec = next(iter(ResultStore(tmp_path / "results", "t").latest().values()))
     assert rec["params"]["threshold_dice"] in [round(0.1 * i, 1) for i in range(1, 10)]
+    assert rec["threshold"] is None  # chosen per cell: not a main threshold to group on or match published Dice by
     assert rec["metrics"]["dice"] == rec["metrics"][f"dice_t{rec['params']['threshold_dice']:g}"]
 
 

@@ -7,7 +7,7 @@ from benchmark.store import ResultStore
 def _record(store, method, variant, setting, shots, seed, dataset, metrics, threshold=0.5):
     store.append(
         {
-            "config_hash": f"{method}{setting}{shots}{seed}{dataset}",
+            "config_hash": f"{method}{variant}{setting}{shots}{seed}{dataset}{threshold}",
             "status": "finished",
             "method": method,
             "variant": variant,
@@ -110,3 +110,34 @@ def test_efficiency_table_puts_parameters_beside_mean_auroc(tmp_path):
     assert row["image_auroc"] == pytest.approx(0.7) and row["average_auroc"] == pytest.approx(0.75)
     md = render_efficiency(store.records(), "markdown", "cap")
     assert "| MCMIAD   | full-normal |     | 2.97" in md and "75.00" in md
+
+
+def test_rows_follow_their_keys_whatever_the_thresholds(tmp_path):
+    store = ResultStore(tmp_path, "val")
+    # validation mode: the record holds no main threshold (the per-cell choices are params), seeds make one row
+    for seed, dice in enumerate([0.4, 0.6]):
+        _record(store, "winclip", "WinCLIP+", "few_normal", 2, seed, "RESC", {"dice": dice}, threshold=None)
+    # one method at two fixed main thresholds (a protocol rerun with another threshold.value): two rows, each
+    # with its own value
+    for threshold, dice in ((0.3, 0.1), (0.7, 0.2)):
+        _record(store, "mvfa", "MVFA", "few_shot", 2, 0, "RESC", {"dice": dice}, threshold=threshold)
+    rows = [line for line in render_markdown(store.frame(), ("dice",), "cap").splitlines() if line.startswith("| ")]
+    assert rows[1:] == [
+        "| MVFA (few-shot, K=2)            | 10.00             |",
+        "| MVFA (few-shot, K=2)            | <u>20.00</u>      |",
+        "| WinCLIP+ (few-normal-shot, K=2) | **50.00 ± 14.14** |",
+    ]
+
+
+def test_published_dice_matches_only_the_same_fixed_threshold():
+    from benchmark.reports.published import load_published, lookup
+
+    pub = load_published()
+    assert lookup(pub, "MedSAD-CLIP", "supervised", None, "Brain", "dice", 0.5) == (89.47, "medsad-clip Table 2")
+    assert lookup(pub, "MedSAD-CLIP", "supervised", None, "Brain", "dice", 0.3) is None
+    assert lookup(pub, "MedSAD-CLIP", "supervised", None, "Brain", "dice", None) is None
+    assert lookup(pub, "MedSAD-CLIP", "supervised", None, "Brain", "dice", float("nan")) is None
+    assert lookup(pub, "MedSAD-CLIP", "supervised", None, "Brain", "image_accuracy", None) == (
+        96.34,
+        "medsad-clip Table 2",
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -43,7 +44,9 @@ def lookup(
         & (published["metric"] == metric)
         & (published["setting"].isin(published_settings(setting, shots)))
     ]
-    if metric == "dice" and threshold is not None:
+    if metric == "dice":  # published Dice is at a fixed threshold: only a row at that threshold matches
+        if threshold is None or math.isnan(threshold):
+            return None
         rows = rows[(rows["threshold"] - threshold).abs() < 1e-9]
     if rows.empty:
         return None

@@ -14,6 +14,7 @@ import math
 import pandas as pd
 from tabulate import tabulate
 
+from benchmark.method import METHODS
 from benchmark.metrics import METRICS
 from benchmark.reports.published import load_published, lookup
 
@@ -34,9 +35,17 @@ SETTING_NAMES = {
 }
 
 
+ROW_KEYS = ["method", "plugin", "variant", "setting", "shots", "backbone", "threshold"]  # one table row each
+
+
+def published_name(plugin: str) -> str:
+    """The name a registered method has in the papers' tables (its own name when not registered)."""
+    return METHODS.get(plugin).published_name if plugin in METHODS else plugin
+
+
 def summarize(frame: pd.DataFrame) -> pd.DataFrame:
     """Mean, std (ddof 1; 0 for one seed) and seed count per row key, dataset and metric."""
-    keys = ["method", "plugin", "variant", "setting", "shots", "backbone", "threshold", "dataset", "metric"]
+    keys = [*ROW_KEYS, "dataset", "metric"]
     frame = frame.assign(shots=frame["shots"].fillna(0).astype(int))
     grouped = frame.groupby(keys, dropna=False)["value"]
     out = grouped.agg(mean="mean", std=lambda v: float(v.std(ddof=1)) if len(v) > 1 else 0.0, n="count")
@@ -62,25 +71,16 @@ def build(frame: pd.DataFrame, metrics: tuple[str, ...], published: bool = False
     ]
     table_rows = []
     pub = load_published() if published else None
-    row_keys = summary[["method", "plugin", "variant", "setting", "shots", "backbone", "threshold"]].drop_duplicates()
     order = {name: i for i, name in enumerate(SETTING_NAMES)}
-    row_keys = row_keys.assign(_order=row_keys["setting"].map(order))
-    for _, key in row_keys.sort_values(["_order", "shots", "method", "variant"]).iterrows():
-        part = summary[
-            (summary["method"] == key["method"])
-            & (summary["variant"] == key["variant"])
-            & (summary["setting"] == key["setting"])
-            & (summary["shots"] == key["shots"])
-            & (summary["backbone"] == key["backbone"])
-        ]
+    summary = summary.assign(_order=summary["setting"].map(order)).sort_values(["_order", "shots", "method", "variant"])
+    for values_key, part in summary.groupby(ROW_KEYS, dropna=False, sort=False):
+        key = dict(zip(ROW_KEYS, values_key, strict=True))
         values = {(r["dataset"], r["metric"]): (r["mean"], r["std"], int(r["n"])) for _, r in part.iterrows()}
         label = _row_label(key["method"], key["variant"], key["setting"], int(key["shots"]))
         table_rows.append((label, values, True))
         if pub is None:
             continue
-        from benchmark.method import METHODS
-
-        name = METHODS.get(key["plugin"]).published_name if key["plugin"] in METHODS else key["plugin"]
+        name = published_name(key["plugin"])
         found, delta, sources = {}, {}, set()
         for d, m in columns:
             hit = lookup(pub, name, key["setting"], int(key["shots"]), d, m, key["threshold"])
@@ -179,13 +179,18 @@ def render_markdown(frame: pd.DataFrame, metrics: tuple[str, ...], caption: str,
 def render_csv(frame: pd.DataFrame, published: bool = False) -> str:
     summary = summarize(frame)
     if published:
-        from benchmark.method import METHODS
-
         pub = load_published()
         values, sources = [], []
         for _, r in summary.iterrows():
-            name = METHODS.get(r["plugin"]).published_name if r["plugin"] in METHODS else r["plugin"]
-            hit = lookup(pub, name, r["setting"], int(r["shots"]), r["dataset"], r["metric"], r["threshold"])
+            hit = lookup(
+                pub,
+                published_name(r["plugin"]),
+                r["setting"],
+                int(r["shots"]),
+                r["dataset"],
+                r["metric"],
+                r["threshold"],
+            )
             values.append(hit[0] / 100.0 if hit else float("nan"))
             sources.append(hit[1] if hit else "")
         summary["published"] = values
