@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from benchmark.backbones.cache import FeatureCache
-from benchmark.errors import BenchmarkError, WeightsUnavailableError
+from benchmark.backbones.weights import hf_cached, local_checkpoint, missing
+from benchmark.errors import BenchmarkError
 from benchmark.protocol import BackboneSpec
 
 _HF_NAMES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
@@ -23,28 +24,19 @@ _HF_NAMES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.
 
 def resolve_timm_weights(model: str, weights: str) -> str:
     """Local file of a timm pretrained tag or checkpoint; never downloads."""
-    if os.path.isfile(weights):
-        return weights
-    if any(weights.endswith(ext) for ext in (".pt", ".pth", ".bin", ".safetensors")) or os.sep in weights:
-        raise WeightsUnavailableError(f"backbone.weights: checkpoint file '{weights}' not found")
+    checkpoint = local_checkpoint(weights)
+    if checkpoint is not None:
+        return checkpoint
     name = f"{model}.{weights}"
     if name not in timm.list_pretrained(f"{model}.*"):
         tags = ", ".join(n.split(".", 1)[1] for n in timm.list_pretrained(f"{model}.*")) or "none"
         raise BenchmarkError(f"backbone.weights: '{weights}' is no timm pretrained tag of '{model}' (tags: {tags})")
     cfg = timm.models.get_pretrained_cfg(name)
     hub = getattr(cfg, "hf_hub_id", None)
-    if hub:
-        from huggingface_hub import try_to_load_from_cache
-
-        for filename in _HF_NAMES:
-            found = try_to_load_from_cache(hub, filename)
-            if isinstance(found, str):
-                return found
-    raise WeightsUnavailableError(
-        f"backbone weights '{name}' are not on this machine: run `python -m benchmark fetch-weights timm:{model} "
-        f"{weights}` on a machine with internet (it fills the Hugging Face cache; copy ~/.cache/huggingface here), "
-        "or set backbone.weights to a local checkpoint file"
-    )
+    found = hf_cached(hub, _HF_NAMES) if hub else None
+    if found:
+        return found
+    raise missing(name, f"timm:{model}", weights)
 
 
 class CnnBackbone(nn.Module):

@@ -13,21 +13,42 @@ from benchmark.errors import BenchmarkError, WeightsUnavailableError
 _HF_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
-def _hint(model: str, tag: str) -> str:
-    return (
-        f"run `python -m benchmark fetch-weights {model} {tag}` on a machine with internet (it fills the "
-        "Hugging Face cache; copy ~/.cache/huggingface here), or set backbone.weights to a local checkpoint file"
+def missing(name: str, fetch_model: str, tag: str) -> WeightsUnavailableError:
+    """The one-line error for weights that are not on this machine, with the command that fetches them."""
+    return WeightsUnavailableError(
+        f"backbone weights '{name}' are not on this machine: run `python -m benchmark fetch-weights {fetch_model} "
+        f"{tag}` on a machine with internet (it fills the Hugging Face cache; copy ~/.cache/huggingface here), "
+        "or set backbone.weights to a local checkpoint file"
     )
+
+
+def local_checkpoint(weights: str) -> str | None:
+    """``weights`` if it is a checkpoint file; None if it reads as a pretrained tag; an error for a missing file."""
+    if os.path.isfile(weights):
+        return weights
+    if any(weights.endswith(ext) for ext in (".pt", ".pth", ".bin", ".safetensors")) or os.sep in weights:
+        raise WeightsUnavailableError(f"backbone.weights: checkpoint file '{weights}' not found")
+    return None
+
+
+def hf_cached(repo_id: str, filenames) -> str | None:
+    """The first of ``filenames`` present in the local Hugging Face cache of ``repo_id``, without the network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in filenames:
+        found = try_to_load_from_cache(repo_id, name)
+        if isinstance(found, str):
+            return found
+    return None
 
 
 def resolve_clip_weights(model: str, weights: str) -> tuple[str, dict]:
     """Local file of ``weights`` (a checkpoint path or an open_clip pretrained tag) and its pretrained config."""
     import open_clip
 
-    if os.path.isfile(weights):
-        return weights, {}
-    if any(weights.endswith(ext) for ext in (".pt", ".pth", ".bin", ".safetensors")) or os.sep in weights:
-        raise WeightsUnavailableError(f"backbone.weights: checkpoint file '{weights}' not found")
+    checkpoint = local_checkpoint(weights)
+    if checkpoint is not None:
+        return checkpoint, {}
     if model not in open_clip.list_models():
         raise BenchmarkError(f"backbone.model: unknown open_clip model '{model}'")
     cfg = open_clip.get_pretrained_cfg(model, weights)
@@ -36,22 +57,17 @@ def resolve_clip_weights(model: str, weights: str) -> tuple[str, dict]:
         raise BenchmarkError(f"backbone.weights: '{weights}' is no pretrained tag of '{model}' (tags: {tags})")
     hub = cfg.get("hf_hub", "")
     if hub:
-        from huggingface_hub import try_to_load_from_cache
-
         parts = hub.split("/")
-        repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
-        for name in [filename] if filename else _HF_NAMES:
-            found = try_to_load_from_cache(repo_id, name)
-            if isinstance(found, str):
-                return found, cfg
+        filename = "/".join(parts[2:])
+        found = hf_cached("/".join(parts[:2]), [filename] if filename else _HF_NAMES)
+        if found:
+            return found, cfg
     url = cfg.get("url", "")
     if url:
         local = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
         if local.is_file():
             return str(local), cfg
-    raise WeightsUnavailableError(
-        f"backbone weights '{model}' / '{weights}' are not on this machine: {_hint(model, weights)}"
-    )
+    raise missing(f"{model} / {weights}", model, weights)
 
 
 def fetch_weights(model: str, weights: str) -> str:
