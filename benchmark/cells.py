@@ -58,6 +58,11 @@ class Cell:
         return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
+def plugin_of(name: str, raw: dict[str, Any]) -> str:
+    """The registered method a protocol entry runs: its ``method`` key, else the entry's own name."""
+    return raw.get("method", name)
+
+
 def expand(protocol: Protocol, catalog: dict[str, DatasetSpec], methods=None, datasets=None, seeds=None) -> list[Cell]:
     """The protocol's grid, optionally narrowed by ``--methods``/``--datasets``/``--seeds``; names checked."""
     where = protocol.path
@@ -67,7 +72,7 @@ def expand(protocol: Protocol, catalog: dict[str, DatasetSpec], methods=None, da
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise BenchmarkError(f"{where}: datasets[{i}]: unknown dataset '{name}'{hint}")
     for name, raw in protocol.methods.items():
-        plugin = raw.get("method", name)
+        plugin = plugin_of(name, raw)
         if not isinstance(plugin, str):
             raise BenchmarkError(f"{where}: methods.{name}.method: expected a method name, got {plugin!r}")
         METHODS.get(plugin, where=f"{where}: methods.{name}" + (".method" if "method" in raw else ""))
@@ -82,7 +87,7 @@ def expand(protocol: Protocol, catalog: dict[str, DatasetSpec], methods=None, da
     cells = []
     for m in picked_methods:
         raw = protocol.methods[m]
-        plugin = raw.get("method", m)
+        plugin = plugin_of(m, raw)
         cls = METHODS.get(plugin)
         params = cls.parse_params(raw, f"{where}: methods.{m}")
         if "backbone" in raw:
@@ -130,7 +135,7 @@ def skipped_pairs(protocol: Protocol, catalog: dict[str, DatasetSpec]) -> list[t
     support, and datasets without pixel masks for methods that train on masks."""
     skipped = []
     for m, raw in protocol.methods.items():
-        cls = METHODS.get(raw.get("method", m))
+        cls = METHODS.get(plugin_of(m, raw))
         skipped += [(m, s.name) for s in protocol.settings if s.name not in cls.settings]
         if cls.requires_masks:
             skipped += [(m, d) for d in protocol.datasets if d in catalog and not catalog[d].masks]
