@@ -260,21 +260,24 @@ class BGAD(Method):
         def epoch_batches(epoch: int):
             chunks = []
             for _ in range(p.sub_epochs):
-                for level, (feats, pos, mask, normal_image) in enumerate(vectors):
+                for level, (_, _, _, normal_image) in enumerate(vectors):
                     keep = normal_image if epoch == 0 else torch.ones_like(normal_image)  # epoch 0: normal images
                     idx = keep.nonzero().squeeze(1)
                     idx = idx[torch.randperm(len(idx), generator=generator)]
                     size = min(p.n_batch, len(idx))
-                    for start in range(0, len(idx) - size + 1, size):
-                        sel = idx[start : start + size]
-                        chunks.append((level, (feats[sel], pos[sel], mask[sel])))
-            return chunks
+                    chunks += [(level, idx[start : start + size]) for start in range(0, len(idx) - size + 1, size)]
+            return chunks  # indices only: the rows are gathered one step at a time
+
+        def step(chunk: tuple[int, torch.Tensor]) -> torch.Tensor:
+            level, sel = chunk
+            feats, pos, mask, _ = vectors[level]
+            return self._loss(level, (feats[sel], pos[sel], mask[sel]))
 
         config = training.TrainConfig(epochs=p.meta_epochs, lr=p.lr, progress=p.progress)
         self.model.train()
         self.history = training.fit(
             self.model.parameters(),
-            lambda c: self._loss(*c),
+            step,
             epoch_batches,
             config,
             self.context.device,
