@@ -254,8 +254,7 @@ class MCMIAD(Method):
     def fit(self, train: TrainSet) -> None:
         p = self.params
         normal = train.subset(train.normal)
-        cached = [(self.features(b.images, b.keys).cpu()) for b in normal.batches(p.batch_size)]
-        f_all = torch.cat(cached)
+        f_all = torch.cat([self.features(b.images, b.keys).cpu() for b in normal.batches(p.batch_size)])
         generator = torch.Generator().manual_seed(self.context.seed)
 
         def epoch_batches(_epoch: int):
@@ -289,12 +288,22 @@ class MCMIAD(Method):
             lr_at=lr_at,
         )
         self.head.eval()
-        with torch.no_grad():
-            size = (self.context.image_size, self.context.image_size)
-            scores = torch.cat([self.raw_scores(f.to(self.context.device), size).flatten().cpu() for f in cached])
-        self.calibration = max(
-            float(torch.quantile(scores.double()[:: max(1, len(scores) // 1_000_000)], p.calibration_quantile)), 1e-12
-        )
+        self.calibration = self._calibrate(f_all)
+
+    @torch.no_grad()
+    def _calibrate(self, features: torch.Tensor) -> float:
+        """``c``: the ``calibration_quantile`` of the training images' upsampled location scores, computed
+        batch by batch: the maximum (1.0) exactly, other quantiles on a subsample of about a million scores."""
+        size = (self.context.image_size, self.context.image_size)
+        stride = max(1, len(features) * size[0] * size[1] // 1_000_000)
+        peak, sample = 0.0, []
+        for f in features.split(self.params.batch_size):
+            scores = self.raw_scores(f.to(self.context.device), size).flatten().cpu()
+            peak = max(peak, float(scores.max()))
+            sample.append(scores[::stride])
+        q = self.params.calibration_quantile
+        value = peak if q >= 1.0 else float(torch.quantile(torch.cat(sample).double(), q))
+        return max(value, 1e-12)
 
     def predict(self, batch: ImageBatch) -> Prediction:
         size = tuple(batch.images.shape[-2:])
