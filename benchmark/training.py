@@ -7,7 +7,7 @@ the loop owns everything else, so that methods differ only in their maths.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sized
 from dataclasses import dataclass
 
 import torch
@@ -62,7 +62,9 @@ def fit(
     bar = tqdm(range(config.epochs), desc=desc, disable=not config.progress, leave=False)
     for epoch in bar:
         total, count = 0.0, 0
-        batches = list(epoch_batches(epoch))
+        batches = epoch_batches(epoch)
+        if lr_at is not None and not isinstance(batches, Sized):
+            batches = list(batches)  # a schedule needs the epoch's length; otherwise batches stream from disk
         for index, batch in enumerate(batches):
             if lr_at is not None:
                 for group in optimizer.param_groups:
