@@ -103,11 +103,15 @@ def _cmd_run(args) -> int:
 
 
 def _dry_run(protocol, catalog, cells, root: Path) -> int:
-    from benchmark.runner import cell_split, prepare_synthetic
+    from benchmark.errors import PreflightError
+    from benchmark.runner import check_splits, prepare_synthetic
 
     prepare_synthetic(protocol, catalog, root)
+    splits, problems = check_splits(protocol, catalog, cells, root)
     for cell in cells:
-        split = cell_split(cell, protocol, catalog, root)
+        split = splits.get(cell.cell_id)
+        if split is None:
+            continue
         print(
             f"{cell.cell_id}  backbone={cell.backbone.label()}  train={len(split.train)} from {split.train_source}"
             f"  test={len(split.test)}"
@@ -116,6 +120,8 @@ def _dry_run(protocol, catalog, cells, root: Path) -> int:
             for s in split.train:
                 print(f"    {'anomalous' if s.label else 'normal   '}  {s.path}")
     print(f"{len(cells)} cells (dry run: nothing was run or recorded)")
+    if problems:
+        raise PreflightError(problems)
     return 0
 
 
@@ -125,7 +131,7 @@ def _cmd_tables(args) -> int:
 
     store = ResultStore(args.results_dir, args.experiment)
     frame = store.frame()
-    if frame.empty:
+    if frame["metric"].dropna().empty:
         raise BenchmarkError(f"{store.path}: no finished cells for experiment '{args.experiment}'")
     if args.metrics:
         metrics = tuple(args.metrics)
@@ -133,9 +139,9 @@ def _cmd_tables(args) -> int:
         metrics = tables.STYLES[args.style]
     else:
         metrics = tables.STYLES["mvfa"]
-    unknown = [m for m in metrics if m not in set(frame["metric"])]
-    if unknown:
-        raise BenchmarkError(f"--metrics: '{unknown[0]}' was not recorded (recorded: {sorted(set(frame['metric']))})")
+    recorded = set(frame["metric"].dropna())
+    if unknown := [m for m in metrics if m not in recorded]:
+        raise BenchmarkError(f"--metrics: '{unknown[0]}' was not recorded (recorded: {sorted(recorded)})")
     caption = tables.caption_for(frame, args.experiment, metrics)
     if args.efficiency:
         caption = f"{args.experiment}: trainable parameters of each method's head beside its mean AUROC (%)."
@@ -203,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except BenchmarkError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines():
+            print(f"error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

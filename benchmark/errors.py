@@ -7,3 +7,11 @@ class BenchmarkError(Exception):
 
 class WeightsUnavailableError(BenchmarkError):
     """Pretrained weights are not on this machine."""
+
+
+class PreflightError(BenchmarkError):
+    """Every fault found before a run starts (data layout, weights), one line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(dict.fromkeys(problems))
+        super().__init__("\n".join(self.problems))

@@ -10,6 +10,7 @@ module of ``methods/``; out-of-tree ones with an entry point in the ``medad_benc
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -121,7 +122,8 @@ class Method:
 
     @classmethod
     def parse_params(cls, raw: dict[str, Any], where: str) -> Any:
-        """Validate ``raw`` against ``cls.Params`` (a dataclass); unknown keys and wrong types are errors."""
+        """Validate ``raw`` against ``cls.Params`` (a dataclass): unknown keys, wrong types, numbers that are
+        not finite or out of their field's range and values outside its choices are errors."""
         fields = {f.name: f for f in dataclasses.fields(cls.Params)}
         raw = {k: v for k, v in raw.items() if k not in HARNESS_KEYS}
         for key, value in raw.items():
@@ -129,21 +131,65 @@ class Method:
                 raise BenchmarkError(
                     f"{where}.{key}: unknown parameter of '{cls.name}' (expected one of {sorted(fields)})"
                 )
-            default = fields[key].default
-            if default is not dataclasses.MISSING and default is not None and not _same_type(default, value):
-                raise BenchmarkError(f"{where}.{key}: expected {type(default).__name__}, got {value!r}")
+            problem = check_param(fields[key], value)
+            if problem:
+                raise BenchmarkError(f"{where}.{key}: {problem}")
         converted = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
-        return cls.Params(**converted)
+        try:
+            return cls.Params(**converted)
+        except (TypeError, ValueError) as exc:
+            raise BenchmarkError(f"{where}: {exc}") from None
 
 
-def _same_type(default: Any, value: Any) -> bool:
-    if isinstance(default, bool) or isinstance(value, bool):
-        return isinstance(default, bool) and isinstance(value, bool)
-    if isinstance(default, float):
+def param(
+    default: Any,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    choices: tuple[Any, ...] | None = None,
+    kind: type | None = None,
+) -> Any:
+    """A ``Params`` field with its valid values: bounds for a number (each number of a tuple), allowed
+    ``choices``, and the ``kind`` of value where the default (None: "the method decides") does not tell."""
+    return dataclasses.field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "choices": choices, "kind": kind})
+
+
+def check_param(f: dataclasses.Field, value: Any) -> str | None:
+    """Why ``value`` does not fit field ``f`` (type, finiteness, range, choices), or None when it does."""
+    default, meta = f.default, f.metadata
+    if value is None:
+        return None if default is None else f"expected {type(default).__name__}, got null"
+    expected = meta.get("kind") or (type(default) if default is not None else None)
+    if expected is not None and not _same_type(expected, value):
+        return f"expected {expected.__name__}, got {value!r}"
+    if meta.get("choices") is not None and value not in meta["choices"]:
+        return f"expected one of {', '.join(map(str, meta['choices']))}, got {value!r}"
+    numbers = value if isinstance(value, list | tuple) else [value]
+    if isinstance(default, tuple) and default and isinstance(value, list | tuple):
+        wrong = [v for v in value if not _same_type(type(default[0]), v)]
+        if wrong:
+            return f"expected a list of {type(default[0]).__name__}, got {wrong[0]!r}"
+    for number in numbers:
+        if isinstance(number, bool) or not isinstance(number, int | float):
+            continue
+        if not math.isfinite(number):
+            return f"expected a finite number, got {number!r}"
+        for bound, test, word in (("ge", float.__ge__, ">="), ("gt", float.__gt__, ">"), ("le", float.__le__, "<=")):
+            limit = meta.get(bound)
+            if limit is not None and not test(float(number), float(limit)):
+                return f"expected a number {word} {limit:g}, got {number!r}"
+    return None
+
+
+def _same_type(expected: type, value: Any) -> bool:
+    if expected is bool or isinstance(value, bool):
+        return expected is bool and isinstance(value, bool)
+    if expected is float:
         return isinstance(value, int | float)
-    if isinstance(default, tuple):
+    if expected is tuple:
         return isinstance(value, list | tuple)
-    return isinstance(value, type(default))
+    return isinstance(value, expected)
 
 
 METHODS: Registry[type[Method]] = Registry("method", entry_point_group="medad_bench.methods", package="methods")

@@ -83,6 +83,21 @@ class Protocol:
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key written twice in one mapping is an error (merge keys ``<<`` aside)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 class _Reader:
     """Typed access to a mapping that reports the file and key path on any mismatch."""
 
@@ -192,11 +207,13 @@ def load_protocol(path: str | Path) -> Protocol:
     if not Path(path).is_file():
         raise BenchmarkError(f"{path}: protocol file not found")
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        data = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark else ""
-        raise BenchmarkError(f"{path}: not valid YAML{line}") from None
+        problem = getattr(exc, "problem", "") or ""
+        detail = f": {problem}" if problem.startswith("duplicate key") else ""
+        raise BenchmarkError(f"{path}: not valid YAML{line}{detail}") from None
     r = _Reader(path, data)
     version = r.get("version", int, required=True)
     if version != PROTOCOL_VERSION:
@@ -262,6 +279,8 @@ def load_protocol(path: str | Path) -> Protocol:
     for key, value in (("image_size", protocol.image_size), ("batch_size", protocol.batch_size)):
         if value <= 0:
             r.fail("expected a positive integer", key)
+    if protocol.figure_samples < 0:
+        r.fail("expected 0 or more images", "figure_samples")
     if protocol.device not in ("auto", "cpu", "cuda") and not protocol.device.startswith("cuda:"):
         r.fail(f"expected auto, cpu, cuda or cuda:N, got '{protocol.device}'", "device")
     return protocol

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import random
 import time
 import traceback
@@ -28,7 +29,7 @@ from benchmark.data.layout import Sample, dataset_dir
 from benchmark.data.loading import iterate_batches
 from benchmark.data.splits import Split, content_hash, make_split
 from benchmark.data.synthetic import MODALITIES, SyntheticConfig, write_dataset
-from benchmark.errors import BenchmarkError
+from benchmark.errors import BenchmarkError, PreflightError
 from benchmark.method import METHODS, Method, MethodContext, TrainSet
 from benchmark.metrics import ImageMetrics, PixelMetrics
 from benchmark.predictions import PredictionWriter
@@ -75,19 +76,56 @@ def cell_split(cell: Cell, protocol: Protocol, catalog: dict[str, DatasetSpec], 
     )
 
 
-def preflight(protocol: Protocol, catalog: dict[str, DatasetSpec], cells: list[Cell], root: Path) -> None:
-    """Fail before anything is recorded when a dataset folder or a backbone's weights are missing."""
+def check_splits(
+    protocol: Protocol, catalog: dict[str, DatasetSpec], cells: list[Cell], root: Path
+) -> tuple[dict[str, Split], list[str]]:
+    """Every cell's split, listing files only, and every fault found on the way (one line each): missing
+    folders or masks, K above a pool, a test set without both normal and anomalous images."""
+    problems: list[str] = []
+    splits: dict[str, Split] = {}
+    missing: set[str] = set()
     for name in dict.fromkeys(d for c in cells for d in (c.dataset, *c.loo_sources)):
-        dataset_dir(root, catalog[name])
+        try:
+            dataset_dir(root, catalog[name])
+        except BenchmarkError as exc:
+            problems.append(str(exc))
+            missing.add(name)
+    for cell in cells:
+        if missing & {cell.dataset, *cell.loo_sources}:
+            continue
+        try:
+            split = cell_split(cell, protocol, catalog, root)
+        except BenchmarkError as exc:
+            problems.append(str(exc))
+            continue
+        normal, anomalous = split.class_counts()
+        if not normal or not anomalous:
+            problems.append(
+                f"dataset '{cell.dataset}': the test split under '{root / catalog[cell.dataset].folder / 'test'}' "
+                f"holds {normal} normal and {anomalous} anomalous images; a test set needs both"
+            )
+        splits[cell.cell_id] = split
+    return splits, problems
+
+
+def preflight(protocol: Protocol, catalog: dict[str, DatasetSpec], cells: list[Cell], root: Path) -> None:
+    """Fail before anything is recorded, naming every fault at once: data layout (every cell's split) and
+    the weights of every backbone."""
+    _, problems = check_splits(protocol, catalog, cells, root)
     for spec in dict.fromkeys(c.backbone for c in cells):
         if spec.random_init:
             continue
         import open_clip
 
-        if spec.model in open_clip.list_models():
-            resolve_clip_weights(spec.model, spec.weights)
-        else:
-            resolve_timm_weights(spec.model, spec.weights)
+        try:
+            if spec.model in open_clip.list_models():
+                resolve_clip_weights(spec.model, spec.weights)
+            else:
+                resolve_timm_weights(spec.model, spec.weights)
+        except BenchmarkError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise PreflightError(problems)
 
 
 def prepare_synthetic(protocol: Protocol, catalog: dict[str, DatasetSpec], root: Path) -> None:
@@ -133,8 +171,12 @@ def evaluate(
     batch_size: int,
     figure_samples: int = 0,
     writer: PredictionWriter | None = None,
+    what: str = "test",
 ) -> Evaluation:
-    """Predict ``samples`` batch by batch into streaming accumulators; maps are never all held at once."""
+    """Predict ``samples`` batch by batch into streaming accumulators; maps are never all held at once.
+
+    A metric that would be undefined (one class only, no anomalous pixel left at ``size``) is an error, so
+    that no NaN is ever recorded as a result."""
     images = ImageMetrics()
     pixels = PixelMetrics((*sweep, thresholds["dice"])) if has_masks else None
     figure: list[tuple] = []
@@ -154,6 +196,16 @@ def evaluate(
                 want[label] -= 1
                 figure.append((Path(batch.paths[i]).name, batch.images[i], batch.masks[i], maps[i], float(scores[i])))
         keys += batch.keys
+    anomalous = int(images.labels.sum())
+    if not anomalous or anomalous == len(images.labels):
+        raise BenchmarkError(
+            f"the {what} images hold {len(images.labels) - anomalous} normal and {anomalous} anomalous images; "
+            "image metrics need both"
+        )
+    if pixels is not None and pixels.n_pos == 0:
+        raise BenchmarkError(
+            f"no anomalous pixel is left in the {what} masks at {size}x{size} px; pixel metrics would be undefined"
+        )
     metrics = {"image_auroc": images.auroc(), "image_accuracy": images.accuracy(thresholds["accuracy"])}
     rows = []
     for t in sweep:
@@ -167,18 +219,21 @@ def evaluate(
         metrics["dice"] = pixels.dice(thresholds["dice"])
         for row in rows:
             metrics[f"dice_t{row['threshold']:g}"] = row["dice"]
-        metrics["dice_oracle"] = float(np.nanmax([r["dice"] for r in rows]))
+        metrics["dice_oracle"] = max(r["dice"] for r in rows)
+    undefined = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+    if undefined:
+        raise RuntimeError(f"metrics {', '.join(undefined)} are not finite")
     return Evaluation(metrics, rows, figure, content_hash(keys))
 
 
 def choose_thresholds(
-    method: Method, valid: tuple[Sample, ...], has_masks: bool, protocol: Protocol
+    method: Method, valid: tuple[Sample, ...], has_masks: bool, protocol: Protocol, size: int
 ) -> dict[str, float]:
     """Thresholds of best validation Dice (pixels) and accuracy (images) over the protocol's sweep."""
     fixed = {"dice": protocol.threshold.value, "accuracy": protocol.threshold.value}
     if protocol.threshold.mode == "fixed":
         return fixed
-    ev = evaluate(method, valid, has_masks, fixed, protocol.sweep, protocol.image_size, protocol.batch_size)
+    ev = evaluate(method, valid, has_masks, fixed, protocol.sweep, size, protocol.batch_size, what="validation")
     best_acc = max(ev.sweep, key=lambda r: r["image_accuracy"])["threshold"]
     best_dice = max(ev.sweep, key=lambda r: r.get("dice", -1.0))["threshold"] if has_masks else fixed["dice"]
     return {"dice": best_dice, "accuracy": best_acc}
@@ -197,14 +252,14 @@ def run_cell(
     spec = catalog[cell.dataset]
     split = cell_split(cell, protocol, catalog, root)
     cell_dir.mkdir(parents=True, exist_ok=True)
-    (cell_dir / "manifest.json").write_text(json.dumps(split.manifest, indent=1))
+    (cell_dir / "manifest.json").write_text(json.dumps(split.manifest(), indent=1))
     seed_everything(cell.seed)
     cls = METHODS.get(cell.plugin_name)
     context = MethodContext(spec, cell.setting, cell.shots, cell.seed, cell.image_size, device, cell.backbone, cache)
     method = cls(cls.Params(**cell.params), context)
     specs = {name: catalog[name] for name in {s.dataset for s in split.train} | {cell.dataset}}
     method.fit(TrainSet(split.train, cell.setting, cell.shots, cell.image_size, specs, split.valid))
-    thresholds = choose_thresholds(method, split.valid, spec.masks, protocol)
+    thresholds = choose_thresholds(method, split.valid, spec.masks, protocol, cell.image_size)
     writer = None
     if save_predictions:
         writer = PredictionWriter(cell_dir / "predictions.npz", len(split.test), cell.image_size)

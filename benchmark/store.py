@@ -1,12 +1,14 @@
 """The local results store: one JSON line per cell attempt in ``results/<experiment>/results.jsonl``.
 
 The last line of a config hash wins; ``--resume`` skips hashes whose last line is ``finished``. Lines are
-appended and flushed whole, so a crash never leaves a cell recorded as finished.
+appended and flushed whole, so a crash never leaves a cell recorded as finished. Lines are strict JSON: a
+number that is not finite is written ``null``, never ``NaN``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,17 @@ import pandas as pd
 from benchmark.errors import BenchmarkError
 
 RECORD_KEYS = ("method", "dataset", "setting", "shots", "seed", "backbone", "threshold", "variant")
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None, so that ``json.dumps`` writes strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    return value
 
 
 class ResultStore:
@@ -47,23 +60,21 @@ class ResultStore:
     def append(self, record: dict[str, Any]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, default=str) + "\n")
+            fh.write(json.dumps(strict_json(record), default=str, allow_nan=False) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 
     def frame(self) -> pd.DataFrame:
-        """Finished cells as one long table: one row per cell and metric."""
+        """Cells as one long table: one row per finished cell and metric, and one row with no metric for
+        each failed cell (so that tables can say how many seeds make a mean)."""
         rows = []
         for rec in self.latest().values():
+            base = {**{k: rec.get(k) for k in RECORD_KEYS}, "plugin": rec.get("plugin", rec.get("method"))}
             if rec["status"] != "finished":
+                rows.append({**base, "status": rec["status"], "metric": None, "value": float("nan")})
                 continue
             for metric, value in rec["metrics"].items():
-                rows.append(
-                    {
-                        **{k: rec[k] for k in RECORD_KEYS},
-                        "plugin": rec.get("plugin", rec["method"]),
-                        "metric": metric,
-                        "value": value,
-                    }
-                )
-        return pd.DataFrame(rows, columns=[*RECORD_KEYS[:1], "plugin", *RECORD_KEYS[1:], "metric", "value"])
+                rows.append({**base, "status": "finished", "metric": metric, "value": value})
+        columns = [*RECORD_KEYS[:1], "plugin", *RECORD_KEYS[1:], "status", "metric", "value"]
+        frame = pd.DataFrame(rows, columns=columns)
+        return frame.astype({"value": "float64"})

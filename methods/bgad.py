@@ -47,7 +47,7 @@ from torch import nn
 from benchmark import training
 from benchmark.backbones.cnn import CnnBackbone, load_timm
 from benchmark.data.loading import ImageBatch
-from benchmark.method import METHODS, Method, MethodContext, Prediction, TrainSet
+from benchmark.method import METHODS, Method, MethodContext, Prediction, TrainSet, param
 from benchmark.protocol import BackboneSpec
 
 LOG_SQRT_2PI = -0.9189385332046727  # ln(1 / sqrt(2 pi))
@@ -163,21 +163,21 @@ class BGADModel(nn.Module):
 
 @dataclass(frozen=True)
 class BGADParams:
-    levels: tuple[int, ...] = (1, 2, 3)
-    coupling_blocks: int = 8
-    clamp_alpha: float = 1.9
-    pos_embed_dim: int = 128
-    pos_beta: float = 0.05
-    margin_tau: float = 0.1
-    normalizer: float = 10.0
-    bgspp_lambda: float = 1.0
+    levels: tuple[int, ...] = param((1, 2, 3), ge=0)
+    coupling_blocks: int = param(8, ge=1)
+    clamp_alpha: float = param(1.9, gt=0)
+    pos_embed_dim: int = param(128, ge=4)
+    pos_beta: float = param(0.05, gt=0, le=1)
+    margin_tau: float = param(0.1, ge=0)
+    normalizer: float = param(10.0, gt=0)
+    bgspp_lambda: float = param(1.0, ge=0)
     focal_weighting: bool = False
-    lr: float = 2e-4
-    meta_epochs: int = 25
-    sub_epochs: int = 8
-    warmup_epochs: int = 2
-    n_batch: int = 4096
-    reference_quantile: float = 1.0
+    lr: float = param(2e-4, gt=0)
+    meta_epochs: int = param(25, ge=1)
+    sub_epochs: int = param(8, ge=1)
+    warmup_epochs: int = param(2, ge=0)
+    n_batch: int = param(4096, ge=1)
+    reference_quantile: float = param(1.0, ge=0, le=1)
     progress: bool = True
 
 

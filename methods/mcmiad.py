@@ -50,7 +50,7 @@ from benchmark import training
 from benchmark.backbones.clip import shared_clip
 from benchmark.backbones.cnn import CnnBackbone, load_timm
 from benchmark.data.loading import ImageBatch
-from benchmark.method import METHODS, Method, MethodContext, Prediction, TrainSet
+from benchmark.method import METHODS, Method, MethodContext, Prediction, TrainSet, param
 from benchmark.protocol import BackboneSpec
 
 NORMAL_PROMPTS = (
@@ -169,28 +169,28 @@ class MCMIADHead(nn.Module):
 
 @dataclass(frozen=True)
 class MCMIADParams:
-    levels: tuple[int, ...] = (0, 1, 2, 3)  # timm indices: strides 2, 4, 8, 16
-    stride: int = 16  # common grid of the concatenated stages
-    dim: int = 256
-    heads: int = 8
-    ffn: int = 1024
-    blocks: int = 2
-    neighbourhood: int = 7
+    levels: tuple[int, ...] = param((0, 1, 2, 3), ge=0)  # timm indices: strides 2, 4, 8, 16
+    stride: int = param(16, ge=1)  # common grid of the concatenated stages
+    dim: int = param(256, ge=1)
+    heads: int = param(8, ge=1)
+    ffn: int = param(1024, ge=1)
+    blocks: int = param(2, ge=1)
+    neighbourhood: int = param(7, ge=1)
     alpha: float = 1.0
-    jitter_scale: float = 20.0
-    jitter_prob: float = 1.0
+    jitter_scale: float = param(20.0, gt=0)
+    jitter_prob: float = param(1.0, ge=0, le=1)
     use_text_fusion: bool = True
     text_model: str = "ViT-B-16"
     text_weights: str = "openai"
-    score_weights: tuple[float, ...] = (1.0, 1.0)
-    image_weights: tuple[float, ...] = (0.5, 0.3, 0.2)
-    top_k: int = 5
-    calibration_quantile: float = 1.0
-    epochs: int = 100
-    lr: float = 2e-4
-    weight_decay: float = 1e-4
-    grad_clip: float = 0.1
-    batch_size: int = 16
+    score_weights: tuple[float, ...] = param((1.0, 1.0), ge=0)
+    image_weights: tuple[float, ...] = param((0.5, 0.3, 0.2), ge=0)
+    top_k: int = param(5, ge=1)
+    calibration_quantile: float = param(1.0, gt=0, le=1)
+    epochs: int = param(100, ge=1)
+    lr: float = param(2e-4, gt=0)
+    weight_decay: float = param(1e-4, ge=0)
+    grad_clip: float = param(0.1, gt=0)
+    batch_size: int = param(16, ge=1)
     progress: bool = True
 
 

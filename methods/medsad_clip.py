@@ -44,7 +44,7 @@ from benchmark import training
 from benchmark.backbones.adapters import DualAdapters
 from benchmark.backbones.clip import ClipBackbone, shared_clip
 from benchmark.data.loading import ImageBatch, LabelledBatch
-from benchmark.method import METHODS, Method, MethodContext, Prediction, TrainSet
+from benchmark.method import METHODS, Method, MethodContext, Prediction, TrainSet, param
 from benchmark.protocol import BackboneSpec
 from methods.mvfa import dice_loss, focal_loss
 
@@ -159,21 +159,21 @@ def mc_loss(cos: torch.Tensor, labels: torch.Tensor, margin: float = 0.4) -> tor
 
 @dataclass(frozen=True)
 class MedSADParams:
-    layers: tuple[int, ...] = (6, 12, 18, 24)
-    n_prompt_tokens: int = 10
+    layers: tuple[int, ...] = param((6, 12, 18, 24), ge=1)
+    n_prompt_tokens: int = param(10, ge=0)
     use_learnable_prompt: bool = True
     use_tpca: bool = True
     use_mc_loss: bool = True
-    margin: float = 0.4
-    heads: int = 8
-    decoder_hidden: int = 256
-    gamma: float = 0.1
+    margin: float = param(0.4, ge=0)
+    heads: int = param(8, ge=1)
+    decoder_hidden: int = param(256, ge=1)
+    gamma: float = param(0.1, ge=0, le=0.5)
     normal_anchor: str = "a photo of a normal {}."
     abnormal_anchor: str = "a photo of a damaged {}."
-    loss_weights: tuple[float, ...] = (1.0, 1.0, 1.0)  # BCE, Dice + Focal, MC (Eq. 17)
-    lr: float = 1e-3
-    batch_size: int = 32
-    epochs: int = 50
+    loss_weights: tuple[float, ...] = param((1.0, 1.0, 1.0), ge=0)  # BCE, Dice + Focal, MC (Eq. 17)
+    lr: float = param(1e-3, gt=0)
+    batch_size: int = param(32, ge=1)
+    epochs: int = param(50, ge=1)
     hflip: bool = True
     progress: bool = True
 

@@ -53,7 +53,7 @@ from benchmark import training
 from benchmark.backbones.adapters import DualAdapters
 from benchmark.backbones.clip import ClipBackbone, shared_clip
 from benchmark.data.loading import ImageBatch, LabelledBatch
-from benchmark.method import METHODS, Method, MethodContext, Prediction, TrainSet
+from benchmark.method import METHODS, Method, MethodContext, Prediction, TrainSet, param
 from benchmark.metrics import ImageMetrics, PixelMetrics
 from benchmark.protocol import BackboneSpec
 from methods.winclip import ANOMALOUS_STATES as WINCLIP_ANOMALOUS_STATES
@@ -199,14 +199,14 @@ def _min_cos_distance(features: torch.Tensor, memory: torch.Tensor) -> torch.Ten
 
 @dataclass(frozen=True)
 class MVFAParams:
-    mode: str = "official"  # official | paper (see the module docstring)
-    layers: tuple[int, ...] = (6, 12, 18, 24)
-    bottleneck: int = 0  # 0: the backbone's text embedding width
-    gamma: float = 0.1
-    epochs: int = 50
-    lr: float = 0.0  # 0: the mode's default
-    batch_size: int = 0  # 0: the mode's default
-    beta: float = 0.5  # beta1 = beta2 (Eq. 6)
+    mode: str = param("official", choices=("official", "paper"))  # see the module docstring
+    layers: tuple[int, ...] = param((6, 12, 18, 24), ge=1)
+    bottleneck: int = param(0, ge=0)  # 0: the backbone's text embedding width
+    gamma: float = param(0.1, ge=0, le=0.5)
+    epochs: int = param(50, ge=1)
+    lr: float | None = param(None, gt=0, kind=float)  # None: the mode's default
+    batch_size: int | None = param(None, ge=1, kind=int)  # None: the mode's default
+    beta: float = param(0.5, ge=0, le=1)  # beta1 = beta2 (Eq. 6)
     select_on_valid: bool = True  # official mode: best epoch on the validation images, when there are any
     progress: bool = True
 

@@ -33,7 +33,7 @@ from torch import nn
 
 from benchmark.backbones.clip import ClipBackbone, shared_clip
 from benchmark.data.loading import ImageBatch
-from benchmark.method import METHODS, Method, MethodContext, Prediction, TrainSet
+from benchmark.method import METHODS, Method, MethodContext, Prediction, TrainSet, param
 from benchmark.protocol import BackboneSpec
 
 NORMAL_STATES = (
@@ -182,10 +182,10 @@ class WinClipModel(nn.Module):
 
 @dataclass(frozen=True)
 class WinCLIPParams:
-    scales: tuple[int, ...] = (2, 3)
-    temperature: float = 0.07
+    scales: tuple[int, ...] = param((2, 3), ge=1)
+    temperature: float = param(0.07, gt=0)
     reference_images: bool = True  # WinCLIP+: use the cell's normal target images as reference memory
-    batch_size: int = 16
+    batch_size: int = param(16, ge=1)
 
 
 @METHODS.register("winclip")

@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -36,6 +37,14 @@ def _error(path, catalog=None) -> str:
         ({"methods": {"winclip": {"scale": [2]}}}, "methods.winclip.scale: unknown parameter of 'winclip'"),
         ({"methods": {"winclip": {"temperature": "hot"}}}, "methods.winclip.temperature: expected float"),
         ({"methods": {"winclip": {"image_size": "big"}}}, "methods.winclip.image_size: expected a positive integer"),
+        ({"methods": {"mvfa": {"epochs": -1}}}, "methods.mvfa.epochs: expected a number >= 1, got -1"),
+        ({"methods": {"mvfa": {"lr": float("nan")}}}, "methods.mvfa.lr: expected a finite number, got nan"),
+        ({"methods": {"mvfa": {"lr": 0}}}, "methods.mvfa.lr: expected a number > 0, got 0"),
+        ({"methods": {"mvfa": {"mode": "offical"}}}, "methods.mvfa.mode: expected one of official, paper"),
+        ({"methods": {"winclip": {"scales": [2.5]}}}, "methods.winclip.scales: expected a list of int, got 2.5"),
+        ({"methods": {"bgad": {"pos_beta": 1.5}}}, "methods.bgad.pos_beta: expected a number <= 1, got 1.5"),
+        ({"threshold": {"value": float("nan")}}, "threshold.value: expected a number in [0, 1]"),
+        ({"figure_samples": -1}, "figure_samples: expected 0 or more images"),
     ],
 )
 def test_validation_errors_name_file_and_key(write_protocol, catalog, overrides, expected):
@@ -86,6 +95,17 @@ def test_missing_file_and_bad_yaml(tmp_path, catalog):
     bad = tmp_path / "bad.yaml"
     bad.write_text("version: 1\nname: [unclosed\n")
     assert "not valid YAML" in _error(bad, catalog)
+
+
+def test_duplicate_keys_are_rejected_but_merge_keys_are_not(write_protocol, catalog):
+    path = write_protocol()
+    text = path.read_text()
+    path.write_text(text + "seeds: [1]\n")  # seeds written twice: YAML would silently keep the last
+    assert "line" in _error(path, catalog) and "duplicate key 'seeds'" in _error(path, catalog)
+    path.write_text(text.replace("methods:", "base: &b {scales: [2]}\nmethods:", 1))
+    assert "base: unknown key" in _error(path, catalog)  # an anchor is read; only unknown keys are errors
+    shipped = load_protocol(Path(__file__).resolve().parents[1] / "protocols" / "demo.yaml")
+    assert shipped.methods["medsad_no_tpca"]["use_tpca"] is False  # '<<' merges with overrides are fine
 
 
 def test_valid_protocol_expands_to_cells(write_protocol, catalog):

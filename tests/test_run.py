@@ -157,8 +157,9 @@ def test_aliases_run_one_method_with_different_switches(run, tmp_path, capsys):
 def test_bad_data_root_fails_before_anything_is_recorded(run, tmp_path, capsys):
     code, _ = run(data_root=str(tmp_path / "nowhere"), datasets=["BrainMRI", "LiverCT"])
     assert code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Brain_AD" in err and "not found" in err
+    lines = capsys.readouterr().err.splitlines()  # every missing folder at once, one line each
+    assert len(lines) == 2 and all(line.startswith("error: ") and "not found" in line for line in lines)
+    assert "Brain_AD" in lines[0] and "Liver_AD" in lines[1]
     assert not (tmp_path / "results" / "t" / "results.jsonl").exists()
     assert not (tmp_path / "results" / "mlflow.db").exists()
 

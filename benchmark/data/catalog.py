@@ -15,7 +15,7 @@ import yaml
 from benchmark.errors import BenchmarkError
 
 CARDS_DIR = Path(__file__).resolve().parents[2] / "datasets"
-_CARD_KEYS = {"name", "folder", "modality", "organ", "masks", "synthetic", "mvfa_seed_folder"}
+_CARD_KEYS = {"name", "folder", "modality", "organ", "masks", "synthetic", "mvfa_seed_folder", "mask_threshold"}
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class DatasetSpec:
     masks: bool
     synthetic: bool = False
     mvfa_seed_folder: str | None = None
+    mask_threshold: float | None = None  # masks not stored binary: pixel is anomalous where mask > this
     card: str = ""
 
 
@@ -47,6 +48,9 @@ def read_card(path: Path) -> DatasetSpec:
             raise BenchmarkError(f"{path}: missing key '{key}'")
     if not isinstance(front["masks"], bool):
         raise BenchmarkError(f"{path}: key 'masks' must be true or false")
+    threshold = front.get("mask_threshold")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int | float)):
+        raise BenchmarkError(f"{path}: key 'mask_threshold' must be a number, got {threshold!r}")
     return DatasetSpec(card=str(path), **{k: front[k] for k in front})
 
 

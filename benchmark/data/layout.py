@@ -27,6 +27,7 @@ class Sample:
     label: int
     mask: str | None = None
     dataset: str = ""
+    mask_threshold: float | None = None  # the dataset card's, for masks that are not stored binary
 
 
 def file_hash(path: str | Path) -> str:
@@ -89,7 +90,7 @@ def read_split(root: Path, spec: DatasetSpec, split: str, states: tuple[str, ...
         extra = sorted(set(masks) - {p.stem for p in images})
         if extra:
             raise BenchmarkError(f"dataset '{spec.name}': mask '{masks[extra[0]].name}' in '{mask_dir}' has no image")
-        samples += [Sample(str(p), 1, str(masks[p.stem]), spec.name) for p in images]
+        samples += [Sample(str(p), 1, str(masks[p.stem]), spec.name, spec.mask_threshold) for p in images]
     if not samples:
         raise BenchmarkError(f"dataset '{spec.name}': split '{base}' holds no images")
     return samples

@@ -2,6 +2,17 @@
 
 Images are read once: the bytes give both the content hash (the image's identity for caches and
 manifests) and the decoded picture. Normalisation (mean/std) is each method's own business.
+
+What is read, and what is refused (a one-line ``BenchmarkError`` naming the file):
+
+- 8-bit images (grayscale, RGB, RGBA, palette) are converted to RGB and resized as 8-bit pictures;
+- 16- and 32-bit grayscale images (PNGs exported from DICOM, TIFFs) are scaled by their bit depth, never
+  clipped at 255, and resized in floating point: 16-bit by ``2**16 - 1``, 32-bit integers by ``2**31 - 1``
+  (Pillow holds them as signed 32-bit numbers; a negative value is an error); float images must already
+  lie in [0, 1];
+- masks must be binary: values in {0, 255} or {0, 1} (or {0, 65535} for 16-bit masks), any other value
+  set is an error unless the dataset card sets ``mask_threshold`` (then ``mask > mask_threshold``);
+- a mask must have its image's size, and the mask of an anomalous image must not be empty.
 """
 
 from __future__ import annotations
@@ -18,6 +29,9 @@ from PIL import Image
 
 from benchmark.data.layout import Sample
 from benchmark.errors import BenchmarkError
+
+BINARY_VALUE_SETS = ({0, 1}, {0, 255}, {0, 65535})
+_HIGH_DEPTH_MODES = {"I;16": 16, "I;16B": 16, "I;16L": 16, "I;16N": 16}
 
 
 @dataclass(frozen=True)
@@ -42,40 +56,116 @@ class LabelledBatch:
         return ImageBatch(self.images, self.keys)
 
 
-def _open(path: str, mode: str) -> tuple[Image.Image, str]:
+def _open(path: str) -> tuple[Image.Image, str]:
     data = Path(path).read_bytes()
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
     except Exception as exc:
         raise BenchmarkError(f"image '{path}' cannot be read ({type(exc).__name__}: {exc})") from None
-    return img.convert(mode), hashlib.sha1(data).hexdigest()
+    return img, hashlib.sha1(data).hexdigest()
+
+
+def bit_depth(img: Image.Image) -> int | None:
+    """Bits per sample of a high-bit-depth grayscale image (16 or 32); None for 8-bit and float modes."""
+    if img.mode in _HIGH_DEPTH_MODES:
+        return _HIGH_DEPTH_MODES[img.mode]
+    if img.mode == "I":  # 32-bit integer storage: a 16-bit PNG in older Pillow, or a TIFF of 16 or 32 bits
+        if img.format == "PNG":
+            return 16
+        bits = getattr(img, "tag_v2", {}).get(258)
+        bits = bits[0] if isinstance(bits, tuple) else bits
+        return int(bits) if bits else 32
+    return None
+
+
+def _grayscale_float(img: Image.Image, path: str) -> np.ndarray:
+    """A 16-, 32-bit or float grayscale image as float32 in [0, 1], scaled by its bit depth."""
+    array = np.asarray(img).astype(np.float64)
+    bits = bit_depth(img)
+    if bits is not None:
+        if array.min() < 0:
+            raise BenchmarkError(f"image '{path}': negative values in a {bits}-bit image")
+        return (array / (2.0 ** min(bits, 31) - 1.0)).astype(np.float32)
+    if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+        raise BenchmarkError(
+            f"image '{path}': a float image must hold values in [0, 1] (found {array.min():g} to {array.max():g})"
+        )
+    return array.astype(np.float32)
+
+
+def decode_image(img: Image.Image, path: str, size: int) -> torch.Tensor:
+    """``[3,size,size]`` float in [0,1]: bicubic resize (as MVFA-AD and open_clip), grayscale repeated."""
+    if img.mode in _HIGH_DEPTH_MODES or img.mode in ("I", "F"):
+        plane = Image.fromarray(_grayscale_float(img, path)).resize((size, size), Image.BICUBIC)
+        array = np.repeat(np.asarray(plane, dtype=np.float32)[..., None], 3, axis=2)
+    else:
+        array = np.asarray(img.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).clamp_(0.0, 1.0)
 
 
 def load_image(path: str, size: int) -> tuple[torch.Tensor, str]:
-    """Image as ``[3,size,size]`` float in [0,1] (bicubic resize, as MVFA-AD and open_clip) and its hash."""
-    img, key = _open(path, "RGB")
-    img = img.resize((size, size), Image.BICUBIC)
-    array = np.asarray(img, dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1).clamp_(0.0, 1.0), key
+    """Image as ``[3,size,size]`` float in [0,1] and the SHA-1 of its file."""
+    img, key = _open(path)
+    return decode_image(img, path, size), key
 
 
-def load_mask(path: str | None, size: int) -> torch.Tensor:
-    """Binary mask ``[size,size]`` (nearest-neighbour resize); all zero when ``path`` is None."""
-    if path is None:
+def mask_values(img: Image.Image) -> np.ndarray:
+    """A mask's raw values as a 2-D array (palette and colour masks through their grey levels)."""
+    if img.mode == "1":
+        return np.asarray(img).astype(np.uint8)
+    if img.mode in _HIGH_DEPTH_MODES or img.mode in ("I", "F", "L"):
+        return np.asarray(img)
+    return np.asarray(img.convert("L"))
+
+
+def binarize_mask(values: np.ndarray, path: str, threshold: float | None = None) -> np.ndarray:
+    """``values > threshold`` where the card sets one; else a binary value set read as ``values > 0``."""
+    if threshold is not None:
+        return values > threshold
+    found = set(np.unique(values).tolist())
+    if not any(found <= allowed for allowed in BINARY_VALUE_SETS):
+        shown = sorted(found)
+        listed = ", ".join(f"{v:g}" for v in shown[:6]) + (", ..." if len(shown) > 6 else "")
+        raise BenchmarkError(
+            f"mask '{path}': values {{{listed}}} are not binary (expected {{0, 255}} or {{0, 1}}); "
+            "binarise the masks, or set mask_threshold in the dataset card"
+        )
+    return values > 0
+
+
+def load_mask(sample: Sample, size: int, image_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Binary mask ``[size,size]`` (nearest-neighbour resize); all zero when the sample has no mask.
+
+    ``image_size`` (width, height) is the size of the sample's image, which the mask must share."""
+    if sample.mask is None:
         return torch.zeros(size, size, dtype=torch.bool)
-    img, _ = _open(path, "L")
-    img = img.resize((size, size), Image.NEAREST)
-    return torch.from_numpy(np.asarray(img) > 127)
+    img, _ = _open(sample.mask)
+    if image_size is not None and img.size != image_size:
+        raise BenchmarkError(
+            f"mask '{sample.mask}' is {img.size[0]}x{img.size[1]} but its image '{sample.path}' is "
+            f"{image_size[0]}x{image_size[1]}"
+        )
+    binary = binarize_mask(mask_values(img), sample.mask, sample.mask_threshold)
+    if sample.label and not binary.any():
+        raise BenchmarkError(f"mask '{sample.mask}' of the anomalous image '{sample.path}' is empty")
+    resized = Image.fromarray(binary.astype(np.uint8)).resize((size, size), Image.NEAREST)
+    return torch.from_numpy(np.asarray(resized) > 0)
+
+
+def load_sample(sample: Sample, size: int) -> tuple[torch.Tensor, str, torch.Tensor]:
+    """Image ``[3,size,size]``, its file's SHA-1 and its mask ``[size,size]``, checked against each other."""
+    img, key = _open(sample.path)
+    return decode_image(img, sample.path, size), key, load_mask(sample, size, img.size)
 
 
 def load_batch(samples: Sequence[Sample], size: int) -> LabelledBatch:
-    loaded = [load_image(s.path, size) for s in samples]
+    loaded = [load_sample(s, size) for s in samples]
     return LabelledBatch(
-        images=torch.stack([img for img, _ in loaded]),
-        keys=tuple(key for _, key in loaded),
+        images=torch.stack([image for image, _, _ in loaded]),
+        keys=tuple(key for _, key, _ in loaded),
         labels=torch.tensor([s.label for s in samples], dtype=torch.long),
-        masks=torch.stack([load_mask(s.mask, size) for s in samples]),
+        masks=torch.stack([mask for _, _, mask in loaded]),
         paths=tuple(s.path for s in samples),
     )
 

@@ -36,7 +36,23 @@ class Split:
     test: tuple[Sample, ...]
     valid: tuple[Sample, ...]
     train_source: str
-    manifest: dict = field(default_factory=dict)
+    root: Path = Path()
+    header: dict = field(default_factory=dict)
+
+    def manifest(self) -> dict:
+        """The record of what the cell trained on: paths relative to the data root, labels and, but for
+        ``zero_shot_loo`` (whole pools of other datasets), each file's SHA-1 (read here, not when listing)."""
+        hashed = self.header.get("setting") != "zero_shot_loo"
+        train = [
+            {"path": _rel(s.path, self.root), "label": s.label, **({"sha1": file_hash(s.path)} if hashed else {})}
+            for s in self.train
+        ]
+        return {**self.header, "train": train, "test_count": len(self.test)}
+
+    def class_counts(self) -> tuple[int, int]:
+        """Normal and anomalous test images."""
+        anomalous = sum(s.label for s in self.test)
+        return len(self.test) - anomalous, anomalous
 
 
 def labelled_pool(root: Path, spec: DatasetSpec) -> tuple[list[Sample], str]:
@@ -175,18 +191,8 @@ def make_split(
     overlap = {s.path for s in train} & {s.path for s in test}
     if overlap:
         raise BenchmarkError(f"dataset '{dataset}': training and test samples overlap ('{sorted(overlap)[0]}')")
-    manifest = {
-        "dataset": dataset,
-        "setting": setting,
-        "shots": shots,
-        "sampling_seed": sampling_seed,
-        "source": source,
-        "train": [{"path": _rel(s.path, root), "label": s.label, "sha1": file_hash(s.path)} for s in train]
-        if setting != "zero_shot_loo"
-        else [{"path": _rel(s.path, root), "label": s.label} for s in train],
-        "test_count": len(test),
-    }
-    return Split(tuple(train), tuple(test), tuple(valid), source, manifest)
+    header = {"dataset": dataset, "setting": setting, "shots": shots, "sampling_seed": sampling_seed, "source": source}
+    return Split(tuple(train), tuple(test), tuple(valid), source, root, header)
 
 
 def _rel(path: str, root: Path) -> str:

@@ -43,13 +43,20 @@ def published_name(plugin: str) -> str:
     return METHODS.get(plugin).published_name if plugin in METHODS else plugin
 
 
+ATTEMPT_KEYS = ["method", "setting", "shots", "backbone", "dataset"]  # the seeds of one grid row and dataset
+
+
 def summarize(frame: pd.DataFrame) -> pd.DataFrame:
-    """Mean, std (ddof 1; 0 for one seed) and seed count per row key, dataset and metric."""
+    """Mean, std (ddof 1; 0 for one value) over the seeds that gave a number (``n``), and the seeds the grid
+    ran for that row and dataset, failed cells included (``of``), per row key, dataset and metric."""
     keys = [*ROW_KEYS, "dataset", "metric"]
     frame = frame.assign(shots=frame["shots"].fillna(0).astype(int))
-    grouped = frame.groupby(keys, dropna=False)["value"]
-    out = grouped.agg(mean="mean", std=lambda v: float(v.std(ddof=1)) if len(v) > 1 else 0.0, n="count")
-    return out.reset_index()
+    attempts = frame.groupby(ATTEMPT_KEYS, dropna=False)["seed"].nunique().rename("of").reset_index()
+    grouped = frame[frame["metric"].notna()].groupby(keys, dropna=False)["value"]
+    out = grouped.agg(mean="mean", std=lambda v: float(v.std(ddof=1)) if v.count() > 1 else 0.0, n="count")
+    out = out.reset_index().merge(attempts, on=ATTEMPT_KEYS, how="left")
+    out["of"] = out[["of", "n"]].max(axis=1).astype(int)
+    return out
 
 
 def _row_label(method: str, variant: str, setting: str, shots: int) -> str:
@@ -75,7 +82,9 @@ def build(frame: pd.DataFrame, metrics: tuple[str, ...], published: bool = False
     summary = summary.assign(_order=summary["setting"].map(order)).sort_values(["_order", "shots", "method", "variant"])
     for values_key, part in summary.groupby(ROW_KEYS, dropna=False, sort=False):
         key = dict(zip(ROW_KEYS, values_key, strict=True))
-        values = {(r["dataset"], r["metric"]): (r["mean"], r["std"], int(r["n"])) for _, r in part.iterrows()}
+        values = {
+            (r["dataset"], r["metric"]): (r["mean"], r["std"], int(r["n"]), int(r["of"])) for _, r in part.iterrows()
+        }
         label = _row_label(key["method"], key["variant"], key["setting"], int(key["shots"]))
         table_rows.append((label, values, True))
         if pub is None:
@@ -85,10 +94,10 @@ def build(frame: pd.DataFrame, metrics: tuple[str, ...], published: bool = False
         for d, m in columns:
             hit = lookup(pub, name, key["setting"], int(key["shots"]), d, m, key["threshold"])
             if hit is not None:
-                found[(d, m)] = (hit[0] / 100.0, 0.0, 0)
+                found[(d, m)] = (hit[0] / 100.0, 0.0, 0, 0)
                 sources.add(hit[1])
                 if (d, m) in values:
-                    delta[(d, m)] = (values[(d, m)][0] - hit[0] / 100.0, 0.0, 0)
+                    delta[(d, m)] = (values[(d, m)][0] - hit[0] / 100.0, 0.0, 0, 0)
         if found:
             table_rows.append((f"  published ({'; '.join(sorted(sources))})", found, False))
             table_rows.append(("  difference", delta, False))
@@ -107,12 +116,16 @@ def _ranks(rows, columns) -> dict[tuple, dict[int, int]]:
     return ranks
 
 
-def _fmt(value: tuple[float, float, int] | None, signed: bool = False) -> str:
-    if value is None or math.isnan(value[0]):
+def _fmt(value: tuple[float, float, int, int] | None, signed: bool = False) -> str:
+    """``mean ± std`` in percent; ``(n/m seeds)`` when only n of the m seeds run gave a number."""
+    if value is None:
         return "--"
-    mean, std, n = value
+    mean, std, n, of = value
+    if math.isnan(mean):
+        return f"-- ({n}/{of} seeds)" if n < of else "--"
     text = f"{mean * 100:+.2f}" if signed else f"{mean * 100:.2f}"
-    return f"{text} ± {std * 100:.2f}" if n > 1 else text
+    text = f"{text} ± {std * 100:.2f}" if n > 1 else text
+    return f"{text} ({n}/{of} seeds)" if n < of else text
 
 
 def _latex_escape(text: str) -> str:
@@ -201,12 +214,18 @@ def render_csv(frame: pd.DataFrame, published: bool = False) -> str:
 
 def caption_for(frame: pd.DataFrame, experiment: str, metrics: tuple[str, ...]) -> str:
     names = ", ".join(f"{HEADERS.get(m, m)} = {m}" for m in metrics)
-    backbones = sorted(set(frame["backbone"]))
+    backbones = sorted(set(frame.loc[frame["metric"].notna(), "backbone"]))
     text = f"{experiment}: {names}, in %, mean ± std over seeds. Backbones: {'; '.join(backbones)}."
     if "dice_oracle" in metrics:
         text += " Dice (oracle): the best Dice over the threshold sweep, picked on test data; for reference only."
     if any("random-init" in b for b in backbones):
         text += " Random-init backbones: not comparable with published numbers."
+    summary = summarize(frame)
+    if (summary[summary["metric"].isin(metrics)]["n"] < summary[summary["metric"].isin(metrics)]["of"]).any():
+        text += (
+            " (n/m seeds): the mean of the n seeds that gave a number out of the m run; the other cells failed"
+            " (their errors are in results.jsonl)."
+        )
     return text
 
 
