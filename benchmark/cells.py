@@ -96,7 +96,8 @@ def expand(protocol: Protocol, catalog: dict[str, DatasetSpec], methods=None, da
             backbone = protocol.backbone or cls.default_backbone
         if backbone is None:
             raise BenchmarkError(f"{where}: backbone: method '{m}' has no default backbone; set one")
-        image_size = raw.get("image_size", protocol.image_size)
+        # a method entry's own size, else the method's native size, else the protocol's general one
+        image_size = raw.get("image_size", cls.default_image_size or protocol.image_size)
         if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size <= 0:
             raise BenchmarkError(f"{where}: methods.{m}.image_size: expected a positive integer, got {image_size!r}")
         supported = [s for s in protocol.settings if s.name in cls.settings]

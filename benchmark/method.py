@@ -120,6 +120,11 @@ class Method:
         """Extra MLflow params (e.g. the variant run, trainable parameter count)."""
         return {}
 
+    def published_as(self) -> str:
+        """The method name of the papers' rows this configuration reproduces, or "" for a configuration no
+        paper reports (an ablation variant): tables print published numbers beside matching rows only."""
+        return self.published_name
+
     @classmethod
     def parse_params(cls, raw: dict[str, Any], where: str) -> Any:
         """Validate ``raw`` against ``cls.Params`` (a dataclass): unknown keys, wrong types, numbers that are

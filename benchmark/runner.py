@@ -288,6 +288,7 @@ def run_cell(
         "test_count": len(split.test),
         "threshold_dice": thresholds["dice"],
         "threshold_accuracy": thresholds["accuracy"],
+        "published_as": method.published_as(),
         **method.describe(),
     }
     return ev, info
@@ -393,6 +394,7 @@ def run_protocol(
                     # chosen values are in params): tables group seeds on it and match published Dice by it
                     "threshold": protocol.threshold.value if protocol.threshold.mode == "fixed" else None,
                     "variant": info.get("variant", cell.method),
+                    "published_as": info["published_as"],
                     "test_content_hash": ev.test_hash,
                     "mlflow_run_id": run_id,
                     "duration_s": round(duration, 2),

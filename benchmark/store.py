@@ -17,7 +17,7 @@ import pandas as pd
 
 from benchmark.errors import BenchmarkError
 
-RECORD_KEYS = ("method", "dataset", "setting", "shots", "seed", "backbone", "threshold", "variant")
+RECORD_KEYS = ("method", "dataset", "setting", "shots", "seed", "backbone", "threshold", "variant", "published_as")
 
 
 def strict_json(value: Any) -> Any:

@@ -9,6 +9,14 @@ Followed from the official code (``models/fc_flow.py``, ``losses/losses.py``, ``
   Linear(2d, 2d'), affine clamping 1.9, SOFTPLUS global affine, soft permutations), conditioned on a 2-D
   sin/cos positional encoding of 128 dimensions;
 - per-dimension log-likelihood ``(d ln(2 pi)^(-1/2) - |z|^2 / 2 + log|det J|) / d``;
+- defaults are the training command the official README publishes for its reported results
+  (``--focal_weighting --pos_beta 0.01 --margin_tau 0.1``), not ``config.py``'s argument defaults
+  (``pos_beta`` 0.05, focal weighting off);
+- the few real anomalous images are repeated within an epoch: the official few-shot loader
+  (``MVTecFSDataset``, ``data_strategy 0``) lists each ``reuse_times`` = 5 times; ``anomaly_repeats`` = 5
+  counts each anomalous image's feature vectors five times per epoch (the published command's
+  ``data_strategy 0,1`` loader repeats them 10 times, half of them replaced by CutPaste-style synthesis,
+  which we do not use);
 - normal boundary ``b_n``: the ``beta``-quantile (position ``int(n_normal * beta)`` of the sorted normal
   log-likelihoods of the mini-batch, divided by the normalizer 10); abnormal boundary ``b_a = b_n - tau``;
 - loss: maximum likelihood ``-log sigmoid(logp)`` on normal features, plus on mini-batches holding anomalous
@@ -138,6 +146,19 @@ def abnormal_focal_weights(logps: torch.Tensor, gamma: float = 2.0, alpha: float
     return torch.where(scaled <= -1.0, torch.ones_like(weights), weights)
 
 
+def epoch_indices(
+    normal_image: torch.Tensor, epoch: int, anomaly_repeats: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Shuffled feature-vector indices of one sub-epoch: normal images' vectors only in the first epoch, then
+    every vector once and the anomalous images' vectors ``anomaly_repeats`` times in all (the official loader)."""
+    if epoch == 0:
+        idx = normal_image.nonzero().squeeze(1)
+    else:
+        anomalous = (~normal_image).nonzero().squeeze(1)
+        idx = torch.cat([torch.arange(len(normal_image)), *[anomalous] * (anomaly_repeats - 1)])
+    return idx[torch.randperm(len(idx), generator=generator)]
+
+
 class BGADModel(nn.Module):
     """One conditional flow per feature level; ``logp`` gives per-location per-dimension log-likelihoods."""
 
@@ -167,11 +188,12 @@ class BGADParams:
     coupling_blocks: int = param(8, ge=1)
     clamp_alpha: float = param(1.9, gt=0)
     pos_embed_dim: int = param(128, ge=4)
-    pos_beta: float = param(0.05, gt=0, le=1)
+    pos_beta: float = param(0.01, gt=0, le=1)  # the README's command (config.py's default: 0.05)
     margin_tau: float = param(0.1, ge=0)
     normalizer: float = param(10.0, gt=0)
     bgspp_lambda: float = param(1.0, ge=0)
-    focal_weighting: bool = False
+    focal_weighting: bool = True  # the README's command (config.py's default: off)
+    anomaly_repeats: int = param(5, ge=1)  # the few-shot loader's reuse_times
     lr: float = param(2e-4, gt=0)
     meta_epochs: int = param(25, ge=1)
     sub_epochs: int = param(8, ge=1)
@@ -261,9 +283,7 @@ class BGAD(Method):
             chunks = []
             for _ in range(p.sub_epochs):
                 for level, (_, _, _, normal_image) in enumerate(vectors):
-                    keep = normal_image if epoch == 0 else torch.ones_like(normal_image)  # epoch 0: normal images
-                    idx = keep.nonzero().squeeze(1)
-                    idx = idx[torch.randperm(len(idx), generator=generator)]
+                    idx = epoch_indices(normal_image, epoch, p.anomaly_repeats, generator)
                     size = min(p.n_batch, len(idx))
                     chunks += [(level, idx[start : start + size]) for start in range(0, len(idx) - size + 1, size)]
             return chunks  # indices only: the rows are gathered one step at a time

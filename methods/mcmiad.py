@@ -4,7 +4,7 @@ submission, ../shared/papers/mcmiad.txt). Trained on normal images only.
 Pipeline (Sec. 3): frozen EfficientNet-B4 stages -> tokens ``X_vis`` (Eq. 1: stages resized to a common grid,
 concatenated to ``C_org`` channels, linear projection to ``D``) -> shallow cross-attention with the offline
 text embedding (Eq. 2, ``X_fused = X_vis + alpha Z``, alpha = 1) -> feature jittering during training (Eq. 3)
--> denoising decoder (self-attention, neighbourhood-masked attention, FFN; Fig. 2) -> linear map back to
+-> denoising decoder (attention, neighbourhood-masked attention, FFN; Fig. 2) -> linear map back to
 ``C_org`` -> score ``S = |F_in - F_out|^2 + (1 - cos(F_in, F_out))`` per location (Eq. 4-6), bilinear
 upsampling, image score ``0.5 max + 0.3 mean + 0.2 top-5 mean`` (Eq. 7).
 
@@ -22,16 +22,25 @@ Interpretations (the paper does not say; each is a parameter):
   ``efficientnet_b4`` (``ra2_in1k``) stages at strides 2, 4, 8, 16 (timm ``out_indices`` 0-3, UniAD's
   choice for its MoEAD-like head), resized to stride 16 (14 x 14 at 224 px), ``C_org`` = 272; the text
   encoder is OpenCLIP ViT-B/16 (``text_model``);
-- decoder: width 256, 8 heads, FFN 1024, 2 blocks, 7 x 7 neighbourhood mask, learned position embeddings,
-  post-norm blocks (UniAD's layout); the paper gives 2.97 M trainable parameters but no sizes;
-- jittering: Gaussian noise with standard deviation ``|x| / (D * 20)`` per token, probability 1 (UniAD's
-  defaults; the paper: "proportional to the feature norm", sigma and p fixed but not given);
+- decoder: UniAD's decoder layer as its official code writes it (``models/reconstructions/uniad.py``,
+  ``TransformerDecoderLayer.forward_post``): per block, learned queries attend to the decoder's input and then
+  to the previous block's output, both attentions neighbourhood-masked (UniAD's config masks both), each
+  followed by a residual on the queries and a LayerNorm, then a ReLU FFN (dropout 0.1), and a final LayerNorm
+  after the last block; weights initialised xavier-uniform (UniAD's initializer). The residual runs on the
+  queries, never on the input tokens, and the 7 x 7 neighbourhood of every query's own position is *blocked*
+  (the token itself included), so the decoder cannot copy its input. Width 256, 8 heads, FFN 1024, 2
+  blocks, learned position embeddings; the paper gives 2.97 M trainable parameters but no sizes;
+- jittering: UniAD's ``add_jitter``: Gaussian noise of standard deviation ``scale * |x| / D`` per token
+  (scale 20), with probability 1 (UniAD's defaults; the paper: "proportional to the feature norm", sigma and
+  p fixed but not given); as Eq. 3 says, it is added to the fused tokens (UniAD adds it to the backbone
+  features before the input projection);
 - training loss: mean squared error between ``F_in`` and ``F_out`` (not stated; the reconstruction objective);
 - Eq. 6 is a direct sum, Sec. 4.2 mentions lambda = 0.7 in Eq. 5: ``score_weights`` = (MSE, cosine)
   weights, (1, 1) by default as Eq. 6;
-- maps in [0, 1] (a harness contract): ``S / (S + c)``, with ``c`` the ``calibration_quantile`` of the
-  training images' location scores (1.0: their maximum, so 0.5 means "beyond every training location"); it
-  is monotone, so AUROCs are those of ``S``; Eq. 7 is applied to that map;
+- scores in [0, 1] (a harness contract): Eq. 7 is applied to the upsampled raw map ``S``, in the paper's
+  order; then maps are ``S / (S + c)`` and image scores ``s / (s + c_img)``, with ``c`` and ``c_img`` the
+  ``calibration_quantile`` of the training images' location scores and Eq. 7 scores (1.0: their maxima, so
+  0.5 means "beyond every training image"); both are monotone, so AUROCs are those of ``S`` and Eq. 7;
 - AdamW, lr 2e-4, weight decay 1e-4, gradient clipping 0.1, batch 16, 100 epochs, cosine decay (Sec. 4.2);
 - the light CLIP adaptation of App. A.1 is not implemented (off by default in the issue; the appendix does not
   give enough detail to reproduce it): the text encoder is used as loaded.
@@ -88,30 +97,47 @@ def anomaly_scores(f_in: torch.Tensor, f_out: torch.Tensor, weights=(1.0, 1.0)) 
 
 
 def neighbourhood_mask(h: int, w: int, size: int) -> torch.Tensor:
-    """Boolean ``[hw, hw]``: True where attention is *blocked* (outside the ``size x size`` neighbourhood)."""
+    """Boolean ``[hw, hw]``: True where attention is *blocked*, i.e. inside the ``size x size`` neighbourhood of
+    each query's own position, itself included (UniAD's ``generate_mask``), so no token sees its own input."""
     ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     ys, xs = ys.reshape(-1), xs.reshape(-1)
     half = size // 2
     near = ((ys[:, None] - ys[None]).abs() <= half) & ((xs[:, None] - xs[None]).abs() <= half)
-    return ~near
+    if near.all(1).any():
+        raise ValueError(
+            f"mcmiad: a {size}x{size} neighbourhood covers the whole {h}x{w} token grid for some tokens, which "
+            "would then attend to nothing; use a smaller neighbourhood or a larger image_size"
+        )
+    return near
+
+
+def jitter(x: torch.Tensor, scale: float, prob: float) -> torch.Tensor:
+    """Eq. 3 with UniAD's ``add_jitter``: with probability ``prob``, ``x + N(0, 1) * scale * |x| / D`` per token."""
+    if prob < 1.0 and torch.rand(()) >= prob:
+        return x
+    return x + torch.randn_like(x) * (x.norm(dim=-1, keepdim=True) / x.shape[-1] * scale)
 
 
 class DecoderBlock(nn.Module):
-    """Self-attention, neighbourhood-masked attention and FFN, each residual and post-normed (Fig. 2)."""
+    """UniAD's decoder layer (post-norm): learned queries attend to ``memory`` (the decoder's input), then to
+    ``out`` (the previous block's output), each attention neighbourhood-masked; then a ReLU FFN."""
 
-    def __init__(self, dim: int, heads: int, ffn: int) -> None:
+    def __init__(self, dim: int, heads: int, ffn: int, tokens: int, dropout: float = 0.1) -> None:
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
-        self.masked_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
-        self.ffn = nn.Sequential(nn.Linear(dim, ffn), nn.GELU(), nn.Linear(ffn, dim))
+        self.query = nn.Parameter(torch.randn(tokens, dim))  # UniAD: nn.Embedding(H*W, dim).weight
+        self.self_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.masked_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ffn, dim))
         self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(3))
+        self.drops = nn.ModuleList(nn.Dropout(dropout) for _ in range(3))
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        q = x + pos
-        x = self.norms[0](x + self.self_attn(q, q, x, need_weights=False)[0])
-        q = x + pos
-        x = self.norms[1](x + self.masked_attn(q, q, x, attn_mask=mask, need_weights=False)[0])
-        return self.norms[2](x + self.ffn(x))
+    def forward(self, out: torch.Tensor, memory: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q = self.query.unsqueeze(0).expand(memory.shape[0], -1, -1)
+        x = self.self_attn(q + pos, memory + pos, memory, attn_mask=mask, need_weights=False)[0]
+        x = self.norms[0](q + self.drops[0](x))
+        y = self.masked_attn(x + pos, out + pos, out, attn_mask=mask, need_weights=False)[0]
+        x = self.norms[1](x + self.drops[1](y))
+        return self.norms[2](x + self.drops[2](self.ffn(x)))
 
 
 class MCMIADHead(nn.Module):
@@ -130,17 +156,22 @@ class MCMIADHead(nn.Module):
         alpha: float = 1.0,
         jitter_scale: float = 20.0,
         jitter_prob: float = 1.0,
+        dropout: float = 0.1,
     ) -> None:
         super().__init__()
         self.grid, self.alpha = grid, alpha
         self.jitter_scale, self.jitter_prob = jitter_scale, jitter_prob
+        tokens = grid[0] * grid[1]
         self.proj_in = nn.Linear(channels, dim)
         self.text_proj = nn.Linear(text_dim, dim)  # T = e_txt W (Sec. 3.3)
         self.cross_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
-        self.pos = nn.Parameter(torch.zeros(1, grid[0] * grid[1], dim))
-        nn.init.trunc_normal_(self.pos, std=0.02)
-        self.blocks = nn.ModuleList(DecoderBlock(dim, heads, ffn) for _ in range(blocks))
+        self.pos = nn.Parameter(torch.zeros(1, tokens, dim))
+        self.blocks = nn.ModuleList(DecoderBlock(dim, heads, ffn, tokens, dropout) for _ in range(blocks))
+        self.norm = nn.LayerNorm(dim)
         self.proj_out = nn.Linear(dim, channels)
+        for weight in self.parameters():  # UniAD's initializer: xavier-uniform for every matrix
+            if weight.dim() > 1:
+                nn.init.xavier_uniform_(weight)
         self.register_buffer("mask", neighbourhood_mask(*grid, neighbourhood), persistent=False)
 
     def fuse(self, tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -149,22 +180,16 @@ class MCMIADHead(nn.Module):
         z = self.cross_attn(tokens, t, t, need_weights=False)[0]
         return tokens + self.alpha * z
 
-    def jitter(self, x: torch.Tensor) -> torch.Tensor:
-        """Eq. 3: Gaussian noise with std ``|x| / (D * scale)`` per token, applied with probability p."""
-        if torch.rand(()) >= self.jitter_prob:
-            return x
-        std = x.norm(dim=-1, keepdim=True) / (x.shape[-1] * self.jitter_scale)
-        return x + torch.randn_like(x) * std
-
     def forward(self, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """``[B, C, h, w]`` features -> reconstructed features of the same shape."""
         b, c, h, w = features.shape
-        x = self.fuse(self.proj_in(features.flatten(2).transpose(1, 2)), text)
+        memory = self.fuse(self.proj_in(features.flatten(2).transpose(1, 2)), text)
         if self.training:
-            x = self.jitter(x)
+            memory = jitter(memory, self.jitter_scale, self.jitter_prob)
+        out = memory
         for block in self.blocks:
-            x = block(x, self.pos, self.mask)
-        return self.proj_out(x).transpose(1, 2).reshape(b, c, h, w)
+            out = block(out, memory, self.pos, self.mask)
+        return self.proj_out(self.norm(out)).transpose(1, 2).reshape(b, c, h, w)
 
 
 @dataclass(frozen=True)
@@ -179,6 +204,7 @@ class MCMIADParams:
     alpha: float = 1.0
     jitter_scale: float = param(20.0, gt=0)
     jitter_prob: float = param(1.0, ge=0, le=1)
+    dropout: float = param(0.1, ge=0, le=0.9)
     use_text_fusion: bool = True
     text_model: str = "ViT-B-16"
     text_weights: str = "openai"
@@ -236,9 +262,10 @@ class MCMIAD(Method):
             params.alpha,
             params.jitter_scale,
             params.jitter_prob,
+            params.dropout,
         ).to(device)
         self.grid = grid
-        self.calibration = 1.0
+        self.calibration = (1.0, 1.0)  # c (maps) and c_img (image scores)
         self.history: list[float] = []
 
     def features(self, images: torch.Tensor, keys: tuple[str, ...]) -> torch.Tensor:
@@ -291,26 +318,31 @@ class MCMIAD(Method):
         self.calibration = self._calibrate(f_all)
 
     @torch.no_grad()
-    def _calibrate(self, features: torch.Tensor) -> float:
-        """``c``: the ``calibration_quantile`` of the training images' upsampled location scores, computed
-        batch by batch: the maximum (1.0) exactly, other quantiles on a subsample of about a million scores."""
+    def _calibrate(self, features: torch.Tensor) -> tuple[float, float]:
+        """``c`` and ``c_img``: the ``calibration_quantile`` of the training images' upsampled location scores
+        and of their Eq. 7 scores, batch by batch: the maxima (1.0) exactly, other quantiles of the location
+        scores on a subsample of about a million."""
         size = (self.context.image_size, self.context.image_size)
         stride = max(1, len(features) * size[0] * size[1] // 1_000_000)
-        peak, sample = 0.0, []
+        peak, sample, images = 0.0, [], []
         for f in features.split(self.params.batch_size):
-            scores = self.raw_scores(f.to(self.context.device), size).flatten().cpu()
+            scores = self.raw_scores(f.to(self.context.device), size)
+            images.append(image_score(scores, self.params.image_weights, self.params.top_k).cpu())
+            scores = scores.flatten().cpu()
             peak = max(peak, float(scores.max()))
             sample.append(scores[::stride])
         q = self.params.calibration_quantile
-        value = peak if q >= 1.0 else float(torch.quantile(torch.cat(sample).double(), q))
-        return max(value, 1e-12)
+        location = peak if q >= 1.0 else float(torch.quantile(torch.cat(sample).double(), q))
+        image = float(torch.quantile(torch.cat(images).double(), q))
+        return max(location, 1e-12), max(image, 1e-12)
 
     def predict(self, batch: ImageBatch) -> Prediction:
         size = tuple(batch.images.shape[-2:])
         with torch.no_grad():
             s = self.raw_scores(self.features(batch.images, batch.keys), size)
-        maps = s / (s + self.calibration)
-        return Prediction(image_score(maps, self.params.image_weights, self.params.top_k).clamp(0, 1), maps)
+        image = image_score(s, self.params.image_weights, self.params.top_k)  # Eq. 7 on the raw map
+        c_map, c_img = self.calibration
+        return Prediction(image / (image + c_img), s / (s + c_map))
 
     def head_flops(self) -> int:
         """FLOPs of one forward pass of the head on one image (torch's flop counter)."""
@@ -321,12 +353,17 @@ class MCMIAD(Method):
             self.head(f, self.text)
         return int(counter.get_total_flops())
 
+    def published_as(self) -> str:
+        """The paper's MCMIAD rows are the model with text fusion."""
+        return self.published_name if self.params.use_text_fusion else ""
+
     def describe(self) -> dict[str, object]:
         return {
             "variant": "MCMIAD" if self.params.use_text_fusion else "MCMIAD (no text fusion)",
             "trainable_params": sum(q.numel() for q in self.head.parameters()),
             "head_flops": self.head_flops(),
             "text_encoder": self.text_spec.label(),
-            "calibration": round(self.calibration, 6),
+            "calibration": round(self.calibration[0], 6),
+            "calibration_image": round(self.calibration[1], 6),
             "final_train_loss": round(self.history[-1], 6) if self.history else float("nan"),
         }

@@ -60,6 +60,9 @@ def write_protocol(tmp_path, synth_root):
         data.update(overrides)
         for key in [k for k, v in data.items() if v is None]:
             del data[key]
+        # tiny sizes everywhere: a method's native size (240 px and more) would win over the protocol's
+        size = data.get("image_size", 32)
+        data["methods"] = {m: {"image_size": size, **(raw or {})} for m, raw in data["methods"].items()}
         path = tmp_path / "protocol.yaml"
         path.write_text(yaml.safe_dump(data, sort_keys=False))
         return path

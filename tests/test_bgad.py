@@ -93,3 +93,13 @@ def test_training_lowers_loss_and_backbone_stays_frozen(catalog, synth_root):
     pred = method.predict(ImageBatch(batch.images, batch.keys))
     assert pred.maps.shape == (4, 64, 64) and pred.maps.min() >= 0 and pred.maps.max() <= 1
     assert len(method.reference) == 3
+
+
+def test_anomalous_images_are_repeated_within_an_epoch():
+    from methods.bgad import epoch_indices
+
+    normal_image = torch.tensor([True] * 6 + [False] * 2)
+    g = torch.Generator().manual_seed(0)
+    assert sorted(epoch_indices(normal_image, 0, 5, g).tolist()) == list(range(6))  # first epoch: normal only
+    later = epoch_indices(normal_image, 1, 5, g).tolist()
+    assert sorted(later) == list(range(6)) + [6] * 5 + [7] * 5

@@ -30,7 +30,7 @@ def _method(catalog, **kw) -> MCMIAD:
 
 def test_single_text_key_cross_attention_adds_one_vector_to_every_token():
     torch.manual_seed(0)
-    head = MCMIADHead(channels=12, grid=(3, 3), text_dim=8, dim=16, heads=4, ffn=32, blocks=1, neighbourhood=3)
+    head = MCMIADHead(channels=12, grid=(3, 3), text_dim=8, dim=16, heads=4, ffn=32, blocks=1, neighbourhood=1)
     tokens = torch.randn(2, 9, 16)
     text = torch.randn(8)
     added = head.fuse(tokens, text) - tokens
@@ -52,11 +52,41 @@ def test_perfect_reconstruction_scores_zero_and_image_score_formula():
     assert image_score(known).item() == pytest.approx(expected)
 
 
-def test_neighbourhood_mask_blocks_far_tokens():
+def test_neighbourhood_mask_blocks_each_tokens_own_window():
     mask = neighbourhood_mask(4, 4, 3)
     assert mask.shape == (16, 16)
-    assert (~mask[0]).sum() == 4 and (~mask[5]).sum() == 9  # corner sees 2x2, inner token 3x3
-    assert not mask.diagonal().any()
+    assert mask[0].sum() == 4 and mask[5].sum() == 9  # corner: its 2x2 window blocked, inner token: 3x3
+    assert mask.diagonal().all()  # no token sees itself
+    with pytest.raises(ValueError, match="covers the whole 3x3 token grid"):
+        neighbourhood_mask(3, 3, 3)
+
+
+def test_a_decoder_token_cannot_see_its_own_window():
+    """Changing the input inside a token's 3x3 window leaves that token's reconstruction unchanged; changing
+    it outside does not (UniAD's neighbour mask, in both attentions of every block)."""
+    torch.manual_seed(0)
+    head = MCMIADHead(channels=6, grid=(5, 5), text_dim=4, dim=16, heads=2, ffn=16, blocks=1, neighbourhood=3).eval()
+    text = torch.randn(4)
+    features = torch.randn(1, 6, 5, 5)
+    base = head(features, text)
+    inside, outside = features.clone(), features.clone()
+    inside[0, :, 1:4, 1:4] += 3.0  # the 3x3 window of token (2, 2)
+    outside[0, :, 4, 4] += 3.0
+    assert torch.allclose(head(inside, text)[0, :, 2, 2], base[0, :, 2, 2], atol=1e-6)
+    assert not torch.allclose(head(outside, text)[0, :, 2, 2], base[0, :, 2, 2], atol=1e-3)
+
+
+def test_jitter_follows_uniads_formula():
+    """UniAD: noise std = scale * |x| / D per token, about 121 % of a 256-d feature's per-element signal."""
+    from methods.mcmiad import jitter
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 1000, 256) * 3.0
+    noise = jitter(x, 20.0, 1.0) - x
+    signal = x.norm(dim=-1) / 256**0.5  # per-element root mean square of each token
+    ratio = (noise.std(dim=-1) / signal).mean()
+    assert ratio.item() == pytest.approx(20.0 / 256**0.5, rel=0.02)
+    assert torch.equal(jitter(x, 20.0, 0.0), x)
 
 
 def test_text_fusion_switch_keeps_parameter_count(catalog):
@@ -79,3 +109,9 @@ def test_training_lowers_loss_and_backbone_stays_frozen(catalog, synth_root):
     batch = train.subset(train.samples[:2]).load()
     pred = method.predict(ImageBatch(batch.images, batch.keys))
     assert pred.maps.shape == (2, 64, 64) and pred.maps.max() <= 0.5 + 1e-6  # training images: within calibration
+    # Eq. 7 on the raw score map, then calibrated (the paper's order), not Eq. 7 on the calibrated map
+    with torch.no_grad():
+        raw = method.raw_scores(method.features(batch.images, batch.keys), (64, 64))
+    eq7 = image_score(raw)
+    torch.testing.assert_close(pred.image_scores, eq7 / (eq7 + method.calibration[1]))
+    assert not torch.allclose(pred.image_scores, image_score(pred.maps), atol=1e-4)

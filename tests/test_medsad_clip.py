@@ -52,10 +52,9 @@ def test_switches_remove_exactly_their_parameters(catalog):
     assert _count(full) - _count(no_prompt) == 2 * 10 * text_width + 10 * hidden * 9  # tokens + decoder inputs
     assert _count(_method(catalog, use_mc_loss=False)) == _count(full)
     assert _count(_method(catalog, n_prompt_tokens=20)) - _count(full) == 2 * 10 * text_width + 10 * hidden * 9
-    assert (
-        _method(catalog, use_learnable_prompt=False, use_tpca=False, use_mc_loss=False).describe()["variant"]
-        == "CLIP-adapt"
-    )
+    switched_off = _method(catalog, use_learnable_prompt=False, use_tpca=False, use_mc_loss=False)
+    assert switched_off.describe()["variant"] == "MedSAD-CLIP (prompt=off, TPCA=off, MC=off)"
+    assert switched_off.published_as() == "" and full.published_as() == "MedSAD-CLIP"  # not the paper's CLIP-adapt
 
 
 def test_short_training_lowers_the_loss(catalog, synth_root):

@@ -137,3 +137,52 @@ def test_shipped_protocols_are_valid(catalog):
     assert len(shipped) >= 8
     for path in shipped:
         assert expand(load_protocol(path), catalog)
+
+
+def test_image_size_precedence_entry_then_method_default_then_protocol(tmp_path, catalog):
+    """A method entry's image_size wins, else the method's native size, else the protocol's general size."""
+    import yaml
+
+    from benchmark.method import METHODS, Method
+
+    @METHODS.register("sizeless_plugin")
+    class Sizeless(Method):
+        name = "sizeless_plugin"
+        settings = frozenset({"few_shot"})
+
+    path = tmp_path / "sizes.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "version": 1,
+                "name": "sizes",
+                "datasets": ["BrainMRI"],
+                "settings": [{"name": "few_shot", "shots": [2]}],
+                "image_size": 320,
+                "backbone": {"model": "tiny-vit", "weights": "random-init"},
+                "methods": {
+                    "winclip": {},
+                    "mvfa": {},
+                    "bgad": {},
+                    "medsad_clip": {},
+                    "small_bgad": {"method": "bgad", "image_size": 128},
+                    "sizeless_plugin": {},
+                },
+            }
+        )
+    )
+    sizes = {c.method: c.image_size for c in expand(load_protocol(path), catalog)}
+    assert sizes == {"winclip": 240, "mvfa": 240, "bgad": 256, "medsad_clip": 240, "small_bgad": 128,
+                     "sizeless_plugin": 320}  # fmt: skip
+    mcmiad = load_protocol(Path(__file__).resolve().parents[1] / "protocols" / "full_normal.yaml")
+    assert {c.image_size for c in expand(mcmiad, catalog) if c.method == "mcmiad"} == {224}
+
+
+def test_paper_protocols_run_bgad_with_the_published_command(catalog):
+    """The official README's training command: --focal_weighting --pos_beta 0.01 --margin_tau 0.1, at 256 px."""
+    shipped = sorted(Path(__file__).resolve().parents[1].glob("protocols/*.yaml"))
+    cells = [c for p in shipped if p.stem != "demo" for c in expand(load_protocol(p), catalog) if c.method == "bgad"]
+    assert len(cells) > 20
+    for cell in cells:
+        assert cell.params["pos_beta"] == 0.01 and cell.params["focal_weighting"] is True
+        assert cell.params["margin_tau"] == 0.1 and cell.params["anomaly_repeats"] == 5 and cell.image_size == 256

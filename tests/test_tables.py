@@ -141,3 +141,24 @@ def test_published_dice_matches_only_the_same_fixed_threshold():
         96.34,
         "medsad-clip Table 2",
     )
+
+
+def test_published_numbers_sit_only_beside_the_configuration_the_paper_reports(tmp_path):
+    """An ablation alias of MedSAD-CLIP is not the paper's MedSAD-CLIP (nor its Table 3 'CLIP-adapt', which
+    repeats its MVFA numbers): only the full model's row gets the published number."""
+    store = ResultStore(tmp_path, "abl")
+    for method, variant, published_as in (
+        ("medsad_clip", "MedSAD-CLIP", "MedSAD-CLIP"),
+        ("clip_adapt", "MedSAD-CLIP (prompt=off, TPCA=off, MC=off)", ""),
+    ):
+        store.append(
+            {
+                "config_hash": method, "status": "finished", "method": method, "plugin": "medsad_clip",
+                "variant": variant, "published_as": published_as, "setting": "supervised", "shots": None,
+                "seed": 0, "dataset": "Brain", "backbone": "bb", "threshold": 0.5, "metrics": {"dice": 0.8},
+            }
+        )  # fmt: skip
+    lines = render_markdown(store.frame(), ("dice",), "cap", published=True).splitlines()
+    published = [i for i, line in enumerate(lines) if "published (medsad-clip Table 2)" in line]
+    assert len(published) == 1 and "89.47" in lines[published[0]]
+    assert "MedSAD-CLIP (supervised)" in lines[published[0] - 1]

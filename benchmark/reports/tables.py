@@ -35,11 +35,14 @@ SETTING_NAMES = {
 }
 
 
-ROW_KEYS = ["method", "plugin", "variant", "setting", "shots", "backbone", "threshold"]  # one table row each
+ROW_KEYS = ["method", "plugin", "variant", "published_as", "setting", "shots", "backbone", "threshold"]  # a row each
 
 
-def published_name(plugin: str) -> str:
-    """The name a registered method has in the papers' tables (its own name when not registered)."""
+def published_name(plugin: str, published_as: str | None = None) -> str:
+    """The name under which the papers print a row's numbers: the record's ``published_as`` ("" for a variant
+    no paper reports); for records written before it existed, the registered method's published name."""
+    if isinstance(published_as, str):
+        return published_as
     return METHODS.get(plugin).published_name if plugin in METHODS else plugin
 
 
@@ -89,7 +92,9 @@ def build(frame: pd.DataFrame, metrics: tuple[str, ...], published: bool = False
         table_rows.append((label, values, True))
         if pub is None:
             continue
-        name = published_name(key["plugin"])
+        name = published_name(key["plugin"], key["published_as"])
+        if not name:
+            continue
         found, delta, sources = {}, {}, set()
         for d, m in columns:
             hit = lookup(pub, name, key["setting"], int(key["shots"]), d, m, key["threshold"])
@@ -197,7 +202,7 @@ def render_csv(frame: pd.DataFrame, published: bool = False) -> str:
         for _, r in summary.iterrows():
             hit = lookup(
                 pub,
-                published_name(r["plugin"]),
+                published_name(r["plugin"], r["published_as"]),
                 r["setting"],
                 int(r["shots"]),
                 r["dataset"],
