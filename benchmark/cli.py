@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import time
 from pathlib import Path
 
-from benchmark.errors import BenchmarkError
+from benchmark.errors import BenchmarkError, Interrupted
 
 PROTOCOLS_DIR = Path(__file__).resolve().parents[1] / "protocols"
 
@@ -61,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     fetch.add_argument("model")
     fetch.add_argument("tag")
+    sync = sub.add_parser("sync", help="bring MLflow up to date with a protocol's local records")
+    sync.add_argument("protocol")
+    sync.add_argument("--results-dir", help="overrides the protocol's results_dir")
     return p
 
 
@@ -97,14 +102,47 @@ def _cmd_run(args) -> int:
         f"finished {len(summary.finished)}, skipped {len(summary.skipped)}, failed {len(summary.failed)}; "
         f"results in {Path(protocol.results_dir) / protocol.name}"
     )
+    if summary.mlflow_behind:
+        print(f"MLflow is behind the local records ({summary.mlflow_behind}); catch it up with: "
+              f"python -m benchmark sync {args.protocol}")  # fmt: skip
     if summary.failed:
         return 2 if summary.bad_input else 1
     return 0
 
 
+def _cmd_sync(args) -> int:
+    """Bring MLflow up to date with ``results.jsonl`` (after MLflow was down, or a run was killed)."""
+    import dataclasses
+
+    from benchmark.protocol import load_protocol
+    from benchmark.recording import Recorder
+    from benchmark.store import ResultStore
+    from benchmark.tracking import Tracker, check_server, tracking_uri
+
+    protocol = load_protocol(args.protocol)
+    if args.results_dir:
+        protocol = dataclasses.replace(protocol, results_dir=args.results_dir)
+    uri = tracking_uri(protocol)
+    problem = check_server(uri)
+    if problem:
+        raise BenchmarkError(problem)
+    store = ResultStore(protocol.results_dir, protocol.name)
+    tracker = Tracker(
+        uri, protocol.name, Path(protocol.results_dir) / "mlartifacts" / protocol.name, protocol.description
+    )
+    parent = tracker.start(f"{protocol.name}-sync-{time.strftime('%Y%m%d-%H%M%S')}", {"sync": "true"})
+    done = Recorder(store, tracker, parent).reconcile()
+    tracker.end(parent, "FINISHED")
+    if tracker.behind:
+        raise BenchmarkError(f"MLflow at '{uri}' failed during the sync ({tracker.behind})")
+    print(f"MLflow at '{uri}' is up to date with {store.path}: " + (
+        ", ".join(f"{n} runs {what}" for what, n in done.items()) or "nothing to do"))  # fmt: skip
+    return 0
+
+
 def _dry_run(protocol, catalog, cells, root: Path) -> int:
     from benchmark.errors import PreflightError
-    from benchmark.runner import check_splits, prepare_synthetic
+    from benchmark.preflight import check_splits, prepare_synthetic
 
     prepare_synthetic(protocol, catalog, root)
     splits, problems = check_splits(protocol, catalog, cells, root)
@@ -201,17 +239,30 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = {
         "run": _cmd_run,
+        "sync": _cmd_sync,
         "tables": _cmd_tables,
         "list": _cmd_list,
         "synth": _cmd_synth,
         "fetch-weights": _cmd_fetch,
     }[args.command]
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return handler(args)
     except BenchmarkError as exc:
         for line in str(exc).splitlines():
             print(f"error: {line}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Interrupted) as exc:
+        name, code = ("SIGTERM", Interrupted.exit_code) if isinstance(exc, Interrupted) else ("SIGINT", 130)
+        print(
+            f"interrupted ({name}): finished cells are recorded, running ones are not; run the same command "
+            "with --resume to go on",
+            file=sys.stderr,
+        )
+        return code
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(_signum, _frame) -> None:
+    raise Interrupted()

@@ -6,8 +6,10 @@ import platform
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 PACKAGES = ("torch", "torchvision", "open_clip_torch", "timm", "numpy", "scikit-learn", "mlflow", "pandas")
 
@@ -28,19 +30,22 @@ def git_commit() -> str:
     return commit + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def describe(device: torch.device) -> dict[str, str]:
-    info = {
-        "git_commit": git_commit(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "device": str(device),
-        "cuda": torch.version.cuda or "none",
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
+def base() -> dict[str, str]:
+    """Commit, Python, platform and package versions, without importing torch (the driver's environment)."""
+    info = {"git_commit": git_commit(), "python": platform.python_version(), "platform": platform.platform()}
     for name in PACKAGES:
         try:
             info[f"pkg_{name}"] = version(name)
         except PackageNotFoundError:
             info[f"pkg_{name}"] = "absent"
+    return info
+
+
+def describe(device: torch.device) -> dict[str, str]:
+    """The environment a cell ran in: ``base()`` and the device (the worker's, where workers run cells)."""
+    import torch
+
+    info = {**base(), "device": str(device), "cuda": torch.version.cuda or "none"}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
     return info

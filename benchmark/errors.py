@@ -15,3 +15,9 @@ class PreflightError(BenchmarkError):
     def __init__(self, problems: list[str]) -> None:
         self.problems = list(dict.fromkeys(problems))
         super().__init__("\n".join(self.problems))
+
+
+class Interrupted(BaseException):
+    """The process was asked to stop (SIGTERM, as a cluster scheduler sends); raised like KeyboardInterrupt."""
+
+    exit_code = 143

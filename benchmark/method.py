@@ -1,5 +1,9 @@
 """The method contract: a class registered by name, declaring the settings it supports.
 
+A plugin module of ``methods/`` declares the class (settings, ``Params``, defaults) without importing
+torch; its ``implementation`` names the subclass in ``methods/models/`` that holds ``fit``/``predict`` and
+the ``nn.Module`` maths, imported only when a cell runs.
+
 ``fit(train)`` sees the training samples the cell's setting allows (with labels and masks);
 ``predict(batch)`` sees test images and their content hashes only, never a label, and returns image
 scores ``[B]`` and anomaly maps ``[B,H,W]`` in [0,1] at the input resolution. Model maths lives in plain
@@ -10,20 +14,23 @@ module of ``methods/``; out-of-tree ones with an entry point in the ``medad_benc
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-
-from benchmark.backbones.cache import FeatureCache
 from benchmark.data.catalog import DatasetSpec
 from benchmark.data.layout import Sample
-from benchmark.data.loading import ImageBatch, LabelledBatch, iterate_batches, load_batch
 from benchmark.errors import BenchmarkError
 from benchmark.protocol import BackboneSpec
 from benchmark.registry import Registry
+
+if TYPE_CHECKING:  # declaring, listing and validating methods never imports torch
+    import torch
+
+    from benchmark.backbones.cache import FeatureCache
+    from benchmark.data.loading import ImageBatch, LabelledBatch
 
 HARNESS_KEYS = ("method", "backbone", "image_size")  # per-method protocol keys the harness reads
 
@@ -66,10 +73,16 @@ class TrainSet:
         return tuple(s for s in self.samples if s.label)
 
     def load(self, samples: tuple[Sample, ...] | None = None) -> LabelledBatch:
+        from benchmark.data.loading import load_batch
+
         return load_batch(self.samples if samples is None else samples, self.image_size)
 
     def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[LabelledBatch]:
         """Batches in a shuffled order when ``generator`` is given, else in sample order."""
+        import torch
+
+        from benchmark.data.loading import iterate_batches
+
         order = list(range(len(self.samples)))
         if generator is not None:
             order = torch.randperm(len(order), generator=generator).tolist()
@@ -105,6 +118,17 @@ class Method:
     Params: ClassVar[type] = NoParams
     default_backbone: ClassVar[BackboneSpec | None] = None
     default_image_size: ClassVar[int | None] = None
+    implementation: ClassVar[str] = ""  # "module:Class" that fits and predicts; empty: this class itself
+
+    @classmethod
+    def build(cls, params: Any, context: MethodContext) -> Method:
+        """An instance ready to fit: the class named by ``implementation``, imported only now (so declaring,
+        listing and validating methods imports no torch), else this class itself."""
+        impl: type[Method] = cls
+        if cls.implementation:
+            module, _, attr = cls.implementation.partition(":")
+            impl = getattr(importlib.import_module(module), attr)
+        return impl(params, context)
 
     def __init__(self, params: Any, context: MethodContext) -> None:
         self.params = params

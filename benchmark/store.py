@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas
 
-from benchmark.errors import BenchmarkError
 
 RECORD_KEYS = ("method", "dataset", "setting", "shots", "seed", "backbone", "threshold", "variant", "published_as")
 
@@ -37,15 +38,22 @@ class ResultStore:
         self.path = self.dir / "results.jsonl"
 
     def records(self) -> list[dict[str, Any]]:
+        """Every readable line; a line cut short by an interrupted write is reported on stderr and skipped."""
         if not self.path.is_file():
             return []
         out = []
         for i, line in enumerate(self.path.read_text(encoding="utf-8").splitlines()):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise BenchmarkError(f"{self.path}: line {i + 1} is not valid JSON") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if not isinstance(record, dict) or "config_hash" not in record or "status" not in record:
+                print(f"warning: {self.path}: line {i + 1} is not a whole record (a write cut short?); ignored",
+                      file=sys.stderr)  # fmt: skip
+                continue
+            out.append(record)
         return out
 
     def latest(self) -> dict[str, dict[str, Any]]:
@@ -58,13 +66,20 @@ class ResultStore:
         return {h for h, rec in self.latest().items() if rec["status"] == "finished"}
 
     def append(self, record: dict[str, Any]) -> None:
+        """Add one line, whole: a line left torn by an earlier interrupted write is closed first, so that it
+        never swallows this record."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(strict_json(record), default=str, allow_nan=False) + "\n")
+        line = json.dumps(strict_json(record), default=str, allow_nan=False) + "\n"
+        with self.path.open("a+b") as fh:
+            if fh.tell() > 0:
+                fh.seek(-1, os.SEEK_END)
+                if fh.read(1) != b"\n":
+                    line = "\n" + line
+            fh.write(line.encode("utf-8"))
             fh.flush()
             os.fsync(fh.fileno())
 
-    def frame(self) -> pd.DataFrame:
+    def frame(self) -> pandas.DataFrame:
         """Cells as one long table: one row per finished cell and metric, and one row with no metric for
         each failed cell (so that tables can say how many seeds make a mean)."""
         rows = []
@@ -75,6 +90,8 @@ class ResultStore:
                 continue
             for metric, value in rec["metrics"].items():
                 rows.append({**base, "status": "finished", "metric": metric, "value": value})
+        import pandas as pd
+
         columns = [*RECORD_KEYS[:1], "plugin", *RECORD_KEYS[1:], "status", "metric", "value"]
         frame = pd.DataFrame(rows, columns=columns)
         return frame.astype({"value": "float64"})

@@ -1,17 +1,29 @@
-"""MLflow logging: one experiment per protocol, a parent run per invocation, a child run per cell.
+"""MLflow logging, by the driver process only: one experiment per protocol, a parent run per invocation, a
+child run per cell.
 
 The store defaults to ``sqlite:///<results_dir>/mlflow.db`` with artifacts under ``<results_dir>/mlartifacts``;
-a protocol's ``tracking.uri`` or the ``MLFLOW_TRACKING_URI`` variable overrides it.
+a protocol's ``tracking.uri`` or the ``MLFLOW_TRACKING_URI`` variable overrides it. With an ``http(s)`` URI
+(a lab's tracking server) the experiment keeps the server's artifact store, so artifacts travel through the
+server. The local records come first: when an MLflow call fails, the tracker says so once, skips every
+later call of the run, and MLflow is *behind* until ``--resume`` or ``sync`` catches it up.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from benchmark.protocol import Protocol
+
+# bounded HTTP retries for a tracking server (MLflow's defaults retry for minutes); a user's values win
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+DRIVER_TAG = "medad.driver"  # host:pid of the invocation that started a run (to find runs of dead drivers)
 
 
 def tracking_uri(protocol: Protocol) -> str:
@@ -22,52 +34,177 @@ def tracking_uri(protocol: Protocol) -> str:
     return "sqlite:///" + str((Path(protocol.results_dir) / "mlflow.db").resolve())
 
 
+def is_remote(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def driver_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def driver_is_dead(driver: str) -> bool:
+    """True when ``driver`` (host:pid) ran on this host and its process is gone; runs of other hosts are
+    never judged."""
+    host, _, pid = driver.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
+
+
+@contextmanager
+def _environ(**values: str):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def check_server(uri: str, timeout_s: int = 5) -> str | None:
+    """Why the tracking server at ``uri`` cannot be used (unreachable, refusing, bad credentials), asked once
+    with a short timeout and no retries; None when it answers. Local stores are checked as folders."""
+    if not is_remote(uri):
+        return None
+    from mlflow.tracking import MlflowClient
+
+    _quiet()
+    with _environ(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(timeout_s)):
+        try:
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        except Exception as exc:
+            return f"tracking server '{uri}' cannot be used ({_reason(exc)})"
+    return None
+
+
+def _quiet() -> None:
+    for name in ("alembic", "mlflow", "urllib3"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 class Tracker:
-    def __init__(self, uri: str, experiment: str, artifact_dir: Path) -> None:
+    """MLflow calls that never raise: the first failure is reported in one line and later calls are skipped."""
+
+    def __init__(self, uri: str, experiment: str, artifact_dir: Path, description: str = "") -> None:
+        for key, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        _quiet()
+        self.uri = uri
+        self.behind: str | None = None
+        self.experiment_id: str | None = None
+        self.client = None
+        self._call(self._open, experiment, artifact_dir, description)
+
+    def _open(self, experiment: str, artifact_dir: Path, description: str) -> None:
+        from filelock import FileLock
         from mlflow.tracking import MlflowClient
 
-        for name in ("alembic", "mlflow"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+        lock = None
+        if self.uri.startswith("sqlite:///"):
+            db = Path(self.uri.removeprefix("sqlite:///"))
+            db.parent.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(str(db) + ".lock")  # two first runs must not both create the schema
+        with lock or _nothing():
+            self.client = MlflowClient(tracking_uri=self.uri)
+            found = self.client.get_experiment_by_name(experiment)
+            if found is None:
+                location = None
+                if not is_remote(self.uri):
+                    artifact_dir.mkdir(parents=True, exist_ok=True)
+                    location = artifact_dir.resolve().as_uri()
+                tags = {"mlflow.note.content": description} if description else None
+                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location, tags=tags)
+            else:
+                self.experiment_id = found.experiment_id
 
-        if uri.startswith("sqlite:///"):
-            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.client = MlflowClient(tracking_uri=uri)
-        found = self.client.get_experiment_by_name(experiment)
-        if found is None:
-            artifact_dir.mkdir(parents=True, exist_ok=True)
-            self.experiment_id = self.client.create_experiment(
-                experiment, artifact_location=artifact_dir.resolve().as_uri()
+    def _call(self, fn, *args, even_if_behind: bool = False, **kwargs) -> Any:
+        if self.behind is not None and not even_if_behind:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if self.behind is not None:
+                return None
+            self.behind = _reason(exc)
+            print(
+                f"warning: MLflow at '{self.uri}' failed ({self.behind}); results go on being recorded in "
+                "results.jsonl, and MLflow catches up with `--resume` or `python -m benchmark sync`",
+                file=sys.stderr,
             )
-        else:
-            self.experiment_id = found.experiment_id
+            return None
 
-    def start(self, name: str, tags: dict[str, str], parent: str | None = None) -> str:
-        tags = {**tags, "mlflow.runName": name}
+    def start(self, name: str, tags: dict[str, str], parent: str | None = None) -> str | None:
+        tags = {**tags, "mlflow.runName": name, DRIVER_TAG: driver_id()}
         if parent:
             tags["mlflow.parentRunId"] = parent
-        return self.client.create_run(self.experiment_id, tags=tags, run_name=name).info.run_id
+        run = self._call(lambda: self.client.create_run(self.experiment_id, tags=tags, run_name=name))
+        return run.info.run_id if run is not None else None
 
     def log(
         self,
-        run_id: str,
+        run_id: str | None,
         params: dict[str, Any] | None = None,
         metrics: dict[str, float] | None = None,
         tags: dict[str, Any] | None = None,
     ) -> None:
+        if run_id is None:
+            return
         from mlflow.entities import Metric, Param, RunTag
 
-        self.client.log_batch(
+        now = int(time.time() * 1000)
+        self._call(
+            self.client.log_batch,
             run_id,
-            metrics=[Metric(k, float(v), 0, 0) for k, v in (metrics or {}).items()],
+            metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()],
             params=[Param(k, str(v)[:6000]) for k, v in (params or {}).items()],
             tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
         )
 
-    def log_dict(self, run_id: str, data: dict, name: str) -> None:
-        self.client.log_dict(run_id, data, name)
+    def log_dict(self, run_id: str | None, data: dict, name: str) -> None:
+        if run_id is not None:
+            self._call(self.client.log_dict, run_id, data, name)
 
-    def log_artifact(self, run_id: str, path: Path) -> None:
-        self.client.log_artifact(run_id, str(path))
+    def log_artifact(self, run_id: str | None, path: Path) -> None:
+        if run_id is not None:
+            self._call(self.client.log_artifact, run_id, str(path))
 
-    def end(self, run_id: str, ok: bool) -> None:
-        self.client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+    def end(self, run_id: str | None, status: str, even_if_behind: bool = False) -> None:
+        """``status``: FINISHED, FAILED or KILLED; a parent run is ended even after a failure (one more try)."""
+        if run_id is not None and self.client is not None:
+            self._call(self.client.set_terminated, run_id, status=status, even_if_behind=even_if_behind)
+
+    def runs(self) -> list:
+        """Every run of the experiment (for reconciling with the local records)."""
+        if self.experiment_id is None:
+            return []
+
+        def every_page() -> list:
+            runs, token = [], None
+            while True:
+                page = self.client.search_runs([self.experiment_id], max_results=1000, page_token=token)
+                runs += list(page)
+                token = page.token
+                if not token:
+                    return runs
+
+        return self._call(every_page) or []
+
+
+@contextmanager
+def _nothing():
+    yield

@@ -9,7 +9,7 @@ from benchmark.data.loading import ImageBatch
 from benchmark.data.splits import make_split
 from benchmark.method import MethodContext, TrainSet
 from benchmark.protocol import BackboneSpec
-from methods.bgad import (
+from methods.models.bgad import (
     BGAD,
     BGADParams,
     bgspp_loss,
@@ -81,7 +81,7 @@ def test_training_lowers_loss_and_backbone_stays_frozen(catalog, synth_root):
         progress=False,
     )
     context = MethodContext(catalog["SynthBrain"], "few_shot", 2, 0, 64, torch.device("cpu"), CNN, FeatureCache(None))
-    method = BGAD(params, context)
+    method = BGAD.build(params, context)
     before = {k: v.clone() for k, v in method.backbone.state_dict().items()}
     split = make_split(synth_root, catalog, "SynthBrain", "few_shot", 2, 0)
     train = TrainSet(split.train, "few_shot", 2, 64, {"SynthBrain": catalog["SynthBrain"]}, split.valid)
@@ -96,7 +96,7 @@ def test_training_lowers_loss_and_backbone_stays_frozen(catalog, synth_root):
 
 
 def test_anomalous_images_are_repeated_within_an_epoch():
-    from methods.bgad import epoch_indices
+    from methods.models.bgad import epoch_indices
 
     normal_image = torch.tensor([True] * 6 + [False] * 2)
     g = torch.Generator().manual_seed(0)

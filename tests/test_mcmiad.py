@@ -6,7 +6,7 @@ from benchmark.data.loading import ImageBatch
 from benchmark.data.splits import make_split
 from benchmark.method import MethodContext, TrainSet
 from benchmark.protocol import BackboneSpec
-from methods.mcmiad import MCMIAD, MCMIADHead, MCMIADParams, anomaly_scores, image_score, neighbourhood_mask
+from methods.models.mcmiad import MCMIAD, MCMIADHead, MCMIADParams, anomaly_scores, image_score, neighbourhood_mask
 
 CNN = BackboneSpec("mobilenetv3_small_050", "random-init", 0)
 
@@ -25,7 +25,7 @@ def _method(catalog, **kw) -> MCMIAD:
     context = MethodContext(
         catalog["SynthLiver"], "full_normal", None, 0, 64, torch.device("cpu"), CNN, FeatureCache(None)
     )
-    return MCMIAD(params, context)
+    return MCMIAD.build(params, context)
 
 
 def test_single_text_key_cross_attention_adds_one_vector_to_every_token():
@@ -78,7 +78,7 @@ def test_a_decoder_token_cannot_see_its_own_window():
 
 def test_jitter_follows_uniads_formula():
     """UniAD: noise std = scale * |x| / D per token, about 121 % of a 256-d feature's per-element signal."""
-    from methods.mcmiad import jitter
+    from methods.models.mcmiad import jitter
 
     torch.manual_seed(0)
     x = torch.randn(4, 1000, 256) * 3.0

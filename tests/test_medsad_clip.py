@@ -6,7 +6,7 @@ from benchmark.backbones.clip import load_clip
 from benchmark.data.splits import make_split
 from benchmark.method import MethodContext, TrainSet
 from benchmark.protocol import BackboneSpec
-from methods.medsad_clip import MedSADCLIP, MedSADParams, TokenPatchCrossAttention, mc_loss
+from methods.models.medsad_clip import MedSADCLIP, MedSADParams, TokenPatchCrossAttention, mc_loss
 
 TINY = BackboneSpec("tiny-vit", "random-init", 0)
 
@@ -16,7 +16,7 @@ def _method(catalog, **kw) -> MedSADCLIP:
     context = MethodContext(
         catalog["SynthBrain"], "supervised", None, 0, 32, torch.device("cpu"), TINY, FeatureCache(None)
     )
-    return MedSADCLIP(params, context)
+    return MedSADCLIP.build(params, context)
 
 
 def _count(method: MedSADCLIP) -> int:

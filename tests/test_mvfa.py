@@ -9,14 +9,14 @@ from benchmark.data.loading import ImageBatch
 from benchmark.data.splits import make_split
 from benchmark.method import MethodContext, TrainSet
 from benchmark.protocol import BackboneSpec
-from methods.mvfa import MVFA, MVFAModel, MVFAParams, augment, dice_loss, focal_loss
+from methods.models.mvfa import MVFA, MVFAModel, MVFAParams, augment, dice_loss, focal_loss
 
 TINY = BackboneSpec("tiny-vit", "random-init", 0)
 
 
 def _method(catalog, setting="few_shot", mode="official", epochs=2, **kw) -> MVFA:
     context = MethodContext(catalog["SynthBrain"], setting, 2, 0, 32, torch.device("cpu"), TINY, FeatureCache(None))
-    return MVFA(MVFAParams(mode=mode, layers=(1, 2, 3, 4), epochs=epochs, progress=False, **kw), context)
+    return MVFA.build(MVFAParams(mode=mode, layers=(1, 2, 3, 4), epochs=epochs, progress=False, **kw), context)
 
 
 def _train(catalog, root, setting="few_shot", shots=2) -> TrainSet:

@@ -2,7 +2,7 @@ import torch
 
 from benchmark.backbones.clip import load_clip
 from benchmark.protocol import BackboneSpec
-from methods.winclip import (
+from methods.models.winclip import (
     WinClipModel,
     harmonic_aggregation,
     prompt_ensemble,

@@ -1,8 +1,10 @@
 """On-disk cache of frozen features, one file per image and recipe.
 
 A recipe names everything the features depend on (backbone, weights, image size, layers, what is
-computed); its hash is the folder, and the image file's content hash is the file name. Writes are atomic,
-so an interrupted run never leaves a half-written entry.
+computed); its hash is the folder, and the image file's content hash is the file name. Writes are atomic
+(a file of the writer's own, then a rename), so concurrent writers of one key and interrupted runs never
+leave a half-written entry; an entry that cannot be read all the same (a disk that filled up, a copy cut
+short) is reported in one line, removed and computed again.
 """
 
 from __future__ import annotations
@@ -10,12 +12,24 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 Features = dict[str | int, torch.Tensor]
+
+
+def _atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """``write`` to a file of this process and thread, then rename it over ``path`` (atomic on POSIX)."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class FeatureCache:
@@ -34,6 +48,24 @@ class FeatureCache:
         assert self.root is not None
         return self.root / ns / key[:2] / f"{key}.pt"
 
+    @staticmethod
+    def _read(path: Path) -> Features | None:
+        """The entry at ``path``; None when absent, or when unreadable (then removed, with one warning line)."""
+        if not path.is_file():
+            return None
+        try:
+            entry = torch.load(path, map_location="cpu")
+            if not isinstance(entry, dict) or not all(isinstance(v, torch.Tensor) for v in entry.values()):
+                raise ValueError("not a mapping of tensors")
+            return entry
+        except Exception as exc:
+            print(
+                f"warning: feature cache entry '{path}' is corrupt ({type(exc).__name__}); removed and recomputed",
+                file=sys.stderr,
+            )
+            path.unlink(missing_ok=True)
+            return None
+
     def cached(
         self, recipe: dict, keys: Sequence[str], images: torch.Tensor, compute: Callable[[torch.Tensor], Features]
     ) -> Features:
@@ -42,10 +74,7 @@ class FeatureCache:
             self.misses += len(keys)
             return compute(images)
         ns = self.namespace(recipe)
-        found: list[Features | None] = []
-        for key in keys:
-            path = self._path(ns, key)
-            found.append(torch.load(path, map_location="cpu") if path.is_file() else None)
+        found = [self._read(self._path(ns, key)) for key in keys]
         missing = [i for i, f in enumerate(found) if f is None]
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
@@ -56,10 +85,9 @@ class FeatureCache:
                 found[i] = entry
                 path = self._path(ns, keys[i])
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".tmp{os.getpid()}")
-                torch.save(entry, tmp)
-                os.replace(tmp, path)
-                if ns and not (self.root / ns / "recipe.json").exists():
-                    (self.root / ns / "recipe.json").write_text(json.dumps(recipe, indent=1, default=str))
+                _atomic(path, lambda tmp, entry=entry: torch.save(entry, tmp))
+                if not (self.root / ns / "recipe.json").exists():
+                    text = json.dumps(recipe, indent=1, default=str)
+                    _atomic(self.root / ns / "recipe.json", lambda tmp, text=text: tmp.write_text(text))
         device = images.device
         return {name: torch.stack([f[name] for f in found]).to(device) for name in found[0]}

@@ -15,28 +15,9 @@ import torch
 from torch import nn
 
 from benchmark.backbones.cache import FeatureCache
-from benchmark.backbones.weights import hf_cached, local_checkpoint, missing
+from benchmark.backbones.weights import resolve_timm_weights
 from benchmark.errors import BenchmarkError
 from benchmark.protocol import BackboneSpec
-
-_HF_NAMES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
-
-
-def resolve_timm_weights(model: str, weights: str) -> str:
-    """Local file of a timm pretrained tag or checkpoint; never downloads."""
-    checkpoint = local_checkpoint(weights)
-    if checkpoint is not None:
-        return checkpoint
-    name = f"{model}.{weights}"
-    if name not in timm.list_pretrained(f"{model}.*"):
-        tags = ", ".join(n.split(".", 1)[1] for n in timm.list_pretrained(f"{model}.*")) or "none"
-        raise BenchmarkError(f"backbone.weights: '{weights}' is no timm pretrained tag of '{model}' (tags: {tags})")
-    cfg = timm.models.get_pretrained_cfg(name)
-    hub = getattr(cfg, "hf_hub_id", None)
-    found = hf_cached(hub, _HF_NAMES) if hub else None
-    if found:
-        return found
-    raise missing(name, f"timm:{model}", weights)
 
 
 class CnnBackbone(nn.Module):

@@ -11,6 +11,7 @@ from pathlib import Path
 from benchmark.errors import BenchmarkError, WeightsUnavailableError
 
 _HF_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+_TIMM_HF_NAMES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
 
 
 def missing(name: str, fetch_model: str, tag: str) -> WeightsUnavailableError:
@@ -70,12 +71,29 @@ def resolve_clip_weights(model: str, weights: str) -> tuple[str, dict]:
     raise missing(f"{model} / {weights}", model, weights)
 
 
+def resolve_timm_weights(model: str, weights: str) -> str:
+    """Local file of a timm pretrained tag or checkpoint; never downloads."""
+    import timm
+
+    checkpoint = local_checkpoint(weights)
+    if checkpoint is not None:
+        return checkpoint
+    name = f"{model}.{weights}"
+    if name not in timm.list_pretrained(f"{model}.*"):
+        tags = ", ".join(n.split(".", 1)[1] for n in timm.list_pretrained(f"{model}.*")) or "none"
+        raise BenchmarkError(f"backbone.weights: '{weights}' is no timm pretrained tag of '{model}' (tags: {tags})")
+    cfg = timm.models.get_pretrained_cfg(name)
+    hub = getattr(cfg, "hf_hub_id", None)
+    found = hf_cached(hub, _TIMM_HF_NAMES) if hub else None
+    if found:
+        return found
+    raise missing(name, f"timm:{model}", weights)
+
+
 def fetch_weights(model: str, weights: str) -> str:
     """Download an open_clip pretrained tag (or, for ``timm:MODEL``, a timm tag) into the caches (needs a network)."""
     if model.startswith("timm:"):
         import timm
-
-        from benchmark.backbones.cnn import resolve_timm_weights
 
         timm.create_model(f"{model[5:]}.{weights}", pretrained=True)
         return resolve_timm_weights(model[5:], weights)

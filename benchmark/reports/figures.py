@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
 
 def samples_figure(
-    samples: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, float]], title: str, out: Path
-) -> Path:
+    samples: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, float]], title: str, out: Path | BinaryIO
+) -> Path | BinaryIO:
     """Rows of (image, mask, map); ``samples`` holds (name, image [3,H,W], mask [H,W], map [H,W], score)."""
     import matplotlib
 
@@ -32,7 +33,8 @@ def samples_figure(
             ax.axis("off")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=80)
+    if isinstance(out, Path):
+        out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=80, format="png")
     plt.close(fig)
     return out

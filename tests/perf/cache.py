@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-import methods.winclip as winclip
+import methods.models.winclip as winclip
 from benchmark.backbones.cache import FeatureCache
 from benchmark.data.catalog import load_catalog
 from benchmark.data.layout import read_split
@@ -36,7 +36,7 @@ def predict_all(cache: FeatureCache, samples, spec, args) -> tuple[float, list[t
         BackboneSpec(args.model, "random-init", 0),
         cache,
     )
-    method = winclip.WinCLIP(winclip.WinCLIPParams(), context)
+    method = winclip.WinCLIP.build(winclip.WinCLIPParams(), context)
     batches = list(iterate_batches(samples, args.size, 16))
     start = time.perf_counter()
     maps = [method.predict(b.unlabelled()).maps for b in batches]

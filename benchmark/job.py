@@ -1,0 +1,245 @@
+"""One cell as a pure job: its full description in, its result out as data (``run_job``).
+
+A job reads the data, fits and evaluates the method, and writes only the shared feature cache and, with
+``--save-predictions``, the cell's ``predictions.npz``; it never touches the results store or MLflow, so
+that any number of workers may run jobs while the driver alone writes records. Every exception becomes a
+``failed`` result with a one-line reason; nothing is recorded half.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmark import environment
+from benchmark.backbones.cache import FeatureCache
+from benchmark.cells import Cell
+from benchmark.data.catalog import DatasetSpec
+from benchmark.data.layout import Sample
+from benchmark.data.loading import iterate_batches
+from benchmark.data.splits import content_hash
+from benchmark.errors import BenchmarkError
+from benchmark.method import METHODS, Method, MethodContext, TrainSet
+from benchmark.metrics import ImageMetrics, PixelMetrics
+from benchmark.predictions import PredictionWriter
+from benchmark.preflight import cell_split
+from benchmark.protocol import Protocol
+from benchmark.reports.figures import samples_figure
+
+
+@dataclass(frozen=True)
+class CellJob:
+    """Everything a cell's result depends on, and where its shared files go."""
+
+    cell: Cell
+    protocol: Protocol
+    catalog: dict[str, DatasetSpec]
+    data_root: str
+    cache_dir: str
+    cell_dir: str
+    save_predictions: bool = False
+    device: str = "auto"
+
+
+@dataclass
+class CellResult:
+    """A cell's outcome as data: metrics and params when ``finished``; a one-line ``error`` when ``failed``."""
+
+    cell_id: str
+    status: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+    sweep: list[dict[str, float]] = field(default_factory=list)
+    manifest: dict = field(default_factory=dict)
+    figure_png: bytes = b""
+    test_hash: str = ""
+    environment: dict = field(default_factory=dict)
+    started: float = 0.0
+    duration: float = 0.0
+    error: str = ""
+    traceback: str = ""
+    bad_input: bool = False
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BenchmarkError(f"device: '{name}' asked for, but CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, float]
+    sweep: list[dict[str, float]]
+    figure: list[tuple]
+    test_hash: str
+
+
+def _check_prediction(method: Method, scores: torch.Tensor, maps: torch.Tensor, n: int, size: int):
+    if tuple(scores.shape) != (n,) or tuple(maps.shape) != (n, size, size):
+        raise RuntimeError(
+            f"method '{method.name}' returned scores {tuple(scores.shape)} and maps "
+            f"{tuple(maps.shape)}; expected ({n},) and ({n}, {size}, {size})"
+        )
+    for what, t in (("image scores", scores), ("anomaly maps", maps)):
+        if not torch.isfinite(t).all() or t.min() < -1e-5 or t.max() > 1 + 1e-5:
+            raise RuntimeError(f"method '{method.name}' returned {what} outside [0, 1] or not finite")
+    return scores.clamp(0, 1), maps.clamp(0, 1)
+
+
+def evaluate(
+    method: Method,
+    samples: tuple[Sample, ...],
+    has_masks: bool,
+    thresholds: dict[str, float],
+    sweep: tuple[float, ...],
+    size: int,
+    batch_size: int,
+    figure_samples: int = 0,
+    writer: PredictionWriter | None = None,
+    what: str = "test",
+) -> Evaluation:
+    """Predict ``samples`` batch by batch into streaming accumulators; maps are never all held at once.
+
+    A metric that would be undefined (one class only, no anomalous pixel left at ``size``) is an error, so
+    that no NaN is ever recorded as a result."""
+    images = ImageMetrics()
+    pixels = PixelMetrics((*sweep, thresholds["dice"])) if has_masks else None
+    figure: list[tuple] = []
+    keys: list[str] = []
+    want = {0: (figure_samples + 1) // 2, 1: figure_samples // 2}
+    for batch in iterate_batches(samples, size, batch_size):
+        with torch.no_grad():
+            pred = method.predict(batch.unlabelled())
+        scores, maps = _check_prediction(method, pred.image_scores.cpu(), pred.maps.cpu(), len(batch.keys), size)
+        images.update(scores, batch.labels)
+        if pixels is not None:
+            pixels.update(maps, batch.masks)
+        if writer is not None:
+            writer.add(batch.paths, scores, batch.labels, maps, batch.masks)
+        for i, label in enumerate(batch.labels.tolist()):
+            if want[label] > 0:
+                want[label] -= 1
+                figure.append((Path(batch.paths[i]).name, batch.images[i], batch.masks[i], maps[i], float(scores[i])))
+        keys += batch.keys
+    anomalous = int(images.labels.sum())
+    if not anomalous or anomalous == len(images.labels):
+        raise BenchmarkError(
+            f"the {what} images hold {len(images.labels) - anomalous} normal and {anomalous} anomalous images; "
+            "image metrics need both"
+        )
+    if pixels is not None and pixels.n_pos == 0:
+        raise BenchmarkError(
+            f"no anomalous pixel is left in the {what} masks at {size}x{size} px; pixel metrics would be undefined"
+        )
+    metrics = {"image_auroc": images.auroc(), "image_accuracy": images.accuracy(thresholds["accuracy"])}
+    rows = []
+    for t in sweep:
+        row = {"threshold": t, "image_accuracy": images.accuracy(t)}
+        if pixels is not None:
+            row["dice"] = pixels.dice(t)
+        rows.append(row)
+    if pixels is not None:
+        metrics["pixel_auroc"] = pixels.auroc()
+        metrics["pixel_auroc_bin_error_bound"] = pixels.auroc_error_bound()
+        metrics["dice"] = pixels.dice(thresholds["dice"])
+        for row in rows:
+            metrics[f"dice_t{row['threshold']:g}"] = row["dice"]
+        metrics["dice_oracle"] = max(r["dice"] for r in rows)
+    undefined = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+    if undefined:
+        raise RuntimeError(f"metrics {', '.join(undefined)} are not finite")
+    return Evaluation(metrics, rows, figure, content_hash(keys))
+
+
+def choose_thresholds(
+    method: Method, valid: tuple[Sample, ...], has_masks: bool, protocol: Protocol, size: int
+) -> dict[str, float]:
+    """Thresholds of best validation Dice (pixels) and accuracy (images) over the protocol's sweep."""
+    fixed = {"dice": protocol.threshold.value, "accuracy": protocol.threshold.value}
+    if protocol.threshold.mode == "fixed":
+        return fixed
+    ev = evaluate(method, valid, has_masks, fixed, protocol.sweep, size, protocol.batch_size, what="validation")
+    best_acc = max(ev.sweep, key=lambda r: r["image_accuracy"])["threshold"]
+    best_dice = max(ev.sweep, key=lambda r: r.get("dice", -1.0))["threshold"] if has_masks else fixed["dice"]
+    return {"dice": best_dice, "accuracy": best_acc}
+
+
+def _figure_png(figure: list[tuple], title: str) -> bytes:
+    buffer = io.BytesIO()
+    samples_figure(figure, title, buffer)
+    return buffer.getvalue()
+
+
+def run_job(job: CellJob) -> CellResult:
+    """Fit and evaluate one cell; never raises but for an interrupt (the cell is then not recorded)."""
+    cell, protocol, catalog = job.cell, job.protocol, job.catalog
+    started = time.time()
+    result = CellResult(cell.cell_id, "failed", started=started)
+    try:
+        device = resolve_device(job.device)
+        result.environment = environment.describe(device)
+        spec = catalog[cell.dataset]
+        split = cell_split(cell, protocol, catalog, Path(job.data_root))
+        result.manifest = split.manifest()
+        seed_everything(cell.seed)
+        cls = METHODS.get(cell.plugin_name)
+        cache = FeatureCache(job.cache_dir)
+        context = MethodContext(
+            spec, cell.setting, cell.shots, cell.seed, cell.image_size, device, cell.backbone, cache
+        )
+        method = cls.build(cls.Params(**cell.params), context)
+        specs = {name: catalog[name] for name in {s.dataset for s in split.train} | {cell.dataset}}
+        method.fit(TrainSet(split.train, cell.setting, cell.shots, cell.image_size, specs, split.valid))
+        thresholds = choose_thresholds(method, split.valid, spec.masks, protocol, cell.image_size)
+        writer = None
+        if job.save_predictions:
+            Path(job.cell_dir).mkdir(parents=True, exist_ok=True)
+            writer = PredictionWriter(Path(job.cell_dir) / "predictions.npz", len(split.test), cell.image_size)
+        ev = evaluate(
+            method,
+            split.test,
+            spec.masks,
+            thresholds,
+            protocol.sweep,
+            cell.image_size,
+            protocol.batch_size,
+            protocol.figure_samples,
+            writer,
+        )
+        if writer is not None:
+            writer.close()
+        result.figure_png = _figure_png(ev.figure, f"{cell.cell_id} | backbone {cell.backbone.label()}")
+        result.metrics, result.sweep, result.test_hash = ev.metrics, ev.sweep, ev.test_hash
+        result.info = {
+            "train_source": split.train_source,
+            "train_count": len(split.train),
+            "test_count": len(split.test),
+            "threshold_dice": thresholds["dice"],
+            "threshold_accuracy": thresholds["accuracy"],
+            "published_as": method.published_as(),
+            **method.describe(),
+        }
+        result.status = "finished"
+    except Exception as exc:
+        result.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        result.traceback = traceback.format_exc()
+        result.bad_input = isinstance(exc, BenchmarkError)
+    result.duration = time.time() - started
+    return result

@@ -1,0 +1,160 @@
+"""The single writer of records: a cell's result goes to its folder and ``results.jsonl`` first, then MLflow.
+
+Only the driver process writes here. The local record is the source of truth: it is written whatever MLflow
+does, and ``reconcile`` brings MLflow up to date from it (``--resume`` and ``python -m benchmark sync``):
+runs of finished cells that a dead invocation left RUNNING are finished from the record, records without
+a run get one, and runs a dead invocation left RUNNING with no record are marked KILLED. Nothing is logged
+twice: each record names its MLflow run.
+
+``MEDAD_BENCH_TEST_KILL_AT=point[:n[:SIGNAL]]`` ends the process (``os._exit``, as SIGKILL would) the n-th
+time ``point`` is passed, or sends it ``SIGNAL`` (``TERM``, ``INT``); tests use it to check that a kill at
+any stage leaves records that ``--resume`` completes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+from collections import Counter
+from typing import Any
+
+from benchmark.errors import BenchmarkError
+from benchmark.store import ResultStore
+from benchmark.tracking import DRIVER_TAG, Tracker, driver_is_dead
+
+_passed: Counter[str] = Counter()
+CELL_FILES = ("config.json", "environment.json", "manifest.json", "sweep.csv", "samples.png", "error.txt")
+
+
+def kill_point(name: str) -> None:
+    """End the process here when the test variable names this point (and this is its n-th passage)."""
+    wanted = os.environ.get("MEDAD_BENCH_TEST_KILL_AT")
+    if not wanted:
+        return
+    parts = wanted.split(":")
+    nth, sig = int(parts[1]) if len(parts) > 1 else 1, parts[2] if len(parts) > 2 else ""
+    if parts[0] == name:
+        _passed[name] += 1
+        if _passed[name] == nth:
+            if sig:
+                os.kill(os.getpid(), getattr(signal, f"SIG{sig}"))
+            else:
+                os._exit(137)
+
+
+class RecordingError(BenchmarkError):
+    """A record cannot be written (a full or read-only disk): the grid stops."""
+
+
+def cell_tags(record: dict[str, Any]) -> dict[str, str]:
+    return {
+        "method": record["method"],
+        "plugin": record.get("plugin", record["method"]),
+        "dataset": record["dataset"],
+        "setting": record["setting"],
+        "shots": str(record.get("shots") or 0),
+        "seed": str(record["seed"]),
+        "backbone_weights": record.get("backbone_weights", ""),
+        "config_hash": record["config_hash"],
+    }
+
+
+def _abandoned(run) -> bool:
+    """A RUNNING run whose invocation is gone (this invocation's own runs are not)."""
+    return driver_is_dead(run.data.tags.get(DRIVER_TAG, ""))
+
+
+class Recorder:
+    """Writes each cell's files, its line in ``results.jsonl`` and its MLflow run, in that order."""
+
+    def __init__(self, store: ResultStore, tracker: Tracker, parent: str | None) -> None:
+        self.store, self.tracker, self.parent = store, tracker, parent
+
+    def start(self, base: dict[str, Any]) -> str | None:
+        """The cell's MLflow run, RUNNING while its job runs."""
+        return self.tracker.start(base["cell_id"], cell_tags(base), self.parent)
+
+    def write(self, record: dict[str, Any], files: dict[str, bytes]) -> None:
+        """The cell's folder, then its line: a record never names files that are not there."""
+        cell_dir = self.store.dir / record["cell_id"]
+        try:
+            cell_dir.mkdir(parents=True, exist_ok=True)
+            for name, data in files.items():
+                tmp = cell_dir / f".{name}.partial"
+                tmp.write_bytes(data)
+                tmp.replace(cell_dir / name)
+            self.store.append(record)
+        except OSError as exc:
+            raise RecordingError(f"cannot write the record of '{record['cell_id']}' in '{cell_dir}' ({exc})") from None
+        kill_point("local_recorded")
+
+    def log(self, record: dict[str, Any], run_id: str | None) -> None:
+        """The record's params, metrics, tags and files into its MLflow run, then the run's end."""
+        if run_id is None:
+            return
+        finished = record["status"] == "finished"
+        if finished:
+            self.tracker.log(run_id, params=record["params"], metrics=record["metrics"], tags=record.get("tags", {}))
+        else:
+            self.tracker.log(run_id, tags={"error": record.get("error", "")[:5000]})
+        cell_dir = self.store.dir / record["cell_id"]
+        for name in CELL_FILES:
+            if (cell_dir / name).is_file():
+                self.tracker.log_artifact(run_id, cell_dir / name)
+        kill_point("mlflow_logged")
+        self.tracker.end(run_id, "FINISHED" if finished else "FAILED")
+
+    def reconcile(self) -> dict[str, int]:
+        """Bring MLflow up to date with the local records (see the module docstring); counts of what it did."""
+        done: Counter[str] = Counter()
+        runs = {r.info.run_id: r for r in self.tracker.runs()}
+        if self.tracker.behind is not None:
+            return done
+        for record in self.store.latest().values():
+            if record["status"] not in ("finished", "failed"):
+                continue
+            run = runs.get(record.get("mlflow_run_id") or "")
+            want = "FINISHED" if record["status"] == "finished" else "FAILED"
+            if run is not None and run.info.status == want:
+                continue
+            if run is not None and run.info.status == "RUNNING" and not _abandoned(run):
+                continue  # an invocation that is still alive is finishing it
+            if run is None:
+                run_id = self.tracker.start(record["cell_id"], cell_tags(record), self.parent)
+                if run_id is None:
+                    break
+                self.store.append({**record, "mlflow_run_id": run_id})
+                done["created"] += 1
+            else:
+                run_id = run.info.run_id
+                done["completed"] += 1
+            self.log(record if run is None or not run.data.metrics else {**record, "metrics": {}}, run_id)
+        named = {r.get("mlflow_run_id") for r in self.store.latest().values()}
+        for run in runs.values():
+            if run.info.status == "RUNNING" and run.info.run_id not in named and _abandoned(run):
+                self.tracker.end(run.info.run_id, "KILLED")
+                done["killed"] += 1
+        return done
+
+
+def cell_files(result, config: dict, environment: dict) -> dict[str, bytes]:
+    """The files of a cell's folder, from its result (``benchmark.job.CellResult``)."""
+    files = {
+        "config.json": json.dumps(config, indent=1, default=str).encode(),
+        "environment.json": json.dumps(environment, indent=1).encode(),
+    }
+    if result.manifest:
+        files["manifest.json"] = json.dumps(result.manifest, indent=1).encode()
+    if result.status == "finished":
+        buffer = io.StringIO()
+        out = csv.DictWriter(buffer, fieldnames=list(result.sweep[0]), lineterminator="\n")
+        out.writeheader()
+        out.writerows(result.sweep)
+        files["sweep.csv"] = buffer.getvalue().encode()
+        files["samples.png"] = result.figure_png
+    else:
+        files["error.txt"] = (result.traceback or result.error).encode()
+    return files

@@ -1,0 +1,172 @@
+"""Faults a lab meets in its first week: interrupts and kills, corrupt caches, unwritable folders, races."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from benchmark.cli import main
+from benchmark.store import ResultStore
+
+TWO_CELLS = {"datasets": ["SynthBrain", "SynthLiver"]}
+
+
+def _cli(*args, env=None, **kw) -> subprocess.CompletedProcess:
+    full = {**os.environ, **(env or {})}
+    full.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run(
+        [sys.executable, "-m", "benchmark", *map(str, args)], capture_output=True, text=True, env=full, **kw
+    )
+
+
+def _runs(results: Path, experiment: str = "t"):
+    client = MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    return client, client.search_runs([exp.experiment_id]) if exp else []
+
+
+def _children(runs):
+    return [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+
+
+def _metrics(results: Path) -> dict:
+    return {
+        r["cell_id"]: r["metrics"] for r in ResultStore(results, "t").latest().values() if r["status"] == "finished"
+    }
+
+
+def _uninterrupted(write_protocol, tmp_path) -> dict:
+    path = write_protocol(results_dir=str(tmp_path / "reference"), **TWO_CELLS)
+    assert main(["run", str(path)]) == 0
+    return _metrics(tmp_path / "reference")
+
+
+@pytest.mark.parametrize("point", ["cell_started", "cell_computed", "local_recorded", "mlflow_logged", "cell_ended"])
+def test_sigkill_at_any_stage_then_resume_gives_one_finished_run_per_cell(write_protocol, tmp_path, point):
+    expected = _uninterrupted(write_protocol, tmp_path)
+    path = write_protocol(**TWO_CELLS)
+    killed = _cli("run", path, env={"MEDAD_BENCH_TEST_KILL_AT": f"{point}:2"})
+    assert killed.returncode == 137, killed.stderr
+    results = tmp_path / "results"
+    _, runs = _runs(results)
+    assert any(r.info.status == "RUNNING" for r in runs)  # the dead invocation's parent at least
+    resumed = _cli("run", path, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    _, runs = _runs(results)
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    finished = [r.data.tags["mlflow.runName"] for r in _children(runs) if r.info.status == "FINISHED"]
+    assert sorted(finished) == sorted(expected)  # exactly one FINISHED child run per cell
+    assert _metrics(results) == expected
+    assert main(["tables", "t", "--results-dir", str(results)]) == 0
+
+
+@pytest.mark.parametrize(("signal_name", "code"), [("TERM", 143), ("INT", 130)])
+def test_interrupt_ends_runs_killed_and_resume_goes_on(write_protocol, tmp_path, signal_name, code):
+    path = write_protocol(**TWO_CELLS)
+    stopped = _cli("run", path, env={"MEDAD_BENCH_TEST_KILL_AT": f"cell_started:2:{signal_name}"})
+    assert stopped.returncode == code
+    assert stopped.stderr.strip().splitlines()[-1].startswith(f"interrupted (SIG{signal_name})")
+    assert "--resume" in stopped.stderr and "Traceback" not in stopped.stderr
+    results = tmp_path / "results"
+    _, runs = _runs(results)
+    status = {r.data.tags["mlflow.runName"]: r.info.status for r in runs}
+    assert sorted(status.values()) == ["FINISHED", "KILLED", "KILLED"]  # cell 1, cell 2 and the parent
+    assert [r["status"] for r in ResultStore(results, "t").records()] == ["finished"]  # nothing half-recorded
+    assert _cli("run", path, "--resume").returncode == 0
+    _, runs = _runs(results)
+    assert sorted(r.info.status for r in _children(runs)) == ["FINISHED", "FINISHED", "KILLED"]
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+def test_corrupt_cache_entries_are_removed_and_recomputed(write_protocol, tmp_path, capfd):
+    path = write_protocol(datasets=["SynthBrain"])
+    assert main(["run", str(path)]) == 0
+    first = _metrics(tmp_path / "results")
+    entries = sorted((tmp_path / "results" / "cache").rglob("*.pt"))
+    entries[0].write_bytes(entries[0].read_bytes()[:40])  # cut short
+    entries[1].write_bytes(b"")  # empty
+    capfd.readouterr()
+    assert main(["run", str(path)]) == 0
+    warnings = [line for line in capfd.readouterr().err.splitlines() if "feature cache entry" in line]
+    assert len(warnings) == 2 and all("corrupt" in w and "recomputed" in w for w in warnings)
+    assert _metrics(tmp_path / "results") == first
+    assert entries[0].stat().st_size > 40 and entries[1].stat().st_size > 0
+
+
+@pytest.mark.parametrize("where", ["results", "experiment", "tracking"])
+def test_unwritable_folders_fail_fast_in_one_line(write_protocol, tmp_path, where):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    overrides = {
+        "results": {"results_dir": str(blocker / "results")},
+        "tracking": {"tracking": {"uri": "sqlite:////proc/x/mlflow.db"}},
+    }
+    if where == "experiment":
+        (tmp_path / "results").mkdir()
+        (tmp_path / "results" / "t").write_text("a file where the experiment folder goes")
+    started = time.time()
+    proc = _cli("run", write_protocol(**overrides.get(where, {})))
+    assert time.time() - started < 30
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert {"results": "results folder", "experiment": "experiment folder", "tracking": "tracking store folder"}[
+        where
+    ] in proc.stderr
+
+
+def test_a_record_that_cannot_be_written_stops_the_grid_cleanly(write_protocol, tmp_path, capsys):
+    path = write_protocol(**TWO_CELLS)
+    cell_dir = tmp_path / "results" / "t" / "winclip-SynthLiver-few_normal-k2-seed0"
+    cell_dir.parent.mkdir(parents=True)
+    cell_dir.write_text("a file where the cell's folder goes")
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write the record of 'winclip-SynthLiver" in err
+    _, runs = _runs(tmp_path / "results")
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED", "KILLED"]
+
+
+def test_two_first_runs_at_once_both_succeed(write_protocol, tmp_path):
+    path = write_protocol(datasets=["SynthBrain"])
+    procs = [subprocess.Popen([sys.executable, "-m", "benchmark", "run", str(path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    _, runs = _runs(tmp_path / "results")
+    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_a_torn_last_line_never_swallows_the_next_record(write_protocol, tmp_path, capfd):
+    path = write_protocol(datasets=["SynthBrain"])
+    store = ResultStore(tmp_path / "results", "t")
+    store.dir.mkdir(parents=True)
+    store.path.write_text('{"config_hash": "x", "status": "finished", "metr')  # a write cut short
+    assert main(["run", str(path)]) == 0
+    assert len(store.records()) == 1 and store.records()[0]["status"] == "finished"
+    assert "line 1 is not a whole record" in capfd.readouterr().err
+    assert store.path.read_text().splitlines()[0].endswith('"metr')
+
+
+def test_metrics_carry_the_time_of_logging(write_protocol, tmp_path):
+    before = int(time.time() * 1000)
+    assert main(["run", str(write_protocol(datasets=["SynthBrain"]))]) == 0
+    client, runs = _runs(tmp_path / "results")
+    (child,) = _children(runs)
+    history = client.get_metric_history(child.info.run_id, "image_auroc")
+    assert before <= history[0].timestamp <= int(time.time() * 1000)
+
+
+def test_light_commands_import_no_torch_mlflow_or_open_clip(write_protocol, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(write_protocol(methods={"winclp": {}}).read_text())
+    good = write_protocol(datasets=["SynthBrain"])
+    probe = (
+        "import sys\nfrom benchmark.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'open_clip', 'mlflow', 'timm') if m in sys.modules))"
+    )
+    for args in (["--help"], ["list"], ["run", str(good), "--dry-run"], ["run", str(bad)]):
+        out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True).stdout
+        assert out.strip().splitlines()[-1] == "[]", (args, out)
