@@ -88,8 +88,26 @@ def check_server(uri: str, timeout_s: int = 5) -> str | None:
         try:
             MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
         except Exception as exc:
-            return f"tracking server '{uri}' cannot be used ({_reason(exc)})"
+            return f"tracking server '{uri}' cannot be used ({_server_reason(exc, timeout_s)})"
     return None
+
+
+def _server_reason(exc: BaseException, timeout_s: int) -> str:
+    """A short reason for a failed request to a tracking server."""
+    text = str(exc)
+    for needles, reason in (
+        (
+            ("401", "Unauthorized", "403", "Forbidden", "credentials"),
+            "it refused the credentials: set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN",
+        ),
+        (("Connection refused", "NewConnectionError", "Failed to establish"), "connection refused: is the server up?"),
+        (("Name or service not known", "nodename nor servname", "getaddrinfo"), "unknown host"),
+        (("timed out", "Timeout"), f"no answer within {timeout_s} s"),
+    ):
+        if any(n in text for n in needles):
+            return reason
+    return _reason(exc)
 
 
 def _quiet() -> None:

@@ -1,0 +1,150 @@
+"""A lab's tracking server: a real ``mlflow server`` subprocess on a free loopback port, no mocks."""
+
+import http.server
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from benchmark.store import ResultStore
+
+GRID = {"datasets": ["SynthBrain", "SynthLiver", "SynthRetina"]}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``mlflow server`` with a sqlite backend and its own artifact destination, on loopback."""
+
+    def __init__(self, folder: Path, port: int | None = None) -> None:
+        self.folder, self.port = folder, port or _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.artifacts = folder / "artifacts"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Server":
+        cmd = [
+            sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+            "--backend-store-uri", f"sqlite:///{self.folder / 'backend.db'}",
+            "--artifacts-destination", str(self.artifacts), "--workers", "1",
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                MlflowClient(self.uri).search_experiments(max_results=1)
+                return self
+            except Exception:
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError("mlflow server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = Server(tmp_path / "server").start()
+    yield srv
+    srv.stop()
+
+
+def _cli(*args, uri: str, env=None, **kw):
+    full = {**os.environ, "MLFLOW_TRACKING_URI": uri, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "benchmark", *map(str, args)], capture_output=True, text=True,
+                          env=full, **kw)  # fmt: skip
+
+
+def _runs(uri: str):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("t")
+    return client, client.search_runs([exp.experiment_id])
+
+
+def test_artifacts_travel_through_the_server(server, write_protocol, tmp_path):
+    proc = _cli("run", write_protocol(**GRID), uri=server.uri)
+    assert proc.returncode == 0, proc.stderr
+    client, runs = _runs(server.uri)
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 3 and all(r.info.status == "FINISHED" for r in runs)
+    for child in children:
+        listed = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"config.json", "manifest.json", "samples.png", "sweep.csv"} <= listed
+        stored = server.artifacts / child.info.experiment_id / child.info.run_id / "artifacts"
+        assert (stored / "samples.png").stat().st_size > 0 and (stored / "manifest.json").is_file()
+    assert not (tmp_path / "results" / "mlartifacts").exists()  # nothing went to a local folder instead
+
+
+def test_a_dead_server_fails_fast_in_one_line(write_protocol, tmp_path):
+    started = time.time()
+    proc = _cli("run", write_protocol(**GRID), uri=f"http://127.0.0.1:{_free_port()}")
+    assert time.time() - started < 20
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "connection refused" in proc.stderr
+    assert not (tmp_path / "results" / "t" / "results.jsonl").exists()
+
+
+def test_refused_credentials_are_one_line(write_protocol):
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(401)
+            self.end_headers()
+
+        do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        proc = _cli("run", write_protocol(**GRID), uri=f"http://127.0.0.1:{httpd.server_address[1]}")
+    finally:
+        httpd.shutdown()
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "refused the credentials" in proc.stderr
+
+
+def test_server_down_mid_grid_then_resume_gives_one_finished_run_per_cell(server, write_protocol, tmp_path):
+    path = write_protocol(**GRID)
+    grid = subprocess.Popen(
+        [sys.executable, "-m", "benchmark", "run", str(path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "MLFLOW_TRACKING_URI": server.uri, "MEDAD_BENCH_TEST_KILL_AT": "cell_started:2:STOP"},
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while Path(f"/proc/{grid.pid}/stat").read_text().split()[2] != "T":  # stopped at the second cell's start
+        assert time.time() < deadline and grid.poll() is None
+        time.sleep(0.2)
+    server.stop()
+    grid.send_signal(signal.SIGCONT)
+    out, err = grid.communicate(timeout=300)
+    assert grid.returncode == 0, err
+    assert "MLflow is behind the local records" in out and "benchmark sync" in out
+    store = ResultStore(tmp_path / "results", "t")
+    assert [r["status"] for r in store.latest().values()] == ["finished"] * 3  # every cell recorded locally
+
+    server.start()
+    resumed = _cli("run", path, "--resume", uri=server.uri)
+    assert resumed.returncode == 0, resumed.stderr
+    _, runs = _runs(server.uri)
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    finished = sorted(r.data.tags["mlflow.runName"] for r in children if r.info.status == "FINISHED")
+    assert finished == sorted(r["cell_id"] for r in store.latest().values())  # one FINISHED run per cell
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    for child in children:
+        if child.info.status == "FINISHED":
+            assert "image_auroc" in child.data.metrics
