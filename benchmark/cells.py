@@ -12,7 +12,7 @@ from benchmark import __version__
 from benchmark.data.catalog import DatasetSpec
 from benchmark.errors import BenchmarkError
 from benchmark.method import METHODS
-from benchmark.protocol import BackboneSpec, Protocol, parse_backbone
+from benchmark.protocol import BackboneSpec, Protocol, parse_backbone, parse_resources
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,7 @@ def expand(protocol: Protocol, catalog: dict[str, DatasetSpec], methods=None, da
         plugin = plugin_of(m, raw)
         cls = METHODS.get(plugin)
         params = cls.parse_params(raw, f"{where}: methods.{m}")
+        parse_resources(where, raw.get("resources"), f"methods.{m}.resources")
         if "backbone" in raw:
             backbone = parse_backbone(where, raw["backbone"], f"methods.{m}.backbone")
         else:
@@ -129,6 +130,12 @@ def expand(protocol: Protocol, catalog: dict[str, DatasetSpec], methods=None, da
                             )
                         )
     return cells
+
+
+def cell_resources(protocol: Protocol, cell: Cell) -> dict[str, float]:
+    """What one cell asks of a Ray cluster: the protocol's ``resources``, updated by its method entry's."""
+    own = parse_resources(protocol.path, protocol.methods[cell.method].get("resources"), f"methods.{cell.method}")
+    return {**protocol.resources, **own}
 
 
 def skipped_pairs(protocol: Protocol, catalog: dict[str, DatasetSpec]) -> list[tuple[str, str]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -36,6 +37,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="skip cells already finished with the same config")
     run.add_argument("--dry-run", action="store_true", help="print the cells and their training samples only")
     run.add_argument("--save-predictions", action="store_true", help="write each cell's predictions.npz")
+    run.add_argument(
+        "--workers",
+        type=int,
+        help="run cells in N local worker processes (one GPU each, round robin, where there are GPUs)",
+    )
+    run.add_argument(
+        "--executor",
+        choices=("serial", "local", "ray"),
+        help="where cells run: serial (default), local (--workers processes) or ray (a Ray cluster)",
+    )
+    run.add_argument("--address", help="with --executor ray: the cluster to join (e.g. auto); none: a local Ray")
     tables = sub.add_parser("tables", help="render an experiment's results as tables")
     tables.add_argument("experiment")
     tables.add_argument("--format", choices=("latex", "markdown", "csv"), default="markdown")
@@ -97,7 +109,10 @@ def _cmd_run(args) -> int:
             if what in catalog
             else f"note: '{method}' does not support '{what}'; those cells are not run"
         )
-    summary = run_protocol(protocol, catalog, cells, root, resume=args.resume, save_predictions=args.save_predictions)
+    executor = _executor(args, protocol)
+    summary = run_protocol(
+        protocol, catalog, cells, root, resume=args.resume, save_predictions=args.save_predictions, executor=executor
+    )
     print(
         f"finished {len(summary.finished)}, skipped {len(summary.skipped)}, failed {len(summary.failed)}; "
         f"results in {Path(protocol.results_dir) / protocol.name}"
@@ -108,6 +123,33 @@ def _cmd_run(args) -> int:
     if summary.failed:
         return 2 if summary.bad_input else 1
     return 0
+
+
+def _executor(args, protocol):
+    """The executor the flags ask for: serial by default, local with --workers, or ray."""
+    from benchmark import executors
+
+    kind = args.executor or ("local" if args.workers and args.workers > 1 else "serial")
+    if args.workers is not None and args.workers < 1:
+        raise BenchmarkError(f"--workers: expected a number of processes >= 1, got {args.workers}")
+    if args.address and kind != "ray":
+        raise BenchmarkError("--address: only with --executor ray")
+    if kind == "serial":
+        return executors.SerialExecutor()
+    if kind == "ray":
+        from benchmark.cells import cell_resources
+
+        return executors.RayExecutor(args.address, lambda job: cell_resources(protocol, job.cell))
+    devices = []
+    if protocol.device != "cpu":
+        import torch
+
+        if protocol.device.startswith("cuda:"):
+            devices = [protocol.device]
+        elif torch.cuda.is_available():
+            devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    workers = args.workers or len(devices) or (os.cpu_count() or 1)
+    return executors.LocalExecutor(workers, devices)
 
 
 def _cmd_sync(args) -> int:

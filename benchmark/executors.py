@@ -1,18 +1,40 @@
 """Executors run cell jobs and hand their results back to the driver as they finish.
 
-``serial`` runs them one after another in the driver's process. An executor only computes: the driver
-writes every record, so an executor never touches the results store or MLflow.
+- ``serial``: one after another in the driver's process (the default).
+- ``local`` (``--workers N``): N worker processes started once; each sets its torch threads to its share of
+  the cores and, on a machine with GPUs, takes one device (round robin). A worker that dies (killed, out of
+  memory) fails its cell with that reason and is replaced; the grid goes on.
+- ``ray`` (``--executor ray [--address ADDR]``): one Ray task per cell with the resources the protocol asks
+  (``resources: {cpus, gpus}``), results collected with ``ray.wait`` as they finish; Ray schedules.
+
+An executor only computes: the driver writes every record, so no executor touches the results store or
+MLflow, and a killed worker never leaves a half-written record.
 """
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
+import os
+import signal
+from collections import deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING
+
+from benchmark.errors import BenchmarkError
 
 if TYPE_CHECKING:
     from benchmark.job import CellJob, CellResult
 
 OnStart = Callable[["CellJob"], None]
+
+
+def _failed(job: CellJob, reason: str) -> CellResult:
+    from benchmark.job import CellResult
+
+    return CellResult(job.cell.cell_id, "failed", error=reason, traceback=reason)
 
 
 class SerialExecutor:
@@ -26,3 +48,157 @@ class SerialExecutor:
         for job in jobs:
             on_start(job)
             yield job, run_job(job)
+
+
+def _set_threads(threads: int) -> None:
+    """Before torch is imported: its thread pools size themselves from these variables."""
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[name] = str(threads)
+
+
+def _worker_main(conn: Connection, threads: int, device: str | None) -> None:
+    """A local worker: jobs in, results out, until told to stop (None). Ctrl-C is the driver's business."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _set_threads(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+    from benchmark.job import run_job
+
+    while True:
+        job = conn.recv()
+        if job is None:
+            return
+        conn.send(run_job(replace(job, device=device) if device else job))
+
+
+@dataclass
+class _Worker:
+    process: multiprocessing.Process
+    conn: Connection
+    device: str | None
+    job: CellJob | None = None
+
+
+class LocalExecutor:
+    """``workers`` processes on this machine, each with ``cpu_count // workers`` torch threads."""
+
+    name = "local"
+
+    def __init__(self, workers: int, devices: list[str] | None = None) -> None:
+        self.workers = workers
+        self.devices = devices or []
+        self.threads = max(1, (os.cpu_count() or 1) // workers)
+
+    def _spawn(self, slot: int) -> _Worker:
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe()
+        device = self.devices[slot % len(self.devices)] if self.devices else None
+        # not a daemon: a worker starts the image-decoding processes of its cells
+        process = ctx.Process(target=_worker_main, args=(child, self.threads, device), daemon=False)
+        process.start()
+        child.close()
+        return _Worker(process, parent, device)
+
+    def run(self, jobs: list[CellJob], on_start: OnStart) -> Iterator[tuple[CellJob, CellResult]]:
+        pending = deque(jobs)
+        workers = [self._spawn(slot) for slot in range(min(self.workers, len(jobs)))]
+
+        def assign(worker: _Worker) -> None:
+            if pending and worker.job is None:
+                worker.job = pending.popleft()
+                on_start(worker.job)
+                worker.conn.send(worker.job)
+
+        try:
+            for worker in workers:
+                assign(worker)
+            while any(w.job is not None for w in workers):
+                busy = [w for w in workers if w.job is not None]
+                ready = wait([w.conn for w in busy] + [w.process.sentinel for w in busy])
+                for slot, worker in enumerate(workers):
+                    if worker.job is None:
+                        continue
+                    job = worker.job
+                    if worker.conn in ready:
+                        try:
+                            result = worker.conn.recv()
+                        except (EOFError, OSError):  # the pipe closed: the worker is gone
+                            worker.process.join()
+                        else:
+                            worker.job = None
+                            yield job, result
+                            assign(worker)
+                            continue
+                    if worker.process.sentinel in ready or not worker.process.is_alive():
+                        worker.process.join()
+                        code = worker.process.exitcode
+                        cause = f"signal {signal.Signals(-code).name}" if code and code < 0 else f"exit status {code}"
+                        worker.job = None
+                        reason = f"the worker process died ({cause}) while running the cell: killed, or out of memory"
+                        yield job, _failed(job, reason)
+                        workers[slot] = self._spawn(slot)
+                        assign(workers[slot])
+        finally:
+            for worker in workers:
+                if worker.process.is_alive():
+                    with contextlib.suppress(OSError):
+                        worker.conn.send(None)
+            for worker in workers:
+                worker.process.join(timeout=5 if worker.job is None else 0)
+                if worker.process.is_alive():
+                    worker.process.kill()
+                    worker.process.join()
+
+
+def _ray_job(job: CellJob, threads: int) -> CellResult:
+    import torch
+
+    torch.set_num_threads(threads)
+    from benchmark.job import run_job
+
+    return run_job(job)
+
+
+class RayExecutor:
+    """One Ray task per cell; ``resources(job)`` gives its ``{cpus, gpus}`` (one CPU, no GPU by default)."""
+
+    name = "ray"
+
+    def __init__(self, address: str | None, resources: Callable[[CellJob], dict[str, float]]) -> None:
+        try:  # before anything is recorded
+            import ray  # noqa: F401
+        except ImportError:
+            raise BenchmarkError("--executor ray needs Ray: pip install -e '.[ray]'") from None
+        self.address, self.resources = address, resources
+
+    def run(self, jobs: list[CellJob], on_start: OnStart) -> Iterator[tuple[CellJob, CellResult]]:
+        import ray
+
+        if not ray.is_initialized():
+            try:
+                ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
+            except Exception as exc:
+                raise BenchmarkError(f"--address {self.address}: no Ray cluster could be joined ({exc})") from None
+        task = ray.remote(max_retries=0)(_ray_job)
+        refs = {}
+        try:
+            for job in jobs:
+                asked = self.resources(job)
+                cpus, gpus = asked.get("cpus", 1.0), asked.get("gpus", 0.0)
+                ref = task.options(num_cpus=cpus, num_gpus=gpus).remote(job, max(1, int(cpus)))
+                on_start(job)  # its MLflow run is RUNNING from submission: Ray decides when it starts
+                refs[ref] = job
+            while refs:
+                done, _ = ray.wait(list(refs), num_returns=1)
+                for ref in done:
+                    job = refs.pop(ref)
+                    try:
+                        result = ray.get(ref)
+                    except Exception as exc:  # the task's process or node died, or Ray refused it
+                        first = (str(exc).strip().splitlines() or [""])[0][:300]
+                        result = _failed(job, f"the Ray task failed ({type(exc).__name__}: {first})")
+                    yield job, result
+        finally:
+            for ref in refs:
+                ray.cancel(ref, force=True)

@@ -24,9 +24,10 @@ from benchmark.backbones.cache import FeatureCache
 from benchmark.cells import Cell
 from benchmark.data.catalog import DatasetSpec
 from benchmark.data.layout import Sample
-from benchmark.data.loading import iterate_batches
+from benchmark.data.loading import LoaderConfig, iterate_batches
 from benchmark.data.splits import content_hash
 from benchmark.errors import BenchmarkError
+from benchmark.killpoints import kill_point
 from benchmark.method import METHODS, Method, MethodContext, TrainSet
 from benchmark.metrics import ImageMetrics, PixelMetrics
 from benchmark.predictions import PredictionWriter
@@ -77,6 +78,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def loader_config(protocol: Protocol, device: torch.device) -> LoaderConfig:
+    """The protocol's ``loader_workers``; else, on CUDA, decoding ahead in up to 4 processes (this process's
+    CPU threads, the GPU computing meanwhile), with pinned memory; on the CPU none (decoding would take
+    cores from the model: ``tests/perf/loader.py`` and the demo measure it)."""
+    workers = protocol.loader_workers
+    if workers is None:
+        workers = min(4, max(1, torch.get_num_threads())) if device.type == "cuda" else 0
+    return LoaderConfig(workers, pin_memory=device.type == "cuda")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -114,6 +125,7 @@ def evaluate(
     figure_samples: int = 0,
     writer: PredictionWriter | None = None,
     what: str = "test",
+    loader: LoaderConfig | None = None,
 ) -> Evaluation:
     """Predict ``samples`` batch by batch into streaming accumulators; maps are never all held at once.
 
@@ -124,7 +136,7 @@ def evaluate(
     figure: list[tuple] = []
     keys: list[str] = []
     want = {0: (figure_samples + 1) // 2, 1: figure_samples // 2}
-    for batch in iterate_batches(samples, size, batch_size):
+    for batch in iterate_batches(samples, size, batch_size, loader):
         with torch.no_grad():
             pred = method.predict(batch.unlabelled())
         scores, maps = _check_prediction(method, pred.image_scores.cpu(), pred.maps.cpu(), len(batch.keys), size)
@@ -169,13 +181,15 @@ def evaluate(
 
 
 def choose_thresholds(
-    method: Method, valid: tuple[Sample, ...], has_masks: bool, protocol: Protocol, size: int
+    method: Method, valid: tuple[Sample, ...], has_masks: bool, protocol: Protocol, size: int, loader: LoaderConfig
 ) -> dict[str, float]:
     """Thresholds of best validation Dice (pixels) and accuracy (images) over the protocol's sweep."""
     fixed = {"dice": protocol.threshold.value, "accuracy": protocol.threshold.value}
     if protocol.threshold.mode == "fixed":
         return fixed
-    ev = evaluate(method, valid, has_masks, fixed, protocol.sweep, size, protocol.batch_size, what="validation")
+    ev = evaluate(
+        method, valid, has_masks, fixed, protocol.sweep, size, protocol.batch_size, what="validation", loader=loader
+    )
     best_acc = max(ev.sweep, key=lambda r: r["image_accuracy"])["threshold"]
     best_dice = max(ev.sweep, key=lambda r: r.get("dice", -1.0))["threshold"] if has_masks else fixed["dice"]
     return {"dice": best_dice, "accuracy": best_acc}
@@ -193,6 +207,7 @@ def run_job(job: CellJob) -> CellResult:
     started = time.time()
     result = CellResult(cell.cell_id, "failed", started=started)
     try:
+        kill_point(f"job@{cell.cell_id}")
         device = resolve_device(job.device)
         result.environment = environment.describe(device)
         spec = catalog[cell.dataset]
@@ -206,8 +221,9 @@ def run_job(job: CellJob) -> CellResult:
         )
         method = cls.build(cls.Params(**cell.params), context)
         specs = {name: catalog[name] for name in {s.dataset for s in split.train} | {cell.dataset}}
-        method.fit(TrainSet(split.train, cell.setting, cell.shots, cell.image_size, specs, split.valid))
-        thresholds = choose_thresholds(method, split.valid, spec.masks, protocol, cell.image_size)
+        loader = loader_config(protocol, device)
+        method.fit(TrainSet(split.train, cell.setting, cell.shots, cell.image_size, specs, split.valid, loader))
+        thresholds = choose_thresholds(method, split.valid, spec.masks, protocol, cell.image_size, loader)
         writer = None
         if job.save_predictions:
             Path(job.cell_dir).mkdir(parents=True, exist_ok=True)
@@ -222,6 +238,7 @@ def run_job(job: CellJob) -> CellResult:
             protocol.batch_size,
             protocol.figure_samples,
             writer,
+            loader=loader,
         )
         if writer is not None:
             writer.close()

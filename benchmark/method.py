@@ -30,9 +30,9 @@ if TYPE_CHECKING:  # declaring, listing and validating methods never imports tor
     import torch
 
     from benchmark.backbones.cache import FeatureCache
-    from benchmark.data.loading import ImageBatch, LabelledBatch
+    from benchmark.data.loading import ImageBatch, LabelledBatch, LoaderConfig
 
-HARNESS_KEYS = ("method", "backbone", "image_size")  # per-method protocol keys the harness reads
+HARNESS_KEYS = ("method", "backbone", "image_size", "resources")  # per-method protocol keys the harness reads
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,7 @@ class TrainSet:
     image_size: int
     datasets: dict[str, DatasetSpec] = field(default_factory=dict)
     valid: tuple[Sample, ...] = ()
+    loader: LoaderConfig | None = None  # decoding processes and pinned memory (the cell's)
 
     def subset(self, samples: tuple[Sample, ...]) -> TrainSet:
         return dataclasses.replace(self, samples=tuple(samples))
@@ -86,7 +87,7 @@ class TrainSet:
         order = list(range(len(self.samples)))
         if generator is not None:
             order = torch.randperm(len(order), generator=generator).tolist()
-        return iterate_batches([self.samples[i] for i in order], self.image_size, batch_size)
+        return iterate_batches([self.samples[i] for i in order], self.image_size, batch_size, self.loader)
 
 
 @dataclass(frozen=True)

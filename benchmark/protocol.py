@@ -80,6 +80,8 @@ class Protocol:
     results_dir: str
     device: str
     figure_samples: int
+    resources: dict[str, float] = field(default_factory=dict)  # per cell on a Ray cluster: {cpus, gpus}
+    loader_workers: int | None = None  # image-decoding processes per cell; None: from the CPU count
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
 
@@ -201,6 +203,26 @@ def parse_backbone(path: str, data: Any, where: str) -> BackboneSpec:
     return spec
 
 
+RESOURCE_KEYS = ("cpus", "gpus")
+
+
+def parse_resources(path: str, data: Any, where: str) -> dict[str, float]:
+    """``{cpus: N, gpus: N}``, what one cell asks of a Ray cluster (numbers, cpus > 0, gpus >= 0)."""
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise BenchmarkError(f"{path}: {where}: expected a mapping such as {{gpus: 1, cpus: 4}}, got {data!r}")
+    out = {}
+    for key, value in data.items():
+        if key not in RESOURCE_KEYS:
+            raise BenchmarkError(f"{path}: {where}.{key}: unknown key (expected one of {', '.join(RESOURCE_KEYS)})")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= (0 if key == "gpus" else 1e-9):
+            raise BenchmarkError(f"{path}: {where}.{key}: expected a number {'>= 0' if key == 'gpus' else '> 0'}, "
+                                 f"got {value!r}")  # fmt: skip
+        out[key] = float(value)
+    return out
+
+
 def load_protocol(path: str | Path) -> Protocol:
     """Read and validate one protocol file; raises ``BenchmarkError`` naming the file and key."""
     path = str(path)
@@ -273,14 +295,19 @@ def load_protocol(path: str | Path) -> Protocol:
         results_dir=r.get("results_dir", str, "results"),
         device=r.get("device", str, "auto"),
         figure_samples=r.get("figure_samples", int, 4),
+        resources=parse_resources(path, data.get("resources") if isinstance(data, dict) else None, "resources"),
+        loader_workers=r.get("loader_workers", int, None),
         raw=data,
     )
     r.finish()
     for key, value in (("image_size", protocol.image_size), ("batch_size", protocol.batch_size)):
         if value <= 0:
             r.fail("expected a positive integer", key)
+    r.used.add("resources")
     if protocol.figure_samples < 0:
         r.fail("expected 0 or more images", "figure_samples")
+    if protocol.loader_workers is not None and protocol.loader_workers < 0:
+        r.fail("expected 0 or more processes", "loader_workers")
     if protocol.device not in ("auto", "cpu", "cuda") and not protocol.device.startswith("cuda:"):
         r.fail(f"expected auto, cpu, cuda or cuda:N, got '{protocol.device}'", "device")
     return protocol

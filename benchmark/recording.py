@@ -6,9 +6,8 @@ runs of finished cells that a dead invocation left RUNNING are finished from the
 a run get one, and runs a dead invocation left RUNNING with no record are marked KILLED. Nothing is logged
 twice: each record names its MLflow run.
 
-``MEDAD_BENCH_TEST_KILL_AT=point[:n[:SIGNAL]]`` ends the process (``os._exit``, as SIGKILL would) the n-th
-time ``point`` is passed, or sends it ``SIGNAL`` (``TERM``, ``INT``); tests use it to check that a kill at
-any stage leaves records that ``--resume`` completes.
+Tests kill the process between these stages (``benchmark.killpoints``) to check that ``--resume`` completes
+whatever a kill left.
 """
 
 from __future__ import annotations
@@ -16,33 +15,15 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import signal
 from collections import Counter
 from typing import Any
 
 from benchmark.errors import BenchmarkError
+from benchmark.killpoints import kill_point
 from benchmark.store import ResultStore
 from benchmark.tracking import DRIVER_TAG, Tracker, driver_is_dead
 
-_passed: Counter[str] = Counter()
 CELL_FILES = ("config.json", "environment.json", "manifest.json", "sweep.csv", "samples.png", "error.txt")
-
-
-def kill_point(name: str) -> None:
-    """End the process here when the test variable names this point (and this is its n-th passage)."""
-    wanted = os.environ.get("MEDAD_BENCH_TEST_KILL_AT")
-    if not wanted:
-        return
-    parts = wanted.split(":")
-    nth, sig = int(parts[1]) if len(parts) > 1 else 1, parts[2] if len(parts) > 2 else ""
-    if parts[0] == name:
-        _passed[name] += 1
-        if _passed[name] == nth:
-            if sig:
-                os.kill(os.getpid(), getattr(signal, f"SIG{sig}"))
-            else:
-                os._exit(137)
 
 
 class RecordingError(BenchmarkError):

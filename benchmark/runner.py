@@ -15,13 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from benchmark import environment
 from benchmark.cells import Cell
 from benchmark.data.catalog import DatasetSpec
 from benchmark.executors import SerialExecutor
+from benchmark.killpoints import kill_point
 from benchmark.preflight import preflight, prepare_synthetic
 from benchmark.protocol import Protocol
-from benchmark.recording import Recorder, cell_files, kill_point
+from benchmark.recording import Recorder, cell_files
 from benchmark.store import ResultStore, strict_json
 from benchmark.tracking import Tracker, tracking_uri
 
@@ -139,8 +142,13 @@ def run_protocol(
         jobs.append(job)
         index[cell.cell_id], bases[cell.cell_id] = position, base
 
+    # one live line on a terminal (cells done / running / failed, ETA); per-cell lines above it; none in logs
+    bar = tqdm(total=len(jobs), unit="cell", desc=protocol.name, disable=None, dynamic_ncols=True, leave=False)
+    say = bar.write if not bar.disable else echo
+
     def on_start(job: CellJob) -> None:
         running[job.cell.cell_id] = recorder.start(bases[job.cell.cell_id])
+        bar.set_postfix(running=len(running), failed=len(summary.failed))
         kill_point("cell_started")
 
     try:
@@ -153,6 +161,7 @@ def run_protocol(
             recorder.log(record, run_id)
             running.pop(cell.cell_id, None)
             kill_point("cell_ended")
+            bar.update(1)
             tag = f"[{index[cell.cell_id]}/{len(cells)}] {cell.cell_id}"
             if result.status == "finished":
                 summary.finished.append(cell.cell_id)
@@ -162,16 +171,19 @@ def run_protocol(
                     if k in result.metrics
                 )
                 label = " [random-init backbone]" if cell.backbone.random_init else ""
-                echo(f"{tag}: {shown} ({result.duration:.1f} s){label}")
+                say(f"{tag}: {shown} ({result.duration:.1f} s){label}")
             else:
                 summary.failed.append((cell.cell_id, result.error))
                 summary.bad_input |= result.bad_input
-                echo(f"{tag}: FAILED: {result.error} (traceback in {store.dir / cell.cell_id / 'error.txt'})")
+                say(f"{tag}: FAILED: {result.error} (traceback in {store.dir / cell.cell_id / 'error.txt'})")
+            bar.set_postfix(running=len(running), failed=len(summary.failed))
     except BaseException:
+        bar.close()
         for run_id in running.values():
             tracker.end(run_id, "KILLED")
         tracker.end(parent, "KILLED", even_if_behind=True)
         raise
+    bar.close()
     tracker.end(parent, "FAILED" if summary.failed else "FINISHED", even_if_behind=True)
     summary.mlflow_behind = tracker.behind
     return summary

@@ -83,7 +83,7 @@ def check_server(uri: str, timeout_s: int = 5) -> str | None:
         return None
     from mlflow.tracking import MlflowClient
 
-    _quiet()
+    _quiet()  # after MLflow's import, which sets its own log levels
     with _environ(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(timeout_s)):
         try:
             MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
@@ -121,7 +121,6 @@ class Tracker:
     def __init__(self, uri: str, experiment: str, artifact_dir: Path, description: str = "") -> None:
         for key, value in HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)
-        _quiet()
         self.uri = uri
         self.behind: str | None = None
         self.experiment_id: str | None = None
@@ -132,6 +131,7 @@ class Tracker:
         from filelock import FileLock
         from mlflow.tracking import MlflowClient
 
+        _quiet()  # after MLflow's import, which sets its own log levels
         lock = None
         if self.uri.startswith("sqlite:///"):
             db = Path(self.uri.removeprefix("sqlite:///"))

@@ -55,6 +55,20 @@ class LabelledBatch:
     def unlabelled(self) -> ImageBatch:
         return ImageBatch(self.images, self.keys)
 
+    def pin_memory(self) -> LabelledBatch:
+        """Page-locked copies of the tensors (a DataLoader calls this with ``pin_memory=True``)."""
+        return LabelledBatch(self.images.pin_memory(), self.keys, self.labels.pin_memory(),
+                             self.masks.pin_memory(), self.paths)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """How images are decoded: ``workers`` processes (0: in the calling process), page-locked batches and
+    prefetching for a CUDA device. The order of batches never depends on ``workers``."""
+
+    workers: int = 0
+    pin_memory: bool = False
+
 
 def _open(path: str) -> tuple[Image.Image, str]:
     data = Path(path).read_bytes()
@@ -160,7 +174,10 @@ def load_sample(sample: Sample, size: int) -> tuple[torch.Tensor, str, torch.Ten
 
 
 def load_batch(samples: Sequence[Sample], size: int) -> LabelledBatch:
-    loaded = [load_sample(s, size) for s in samples]
+    return _collate([load_sample(s, size) for s in samples], samples)
+
+
+def _collate(loaded: list[tuple[torch.Tensor, str, torch.Tensor]], samples: Sequence[Sample]) -> LabelledBatch:
     return LabelledBatch(
         images=torch.stack([image for image, _, _ in loaded]),
         keys=tuple(key for _, key, _ in loaded),
@@ -170,6 +187,38 @@ def load_batch(samples: Sequence[Sample], size: int) -> LabelledBatch:
     )
 
 
-def iterate_batches(samples: Sequence[Sample], size: int, batch_size: int) -> Iterator[LabelledBatch]:
-    for start in range(0, len(samples), batch_size):
-        yield load_batch(samples[start : start + batch_size], size)
+class _Batches(torch.utils.data.Dataset):
+    """Batch ``i`` of ``samples``: a DataLoader over it decodes whole batches in its worker processes."""
+
+    def __init__(self, samples: Sequence[Sample], size: int, batch_size: int) -> None:
+        self.samples, self.size, self.batch_size = list(samples), size, batch_size
+
+    def __len__(self) -> int:
+        return (len(self.samples) + self.batch_size - 1) // self.batch_size
+
+    def __getitem__(self, i: int) -> LabelledBatch | BenchmarkError:
+        try:
+            return load_batch(self.samples[i * self.batch_size : (i + 1) * self.batch_size], self.size)
+        except BenchmarkError as exc:  # handed over whole: a DataLoader would rewrap it in a generic message
+            return exc
+
+
+def iterate_batches(
+    samples: Sequence[Sample], size: int, batch_size: int, loader: LoaderConfig | None = None
+) -> Iterator[LabelledBatch]:
+    """Batches of ``samples`` in order; decoded ahead in ``loader.workers`` processes when there are any."""
+    loader = loader or LoaderConfig()
+    if loader.workers == 0 or len(samples) <= batch_size:
+        for start in range(0, len(samples), batch_size):
+            yield load_batch(samples[start : start + batch_size], size)
+        return
+    for batch in torch.utils.data.DataLoader(
+        _Batches(samples, size, batch_size),
+        batch_size=None,
+        num_workers=loader.workers,
+        pin_memory=loader.pin_memory,
+        prefetch_factor=2,
+    ):
+        if isinstance(batch, BenchmarkError):
+            raise batch
+        yield batch

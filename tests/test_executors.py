@@ -1,0 +1,147 @@
+"""Cells on worker processes and on Ray give the serial run's records, cell for cell; a dead worker fails
+only its cell."""
+
+import multiprocessing
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from benchmark.cli import main
+from benchmark.data.loading import LoaderConfig, iterate_batches
+from benchmark.store import ResultStore
+
+GRID = {
+    "datasets": ["SynthBrain", "SynthLiver"],
+    "settings": ["zero_shot_loo", {"name": "few_shot", "shots": [2]}],
+    "methods": {
+        "winclip": {"scales": [2]},
+        "mvfa": {"layers": [1, 2, 3, 4], "epochs": 2, "progress": False},
+    },
+}
+
+
+def _records(results):
+    return list(ResultStore(results, "t").records())
+
+
+def _metrics(results) -> dict:
+    return {
+        r["cell_id"]: r["metrics"] for r in ResultStore(results, "t").latest().values() if r["status"] == "finished"
+    }
+
+
+@pytest.fixture
+def serial(write_protocol, tmp_path):
+    """The grid run serially with one torch thread, as each of two workers on two cores has: reductions run
+    in the same order, so metrics agree bit for bit (across thread counts they differ in the 8th digit)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["run", str(write_protocol(results_dir=str(tmp_path / "serial"), **GRID))]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return _metrics(tmp_path / "serial")
+
+
+def _check_like_serial(results, serial):
+    assert _metrics(results) == serial and len(serial) == 8
+    lines = _records(results)
+    assert len(lines) == len(serial) and all(r["status"] == "finished" for r in lines)
+    client = MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert sorted(r.data.tags["mlflow.runName"] for r in children) == sorted(serial)
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_local_workers_give_the_serial_records(serial, write_protocol, tmp_path):
+    path = write_protocol(results_dir=str(tmp_path / "local"), **GRID)
+    assert main(["run", str(path), "--workers", "2"]) == 0
+    _check_like_serial(tmp_path / "local", serial)
+
+
+def test_ray_gives_the_serial_records(serial, write_protocol, tmp_path):
+    ray = pytest.importorskip("ray", reason="the dev extra installs ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        path = write_protocol(results_dir=str(tmp_path / "ray"), **GRID)
+        assert main(["run", str(path), "--executor", "ray"]) == 0
+    finally:
+        ray.shutdown()
+    _check_like_serial(tmp_path / "ray", serial)
+
+
+def test_a_killed_worker_fails_its_cell_and_the_grid_goes_on(write_protocol, tmp_path, monkeypatch, capsys):
+    victim = "mvfa-SynthLiver-few_shot-k2-seed0"
+    monkeypatch.setenv("MEDAD_BENCH_TEST_KILL_AT", f"job@{victim}:1:KILL")  # SIGKILL, in the worker running it
+    path = write_protocol(**GRID)
+    assert main(["run", str(path), "--workers", "2"]) == 1
+    latest = {r["cell_id"]: r for r in ResultStore(tmp_path / "results", "t").latest().values()}
+    assert latest[victim]["status"] == "failed"
+    assert "worker process died (signal SIGKILL)" in latest[victim]["error"]
+    assert sum(r["status"] == "finished" for r in latest.values()) == 7
+    monkeypatch.delenv("MEDAD_BENCH_TEST_KILL_AT")
+    capsys.readouterr()
+    assert main(["run", str(path), "--resume", "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("finished earlier, skipped") == 7 and "finished 1, skipped 7, failed 0" in out
+
+
+def test_loader_workers_never_change_the_batches(synth_root, catalog):
+    from benchmark.data.layout import read_split
+
+    samples = read_split(synth_root, catalog["SynthBrain"], "test")
+    plain = list(iterate_batches(samples, 32, 3))
+    for workers in (1, 2):
+        loaded = list(iterate_batches(samples, 32, 3, LoaderConfig(workers)))
+        assert [b.keys for b in loaded] == [b.keys for b in plain]
+        assert all(
+            torch.equal(a.images, b.images) and torch.equal(a.masks, b.masks)
+            for a, b in zip(loaded, plain, strict=True)
+        )
+
+
+def _write_same_key(root: str, rounds: int) -> None:
+    from benchmark.backbones.cache import FeatureCache
+
+    for i in range(rounds):
+        entry = next(iter(Path(root).rglob("*.pt")), None)
+        if entry is not None and i % 2:
+            entry.unlink(missing_ok=True)  # both processes keep rewriting the one key
+        out = FeatureCache(root).cached({"r": 1}, ["k" * 40], torch.zeros(1, 3, 4, 4),
+                                        lambda x: {"f": torch.arange(4096.0)[None]})  # fmt: skip
+        assert torch.equal(out["f"][0], torch.arange(4096.0)), i
+
+
+def test_concurrent_writers_of_one_cache_key_never_tear_it(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_write_same_key, args=(str(tmp_path), 30)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    entries = list(tmp_path.rglob("*.pt"))
+    assert len(entries) == 1 and not list(tmp_path.rglob("*.tmp*"))
+    assert torch.equal(torch.load(entries[0])["f"], torch.arange(4096.0))
+
+
+def test_without_ray_the_executor_is_a_one_line_error(write_protocol, monkeypatch, capsys, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the extra were not installed
+    assert main(["run", str(write_protocol(datasets=["SynthBrain"])), "--executor", "ray"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install -e '.[ray]'" in err
+    assert not (tmp_path / "results").exists()  # refused before anything was recorded
+
+
+@pytest.mark.parametrize(
+    ("resources", "expected"),
+    [({"gpu": 1}, "resources.gpu: unknown key"), ({"cpus": 0}, "resources.cpus: expected a number > 0")],
+)
+def test_resources_are_validated(write_protocol, capsys, resources, expected):
+    assert main(["run", str(write_protocol(resources=resources)), "--dry-run"]) == 2
+    assert expected in capsys.readouterr().err
