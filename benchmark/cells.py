@@ -138,16 +138,30 @@ def cell_resources(protocol: Protocol, cell: Cell) -> dict[str, float]:
     return {**protocol.resources, **own}
 
 
-def skipped_pairs(protocol: Protocol, catalog: dict[str, DatasetSpec]) -> list[tuple[str, str]]:
-    """(method, setting or dataset) pairs of the protocol that are not run: settings the method does not
-    support, and datasets without pixel masks for methods that train on masks."""
+def skipped_pairs(
+    protocol: Protocol, catalog: dict[str, DatasetSpec], methods=None, datasets=None
+) -> list[tuple[str, str]]:
+    """(method, setting or dataset) pairs of the protocol, narrowed like ``expand``, that are not run: settings
+    the method does not support, and datasets without pixel masks for methods that train on masks."""
     skipped = []
-    for m, raw in protocol.methods.items():
-        cls = METHODS.get(plugin_of(m, raw))
+    for m in _narrow(list(protocol.methods), methods, "--methods"):
+        cls = METHODS.get(plugin_of(m, protocol.methods[m]))
         skipped += [(m, s.name) for s in protocol.settings if s.name not in cls.settings]
         if cls.requires_masks:
-            skipped += [(m, d) for d in protocol.datasets if d in catalog and not catalog[d].masks]
-    return skipped
+            picked = _narrow(list(protocol.datasets), datasets, "--datasets")
+            skipped += [(m, d) for d in picked if d in catalog and not catalog[d].masks]
+    return list(dict.fromkeys(skipped))
+
+
+def skipped_note(skipped: list[tuple[str, str]], catalog: dict[str, DatasetSpec]) -> str:
+    """The skipped pairs as one line, grouped by method; "" when none."""
+    if not skipped:
+        return ""
+    by_method: dict[str, list[str]] = {}
+    for method, what in skipped:
+        by_method.setdefault(method, []).append(f"{what} (no masks)" if what in catalog else what)
+    parts = "; ".join(f"{m}: {', '.join(whats)}" for m, whats in by_method.items())
+    return f"not run (setting not supported, or a mask-trained method on a dataset without masks): {parts}"
 
 
 def _narrow(available: list[str], wanted: list[str] | None, flag: str) -> list[str]:

@@ -28,14 +28,18 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmark", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a protocol's grid of cells")
-    run.add_argument("protocol")
-    run.add_argument("--methods", type=_csv(str))
-    run.add_argument("--datasets", type=_csv(str))
-    run.add_argument("--seeds", type=_csv(int))
+    run.add_argument("protocol", help="a protocol file, e.g. protocols/demo.yaml (`list` shows the shipped ones)")
+    run.add_argument("--methods", type=_csv(str), help="run only these method entries of the protocol (a,b)")
+    run.add_argument("--datasets", type=_csv(str), help="run only these datasets of the protocol (x,y)")
+    run.add_argument("--seeds", type=_csv(int), help="run only these model seeds of the protocol (0,1)")
     run.add_argument("--data-root", help="folder holding the datasets (overrides the protocol's data_root)")
     run.add_argument("--results-dir", help="overrides the protocol's results_dir")
     run.add_argument("--resume", action="store_true", help="skip cells already finished with the same config")
-    run.add_argument("--dry-run", action="store_true", help="print the cells and their training samples only")
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the grid, the skipped pairs and each cell's training samples; run and write nothing",
+    )
     run.add_argument("--save-predictions", action="store_true", help="write each cell's predictions.npz")
     run.add_argument(
         "--workers",
@@ -49,8 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--address", help="with --executor ray: the cluster to join (e.g. auto); none: a local Ray")
     tables = sub.add_parser("tables", help="render an experiment's results as tables")
-    tables.add_argument("experiment")
-    tables.add_argument("--format", choices=("latex", "markdown", "csv"), default="markdown")
+    tables.add_argument("experiment", help="the protocol's name (its results are in RESULTS_DIR/EXPERIMENT)")
+    tables.add_argument(
+        "--format", choices=("latex", "markdown", "csv"), default="markdown", help="output format (markdown)"
+    )
     tables.add_argument(
         "--style",
         choices=("mvfa", "medsad"),
@@ -60,23 +66,26 @@ def _parser() -> argparse.ArgumentParser:
     tables.add_argument("--metrics", type=_csv(str), help="explicit metric columns, e.g. dice,dice_oracle")
     tables.add_argument("--published", action="store_true", help="add the papers' numbers and the difference")
     tables.add_argument(
+        "--std", action="store_true", help="LaTeX: add ± std over seeds after each mean (Markdown always has it)"
+    )
+    tables.add_argument(
         "--efficiency",
         action="store_true",
         help="trainable parameters and head FLOPs beside average AUROC (MCMIAD Table 2)",
     )
-    tables.add_argument("--results-dir", default="results")
-    tables.add_argument("--out")
+    tables.add_argument("--results-dir", default="results", help="the folder runs wrote to (results)")
+    tables.add_argument("--out", help="write the table to this file instead of printing it")
     sub.add_parser("list", help="methods, datasets and protocols")
     synth = sub.add_parser("synth", help="write the synthetic data sets")
-    synth.add_argument("--out", default="data/synthetic")
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--out", default="data/synthetic", help="folder to write them to (data/synthetic)")
+    synth.add_argument("--seed", type=int, default=0, help="generator seed (0)")
     fetch = sub.add_parser(
         "fetch-weights", help="download open_clip (or timm:MODEL) weights into the cache (needs internet)"
     )
-    fetch.add_argument("model")
-    fetch.add_argument("tag")
+    fetch.add_argument("model", help="an open_clip model name (ViT-L-14-336) or timm:NAME (timm:tf_efficientnet_b6)")
+    fetch.add_argument("tag", help="its pretrained tag (openai, laion400m_e31, aa_in1k)")
     sync = sub.add_parser("sync", help="bring MLflow up to date with a protocol's local records")
-    sync.add_argument("protocol")
+    sync.add_argument("protocol", help="the protocol file whose records MLflow should hold")
     sync.add_argument("--results-dir", help="overrides the protocol's results_dir")
     return p
 
@@ -84,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_run(args) -> int:
     import dataclasses
 
-    from benchmark.cells import expand, skipped_pairs
+    from benchmark.cells import expand, skipped_note, skipped_pairs
     from benchmark.data.catalog import load_catalog
     from benchmark.protocol import load_protocol
 
@@ -98,25 +107,26 @@ def _cmd_run(args) -> int:
     catalog = load_catalog([Path(p) for p in protocol.dataset_cards])
     cells = expand(protocol, catalog, args.methods, args.datasets, args.seeds)
     root = Path(protocol.data_root)
+    note = skipped_note(skipped_pairs(protocol, catalog, args.methods, args.datasets), catalog)
     if args.dry_run:
-        return _dry_run(protocol, catalog, cells, root)
-    from benchmark.runner import run_protocol
+        return _dry_run(protocol, catalog, cells, root, note)
+    from benchmark.runner import next_commands, run_protocol, summary_table
 
     print(f"{protocol.name} (protocol version {protocol.version}): {len(cells)} cells, data root '{root}'")
-    for method, what in skipped_pairs(protocol, catalog):
-        print(
-            f"note: '{method}' is not run on '{what}': it has no pixel masks"
-            if what in catalog
-            else f"note: '{method}' does not support '{what}'; those cells are not run"
-        )
+    if note:
+        print(f"note: {note}")
     executor = _executor(args, protocol)
     summary = run_protocol(
         protocol, catalog, cells, root, resume=args.resume, save_predictions=args.save_predictions, executor=executor
     )
+    if summary.rows:
+        print("\n" + summary_table(summary.rows) + "\n")
     print(
         f"finished {len(summary.finished)}, skipped {len(summary.skipped)}, failed {len(summary.failed)}; "
         f"results in {Path(protocol.results_dir) / protocol.name}"
     )
+    if summary.finished or summary.skipped:
+        print("next:\n" + "\n".join(f"  {line}" for line in next_commands(protocol)))
     if summary.mlflow_behind:
         print(f"MLflow is behind the local records ({summary.mlflow_behind}); catch it up with: "
               f"python -m benchmark sync {args.protocol}")  # fmt: skip
@@ -182,24 +192,35 @@ def _cmd_sync(args) -> int:
     return 0
 
 
-def _dry_run(protocol, catalog, cells, root: Path) -> int:
+def _dry_run(protocol, catalog, cells, root: Path, skipped: str) -> int:
+    """The grid, the skipped pairs and, where the data are there, each cell's samples; writes nothing (not
+    even the synthetic data a real run would write first)."""
     from benchmark.errors import PreflightError
-    from benchmark.preflight import check_splits, prepare_synthetic
+    from benchmark.preflight import check_splits
 
-    prepare_synthetic(protocol, catalog, root)
-    splits, problems = check_splits(protocol, catalog, cells, root)
+    splits, problems, missing = check_splits(protocol, catalog, cells, root)
+    here = Path.cwd()
+    for name, why in missing.items():
+        if catalog[name].synthetic:
+            print(f"data: '{name}' is synthetic and not written yet: a run writes it under '{root}' first")
+        else:
+            print(f"data: {why}")
     for cell in cells:
         split = splits.get(cell.cell_id)
+        head = f"{cell.cell_id}  backbone={cell.backbone.label()}  image_size={cell.image_size}"
         if split is None:
+            print(f"{head}  (no samples: data missing)")
             continue
-        print(
-            f"{cell.cell_id}  backbone={cell.backbone.label()}  train={len(split.train)} from {split.train_source}"
-            f"  test={len(split.test)}"
-        )
+        print(f"{head}  train={len(split.train)} from {split.train_source}  test={len(split.test)}")
         if cell.setting in ("few_shot", "few_normal"):
             for s in split.train:
                 print(f"    {'anomalous' if s.label else 'normal   '}  {s.path}")
-    print(f"{len(cells)} cells (dry run: nothing was run or recorded)")
+    if skipped:
+        print(f"note: {skipped}")
+    print(
+        f"{len(cells)} cells (dry run: nothing was run, written or recorded). Relative paths are relative to the "
+        f"current folder '{here}': data root '{root}', results '{Path(protocol.results_dir) / protocol.name}'"
+    )
     if problems:
         raise PreflightError(problems)
     return 0
@@ -222,12 +243,17 @@ def _cmd_tables(args) -> int:
     recorded = set(frame["metric"].dropna())
     if unknown := [m for m in metrics if m not in recorded]:
         raise BenchmarkError(f"--metrics: '{unknown[0]}' was not recorded (recorded: {sorted(recorded)})")
-    caption = tables.caption_for(frame, args.experiment, metrics)
+    caption = tables.caption_for(frame, args.experiment, metrics, std=args.std or args.format != "latex")
+    if args.published and args.format != "csv" and not tables.has_published(tables.build(frame, metrics, True)[0]):
+        raise BenchmarkError(
+            f"--published: no published number matches a row of '{args.experiment}' (the papers report their "
+            "methods on the BMAD and MedSAD-CLIP datasets in their settings; see results/published/README.md)"
+        )
     if args.efficiency:
         caption = f"{args.experiment}: trainable parameters of each method's head beside its mean AUROC (%)."
         text = tables.render_efficiency(list(store.latest().values()), args.format, caption)
     elif args.format == "latex":
-        text = tables.render_latex(frame, metrics, caption, f"tab:{args.experiment}", args.published)
+        text = tables.render_latex(frame, metrics, caption, f"tab:{args.experiment}", args.published, args.std)
     elif args.format == "markdown":
         text = tables.render_markdown(frame, metrics, caption, args.published)
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
@@ -10,6 +11,13 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
+
+WORKER_ENV = "MEDAD_BENCH_WORKER"  # set in worker processes: no per-cell progress bars (the driver shows the grid's)
+
+
+def in_worker() -> bool:
+    return os.environ.get(WORKER_ENV) == "1"
+
 
 PACKAGES = ("torch", "torchvision", "open_clip_torch", "timm", "numpy", "scikit-learn", "mlflow", "pandas")
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING
 
+from benchmark.environment import WORKER_ENV
 from benchmark.errors import BenchmarkError
 
 if TYPE_CHECKING:
@@ -51,7 +52,9 @@ class SerialExecutor:
 
 
 def _set_threads(threads: int) -> None:
-    """Before torch is imported: its thread pools size themselves from these variables."""
+    """Before torch is imported: its thread pools size themselves from these variables; and mark the process a
+    worker (no per-cell progress bars)."""
+    os.environ[WORKER_ENV] = "1"
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[name] = str(threads)
 
@@ -152,6 +155,7 @@ class LocalExecutor:
 
 
 def _ray_job(job: CellJob, threads: int) -> CellResult:
+    os.environ[WORKER_ENV] = "1"
     import torch
 
     torch.set_num_threads(threads)

@@ -8,7 +8,6 @@ that any number of workers may run jobs while the driver alone writes records. E
 
 from __future__ import annotations
 
-import io
 import math
 import random
 import time
@@ -33,7 +32,7 @@ from benchmark.metrics import ImageMetrics, PixelMetrics
 from benchmark.predictions import PredictionWriter
 from benchmark.preflight import cell_split
 from benchmark.protocol import Protocol
-from benchmark.reports.figures import samples_figure
+from benchmark.reports.figures import Curve, SampleView, roc_figure, samples_figure, sweep_figure, to_png
 
 
 @dataclass(frozen=True)
@@ -60,7 +59,8 @@ class CellResult:
     info: dict = field(default_factory=dict)
     sweep: list[dict[str, float]] = field(default_factory=list)
     manifest: dict = field(default_factory=dict)
-    figure_png: bytes = b""
+    figures: dict[str, bytes] = field(default_factory=dict)  # file name -> PNG
+    history: dict[str, list[float]] = field(default_factory=dict)  # per-epoch training curves
     test_hash: str = ""
     environment: dict = field(default_factory=dict)
     started: float = 0.0
@@ -98,8 +98,9 @@ def seed_everything(seed: int) -> None:
 class Evaluation:
     metrics: dict[str, float]
     sweep: list[dict[str, float]]
-    figure: list[tuple]
+    figure: list[SampleView]
     test_hash: str
+    roc: dict[str, Curve]
 
 
 def _check_prediction(method: Method, scores: torch.Tensor, maps: torch.Tensor, n: int, size: int):
@@ -133,7 +134,7 @@ def evaluate(
     that no NaN is ever recorded as a result."""
     images = ImageMetrics()
     pixels = PixelMetrics((*sweep, thresholds["dice"])) if has_masks else None
-    figure: list[tuple] = []
+    figure: list[SampleView] = []
     keys: list[str] = []
     want = {0: (figure_samples + 1) // 2, 1: figure_samples // 2}
     for batch in iterate_batches(samples, size, batch_size, loader):
@@ -148,7 +149,16 @@ def evaluate(
         for i, label in enumerate(batch.labels.tolist()):
             if want[label] > 0:
                 want[label] -= 1
-                figure.append((Path(batch.paths[i]).name, batch.images[i], batch.masks[i], maps[i], float(scores[i])))
+                figure.append(
+                    SampleView(
+                        Path(batch.paths[i]).name,
+                        batch.images[i].permute(1, 2, 0).clamp(0, 1).numpy(),
+                        batch.masks[i].bool().numpy(),
+                        maps[i].numpy(),
+                        float(scores[i]),
+                        label,
+                    )
+                )
         keys += batch.keys
     anomalous = int(images.labels.sum())
     if not anomalous or anomalous == len(images.labels):
@@ -160,7 +170,12 @@ def evaluate(
         raise BenchmarkError(
             f"no anomalous pixel is left in the {what} masks at {size}x{size} px; pixel metrics would be undefined"
         )
-    metrics = {"image_auroc": images.auroc(), "image_accuracy": images.accuracy(thresholds["accuracy"])}
+    metrics = {
+        "image_auroc": images.auroc(),
+        "image_accuracy": images.accuracy(thresholds["accuracy"]),
+        "image_aupr": images.aupr(),
+        "image_f1_max": images.f1_max(),
+    }
     rows = []
     for t in sweep:
         row = {"threshold": t, "image_accuracy": images.accuracy(t)}
@@ -170,6 +185,9 @@ def evaluate(
     if pixels is not None:
         metrics["pixel_auroc"] = pixels.auroc()
         metrics["pixel_auroc_bin_error_bound"] = pixels.auroc_error_bound()
+        metrics["pixel_aupr"] = pixels.aupr()
+        metrics["pixel_aupro"] = pixels.aupro()
+        metrics["pixel_aupro_bin_error_bound"] = pixels.aupro_error_bound()
         metrics["dice"] = pixels.dice(thresholds["dice"])
         for row in rows:
             metrics[f"dice_t{row['threshold']:g}"] = row["dice"]
@@ -177,7 +195,10 @@ def evaluate(
     undefined = sorted(k for k, v in metrics.items() if not math.isfinite(v))
     if undefined:
         raise RuntimeError(f"metrics {', '.join(undefined)} are not finite")
-    return Evaluation(metrics, rows, figure, content_hash(keys))
+    roc = {"image": Curve(*images.roc(), metrics["image_auroc"])}
+    if pixels is not None:
+        roc["pixel"] = Curve(*pixels.roc(), metrics["pixel_auroc"])
+    return Evaluation(metrics, rows, figure, content_hash(keys), roc)
 
 
 def choose_thresholds(
@@ -195,10 +216,13 @@ def choose_thresholds(
     return {"dice": best_dice, "accuracy": best_acc}
 
 
-def _figure_png(figure: list[tuple], title: str) -> bytes:
-    buffer = io.BytesIO()
-    samples_figure(figure, title, buffer)
-    return buffer.getvalue()
+def cell_figures(ev: Evaluation, title: str, thresholds: dict[str, float]) -> dict[str, bytes]:
+    """A cell's PNGs: test samples at the Dice threshold, the threshold sweep, the ROC curves."""
+    return {
+        "samples.png": to_png(samples_figure(ev.figure, title, thresholds["dice"])),
+        "sweep.png": to_png(sweep_figure(ev.sweep, f"threshold sweep | {title}", thresholds["dice"])),
+        "roc.png": to_png(roc_figure(ev.roc, title)),
+    }
 
 
 def run_job(job: CellJob) -> CellResult:
@@ -242,9 +266,11 @@ def run_job(job: CellJob) -> CellResult:
         )
         if writer is not None:
             writer.close()
-        result.figure_png = _figure_png(ev.figure, f"{cell.cell_id} | backbone {cell.backbone.label()}")
+        result.figures = cell_figures(ev, f"{cell.cell_id} | backbone {cell.backbone.label()}", thresholds)
         result.metrics, result.sweep, result.test_hash = ev.metrics, ev.sweep, ev.test_hash
+        result.history = method.curves()
         result.info = {
+            **{f"param_{k}": v for k, v in method.effective_params().items()},
             "train_source": split.train_source,
             "train_count": len(split.train),
             "test_count": len(split.test),

@@ -145,6 +145,16 @@ class Method:
         """Extra MLflow params (e.g. the variant run, trainable parameter count)."""
         return {}
 
+    def effective_params(self) -> dict[str, Any]:
+        """Every parameter as the cell used it (a default chosen by mode or setting filled in), for the
+        records and MLflow; call after ``fit``."""
+        return dataclasses.asdict(self.params) if dataclasses.is_dataclass(self.params) else {}
+
+    def curves(self) -> dict[str, list[float]]:
+        """Per-epoch training curves (MLflow draws them as metric steps); ``train_loss`` from the shared loop."""
+        history = getattr(self, "history", None)
+        return {"train_loss": [float(v) for v in history]} if history else {}
+
     def published_as(self) -> str:
         """The method name of the papers' rows this configuration reproduces, or "" for a configuration no
         paper reports (an ablation variant): tables print published numbers beside matching rows only."""

@@ -10,6 +10,17 @@
 - Dice and accuracy at fixed thresholds are exact: each pixel is bucketed by how many thresholds it
   reaches (``score >= t``), so one pass counts TP/FP/FN for every threshold of the sweep. Dice is the
   dataset-level Dice, ``2 TP / (2 TP + FP + FN)`` over all test pixels.
+- AUPR is *average precision*, scikit-learn's ``average_precision_score`` (a step sum over thresholds,
+  ``sum_k (R_k - R_(k-1)) P_k``), not the trapezoid area under the precision-recall curve: exact for images;
+  for pixels computed over the same bins, so it equals scikit-learn's value on maps quantised to them.
+- Image F1-max: the best F1 over every threshold (each distinct score), exact.
+- Pixel AUPRO (Bergmann et al., IJCV 2021): regions are the 8-connected components of each test mask;
+  ``PRO(t)`` is the mean over all regions of the fraction of the region at or above ``t``, which is a sum over
+  anomalous pixels weighted by ``1 / size of their region``, so one more weighted histogram holds it;
+  ``FPR(t)`` comes from the normal pixels' histogram. The area under PRO(FPR) up to ``limit`` (0.3), the
+  curve interpolated at the limit, is divided by the limit. Within a bin the exact curve is monotone
+  between the bin's end points, so the binned area is off by at most ``sum 0.5 dFPR dPRO / limit`` (the last,
+  cut segment counted whole): ``aupro_error_bound`` returns it.
 
 A metric whose classes are missing (no anomalous image, no anomalous pixel) is NaN with a warning.
 """
@@ -39,6 +50,10 @@ METRICS = {
         MetricInfo("pixel_auroc"),
         MetricInfo("dice"),
         MetricInfo("dice_oracle"),
+        MetricInfo("image_aupr"),
+        MetricInfo("image_f1_max"),
+        MetricInfo("pixel_aupr"),
+        MetricInfo("pixel_aupro"),
     )
 }
 
@@ -64,6 +79,34 @@ def auroc_exact(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
+def _descending_counts(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """True and false positives at each distinct score taken as threshold (``score >= t``), highest first."""
+    order = np.argsort(-scores, kind="mergesort")
+    s, y = scores[order], labels[order].astype(np.float64)
+    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]  # the last index of each run of equal scores
+    tps = np.cumsum(y)[last]
+    return tps, last + 1 - tps
+
+
+def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
+    """scikit-learn's ``average_precision_score``: ``sum_k (R_k - R_(k-1)) P_k`` over distinct thresholds."""
+    labels = np.asarray(labels).astype(bool)
+    if not labels.any() or labels.all():
+        return _nan("AUPR is undefined with one class only; reporting NaN")
+    tps, fps = _descending_counts(np.asarray(scores, dtype=np.float64), labels)
+    recall = tps / tps[-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * tps / (tps + fps)))
+
+
+def f1_max(scores: np.ndarray, labels: np.ndarray) -> float:
+    """The best F1 of ``score >= t`` over every threshold ``t`` (each distinct score)."""
+    labels = np.asarray(labels).astype(bool)
+    if not labels.any():
+        return _nan("F1 is undefined without anomalous images; reporting NaN")
+    tps, fps = _descending_counts(np.asarray(scores, dtype=np.float64), labels)
+    return float(np.max(2 * tps / (tps + fps + labels.sum())))
+
+
 class ImageMetrics:
     """Image-level AUROC and accuracy at thresholds, from per-image scores and labels."""
 
@@ -86,6 +129,17 @@ class ImageMetrics:
     def auroc(self) -> float:
         return auroc_exact(self.scores, self.labels)
 
+    def aupr(self) -> float:
+        return average_precision(self.scores, self.labels)
+
+    def f1_max(self) -> float:
+        return f1_max(self.scores, self.labels)
+
+    def roc(self) -> tuple[np.ndarray, np.ndarray]:
+        """False and true positive rates at each distinct score taken as threshold, from (0, 0)."""
+        tps, fps = _descending_counts(self.scores.astype(np.float64), self.labels.astype(bool))
+        return np.r_[0.0, fps / max(fps[-1], 1)], np.r_[0.0, tps / max(tps[-1], 1)]
+
     def accuracy(self, threshold: float) -> float:
         """Fraction of images with ``(score >= threshold) == label``."""
         if len(self.labels) == 0:
@@ -93,8 +147,23 @@ class ImageMetrics:
         return float(((self.scores >= threshold) == self.labels.astype(bool)).mean())
 
 
+def region_weights(masks: np.ndarray) -> tuple[np.ndarray, int]:
+    """For the anomalous pixels of ``masks`` ``[B,H,W]`` (row-major order, as ``masks.reshape(-1)``), the
+    weight ``1 / size`` of the 8-connected region each belongs to, and the number of regions."""
+    from scipy import ndimage
+
+    weights, count = [], 0
+    for mask in masks:
+        labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+        if n:
+            sizes = np.bincount(labels.ravel())
+            weights.append(1.0 / sizes[labels[mask]])
+        count += n
+    return (np.concatenate(weights) if weights else np.zeros(0)), count
+
+
 class PixelMetrics:
-    """Pixel AUROC from fixed-bin histograms and exact Dice at a fixed set of thresholds."""
+    """Pixel AUROC, AUPR and AUPRO from fixed-bin histograms; exact Dice at a fixed set of thresholds."""
 
     def __init__(self, thresholds: tuple[float, ...] | list[float], bins: int = 1 << 16) -> None:
         self.thresholds = tuple(sorted(set(float(t) for t in thresholds)))
@@ -105,6 +174,8 @@ class PixelMetrics:
         self.level_pos = torch.zeros(n, dtype=torch.int64)
         self.level_neg = torch.zeros(n, dtype=torch.int64)
         self._thr = torch.tensor(self.thresholds, dtype=torch.float32)
+        self.hist_region = torch.zeros(bins, dtype=torch.float64)  # anomalous pixels weighted 1 / region size
+        self.regions = 0
 
     def update(self, maps: torch.Tensor, masks: torch.Tensor) -> None:
         """Add a batch of anomaly maps ``[B,H,W]`` in [0,1] and binary masks of the same shape."""
@@ -120,6 +191,9 @@ class PixelMetrics:
         self.hist_neg += torch.bincount(neg_bins, minlength=self.bins)
         self.level_pos += torch.bincount(level[truth], minlength=n)
         self.level_neg += torch.bincount(level[~truth], minlength=n)
+        weights, regions = region_weights(masks.detach().to("cpu").bool().numpy())
+        self.hist_region += torch.bincount(pos_bins, weights=torch.from_numpy(weights), minlength=self.bins)
+        self.regions += regions
 
     @property
     def n_pos(self) -> int:
@@ -144,6 +218,55 @@ class PixelMetrics:
         if p == 0 or n == 0:
             return float("nan")
         return float(0.5 * (self.hist_pos.double() * self.hist_neg.double()).sum() / (p * n))
+
+    def roc(self, points: int = 512) -> tuple[np.ndarray, np.ndarray]:
+        """False and true positive rates with each bin taken as threshold, from (0, 0) to (1, 1), thinned to
+        about ``points`` points for plotting."""
+        fpr = torch.cat([torch.zeros(1, dtype=torch.float64), self.hist_neg.double().flip(0).cumsum(0)])
+        tpr = torch.cat([torch.zeros(1, dtype=torch.float64), self.hist_pos.double().flip(0).cumsum(0)])
+        fpr, tpr = (fpr / max(self.n_neg, 1)).numpy(), (tpr / max(self.n_pos, 1)).numpy()
+        keep = np.unique(np.r_[0, np.linspace(0, len(fpr) - 1, points).astype(int), len(fpr) - 1])
+        return fpr[keep], tpr[keep]
+
+    def aupr(self) -> float:
+        """Average precision over the bins (each non-empty bin one threshold)."""
+        if self.n_pos == 0 or self.n_neg == 0:
+            return _nan("pixel AUPR is undefined without both normal and anomalous pixels; reporting NaN")
+        pos, neg = self.hist_pos.double().flip(0), self.hist_neg.double().flip(0)
+        tps, fps = pos.cumsum(0), neg.cumsum(0)
+        used = (pos + neg) > 0
+        precision = tps[used] / (tps[used] + fps[used])
+        return float((pos[used] / self.n_pos * precision).sum())
+
+    def _pro_curve(self, limit: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """FPR and PRO at each bin taken as threshold, highest first, from (0, 0), up to the first FPR > limit."""
+        fpr = torch.cat([torch.zeros(1, dtype=torch.float64), self.hist_neg.double().flip(0).cumsum(0) / self.n_neg])
+        pro = torch.cat([torch.zeros(1, dtype=torch.float64), self.hist_region.flip(0).cumsum(0) / self.regions])
+        beyond = int(torch.searchsorted(fpr, torch.tensor([limit], dtype=torch.float64), right=True)[0])
+        return fpr[: beyond + 1], pro[: beyond + 1]
+
+    def aupro(self, limit: float = 0.3) -> float:
+        """Area under PRO(FPR) for FPR in [0, limit], interpolated at the limit, divided by the limit."""
+        if self.regions == 0 or self.n_neg == 0:
+            return _nan("pixel AUPRO is undefined without anomalous regions and normal pixels; reporting NaN")
+        fpr, pro = self._pro_curve(limit)
+        if fpr[-1] > limit:  # cut the last segment at the limit
+            share = (limit - fpr[-2]) / (fpr[-1] - fpr[-2])
+            fpr, pro = (
+                torch.cat([fpr[:-1], fpr.new_tensor([limit])]),
+                torch.cat([pro[:-1], (pro[-2] + share * (pro[-1] - pro[-2])).view(1)]),
+            )
+        return float(torch.trapezoid(pro, fpr) / limit)
+
+    def aupro_error_bound(self, limit: float = 0.3) -> float:
+        """Largest possible |binned AUPRO - exact AUPRO| for the pixels seen so far."""
+        if self.regions == 0 or self.n_neg == 0:
+            return float("nan")
+        fpr, pro = self._pro_curve(limit)
+        bound = 0.5 * fpr.diff() * pro.diff()
+        if fpr[-1] > limit:  # the cut segment: the exact curve may lie anywhere in its box
+            bound[-1] = (limit - fpr[-2]) * (pro[-1] - pro[-2])
+        return float(bound.sum() / limit)
 
     def dice(self, threshold: float) -> float:
         """Dataset-level Dice of ``map >= threshold`` against the masks; ``threshold`` must be tracked."""

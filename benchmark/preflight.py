@@ -52,20 +52,20 @@ def prepare_synthetic(protocol: Protocol, catalog: dict[str, DatasetSpec], root:
 
 def check_splits(
     protocol: Protocol, catalog: dict[str, DatasetSpec], cells: list[Cell], root: Path
-) -> tuple[dict[str, Split], list[str]]:
-    """Every cell's split, listing files only, and every fault found on the way (one line each): missing
-    folders or masks, K above a pool, a test set without both normal and anomalous images."""
+) -> tuple[dict[str, Split], list[str], dict[str, str]]:
+    """Every cell's split, listing files only; every fault found on the way (one line each): masks without
+    images, K above a pool, a test set without both normal and anomalous images; and the datasets whose
+    folders are missing, each with its one line."""
     problems: list[str] = []
     splits: dict[str, Split] = {}
-    missing: set[str] = set()
+    missing: dict[str, str] = {}
     for name in dict.fromkeys(d for c in cells for d in (c.dataset, *c.loo_sources)):
         try:
             dataset_dir(root, catalog[name])
         except BenchmarkError as exc:
-            problems.append(str(exc))
-            missing.add(name)
+            missing[name] = str(exc)
     for cell in cells:
-        if missing & {cell.dataset, *cell.loo_sources}:
+        if set(missing) & {cell.dataset, *cell.loo_sources}:
             continue
         try:
             split = cell_split(cell, protocol, catalog, root)
@@ -79,7 +79,7 @@ def check_splits(
                 f"holds {normal} normal and {anomalous} anomalous images; a test set needs both"
             )
         splits[cell.cell_id] = split
-    return splits, problems
+    return splits, problems, missing
 
 
 def check_weights(cells: list[Cell]) -> list[str]:
@@ -140,7 +140,8 @@ def preflight(protocol: Protocol, catalog: dict[str, DatasetSpec], cells: list[C
     with a short timeout), data layout, weights."""
     problems = check_folders(protocol, uri)
     problems += [p for p in (check_server(uri),) if p]
-    problems += check_splits(protocol, catalog, cells, root)[1]
+    _, found, missing = check_splits(protocol, catalog, cells, root)
+    problems += [*missing.values(), *found]
     problems += check_weights(cells)
     if problems:
         raise PreflightError(problems)

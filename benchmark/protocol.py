@@ -6,6 +6,7 @@ A protocol never chooses anything on test data: thresholds are fixed or chosen o
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,11 +224,26 @@ def parse_resources(path: str, data: Any, where: str) -> dict[str, float]:
     return out
 
 
+def _nearest_protocol(path: str) -> str:
+    """A hint naming the shipped protocol closest to ``path`` (``demo`` -> ``protocols/demo.yaml``)."""
+    shipped = Path(__file__).resolve().parents[1] / "protocols"
+    names = {p.stem: p for p in shipped.glob("*.yaml")}
+    close = difflib.get_close_matches(Path(path).stem, list(names), n=1, cutoff=0.5)
+    if not close:
+        return ""
+    found = names[close[0]]
+    try:
+        shown = found.relative_to(Path.cwd())
+    except ValueError:
+        shown = found
+    return f"; did you mean '{shown}'?"
+
+
 def load_protocol(path: str | Path) -> Protocol:
     """Read and validate one protocol file; raises ``BenchmarkError`` naming the file and key."""
     path = str(path)
     if not Path(path).is_file():
-        raise BenchmarkError(f"{path}: protocol file not found")
+        raise BenchmarkError(f"{path}: protocol file not found{_nearest_protocol(path)}")
     try:
         data = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:

@@ -23,7 +23,21 @@ from benchmark.killpoints import kill_point
 from benchmark.store import ResultStore
 from benchmark.tracking import DRIVER_TAG, Tracker, driver_is_dead
 
-CELL_FILES = ("config.json", "environment.json", "manifest.json", "sweep.csv", "samples.png", "error.txt")
+CELL_FILES = (
+    "config.json",
+    "environment.json",
+    "manifest.json",
+    "sweep.csv",
+    "samples.png",
+    "sweep.png",
+    "roc.png",
+    "error.txt",
+)
+
+
+def mlflow_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The metrics MLflow shows as columns: the sweep's ``dice_t*`` stay in the record and ``sweep.png``."""
+    return {k: v for k, v in metrics.items() if not k.startswith("dice_t")}
 
 
 class RecordingError(BenchmarkError):
@@ -78,7 +92,10 @@ class Recorder:
             return
         finished = record["status"] == "finished"
         if finished:
-            self.tracker.log(run_id, params=record["params"], metrics=record["metrics"], tags=record.get("tags", {}))
+            self.tracker.log(
+                run_id, params=record["params"], metrics=mlflow_metrics(record["metrics"]), tags=record.get("tags", {})
+            )
+            self.tracker.log_curves(run_id, record.get("history", {}))
         else:
             self.tracker.log(run_id, tags={"error": record.get("error", "")[:5000]})
         cell_dir = self.store.dir / record["cell_id"]
@@ -112,7 +129,8 @@ class Recorder:
             else:
                 run_id = run.info.run_id
                 done["completed"] += 1
-            self.log(record if run is None or not run.data.metrics else {**record, "metrics": {}}, run_id)
+            logged = run is not None and run.data.metrics  # a run killed after its metrics: the rest only
+            self.log({**record, "metrics": {}, "history": {}} if logged else record, run_id)
         named = {r.get("mlflow_run_id") for r in self.store.latest().values()}
         for run in runs.values():
             if run.info.status == "RUNNING" and run.info.run_id not in named and _abandoned(run):
@@ -135,7 +153,7 @@ def cell_files(result, config: dict, environment: dict) -> dict[str, bytes]:
         out.writeheader()
         out.writerows(result.sweep)
         files["sweep.csv"] = buffer.getvalue().encode()
-        files["samples.png"] = result.figure_png
+        files.update(result.figures)
     else:
         files["error.txt"] = (result.traceback or result.error).encode()
     return files

@@ -36,6 +36,46 @@ class RunSummary:
     failed: list[tuple[str, str]] = field(default_factory=list)
     bad_input: bool = False
     mlflow_behind: str | None = None
+    rows: list[dict[str, Any]] = field(default_factory=list)  # a row per cell run: id, metrics or error
+
+
+SHOWN = ("image_auroc", "pixel_auroc", "pixel_aupro")
+
+
+def cell_line(result, threshold: float | None) -> str:
+    """A finished cell's main metrics, Dice at the cell's threshold beside the sweep's best (the oracle)."""
+    m = result.metrics
+    parts = [f"{k}={m[k]:.3f}" for k in SHOWN if k in m]
+    if "dice" in m:
+        best = max(result.sweep, key=lambda r: r.get("dice", -1.0))
+        parts.append(f"dice@{threshold:g}={m['dice']:.3f} (oracle {m['dice_oracle']:.3f} @{best['threshold']:g})")
+    return " ".join(parts)
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    """The run's cells against their main metrics (failed cells with their reason), as a text table."""
+    from tabulate import tabulate
+
+    columns = [c for c in (*SHOWN, "dice", "dice_oracle", "image_accuracy") if any(c in r for r in rows)]
+    body = []
+    for r in rows:
+        values = [f"{r[c]:.3f}" if c in r else "" for c in columns]
+        if "error" in r:
+            values = [f"FAILED: {r['error'][:60]}"] + [""] * (len(columns) - 1)
+        body.append([r["cell"], *values, f"{r['seconds']:.1f}"])
+    return tabulate(body, headers=["cell", *columns, "s"], tablefmt="simple", disable_numparse=True)
+
+
+def next_commands(protocol: Protocol) -> list[str]:
+    """What to type after a run: the paper-style table and the MLflow UI."""
+    results = "" if Path(protocol.results_dir) == Path("results") else f" --results-dir {protocol.results_dir}"
+    uri = tracking_uri(protocol)
+    remote = uri.startswith(("http://", "https://"))
+    ui = f"open {uri} in a browser" if remote else f"mlflow ui --backend-store-uri {uri}"
+    return [
+        f"python -m benchmark tables {protocol.name}{results} --format latex   # paper-style table",
+        f"{ui}   # runs side by side (README: 'Reading the results in MLflow')",
+    ]
 
 
 def _base(cell: Cell, protocol: Protocol) -> dict[str, Any]:
@@ -75,6 +115,7 @@ def _record(base: dict[str, Any], result, cell: Cell, protocol: Protocol, run_id
     return {
         **record,
         "metrics": result.metrics,
+        "history": result.history,
         "params": params,
         # the protocol's main threshold (None when chosen per cell on validation data; the chosen values are
         # in params): tables group seeds on it and match published Dice by it
@@ -165,15 +206,12 @@ def run_protocol(
             tag = f"[{index[cell.cell_id]}/{len(cells)}] {cell.cell_id}"
             if result.status == "finished":
                 summary.finished.append(cell.cell_id)
-                shown = " ".join(
-                    f"{k}={result.metrics[k]:.3f}"
-                    for k in ("image_auroc", "pixel_auroc", "dice")
-                    if k in result.metrics
-                )
+                summary.rows.append({"cell": cell.cell_id, **result.metrics, "seconds": result.duration})
                 label = " [random-init backbone]" if cell.backbone.random_init else ""
-                say(f"{tag}: {shown} ({result.duration:.1f} s){label}")
+                say(f"{tag}: {cell_line(result, result.info['threshold_dice'])} ({result.duration:.1f} s){label}")
             else:
                 summary.failed.append((cell.cell_id, result.error))
+                summary.rows.append({"cell": cell.cell_id, "error": result.error, "seconds": result.duration})
                 summary.bad_input |= result.bad_input
                 say(f"{tag}: FAILED: {result.error} (traceback in {store.dir / cell.cell_id / 'error.txt'})")
             bar.set_postfix(running=len(running), failed=len(summary.failed))

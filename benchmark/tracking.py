@@ -115,6 +115,15 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+# MLflow 3 opens an experiment of this kind in its classic view (runs, metric columns, charts), not GenAI's
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def experiment_tags(description: str) -> dict[str, str]:
+    """The experiment's kind, and its description (the protocol's) as MLflow's note."""
+    return {**EXPERIMENT_KIND, **({"mlflow.note.content": description} if description else {})}
+
+
 class Tracker:
     """MLflow calls that never raise: the first failure is reported in one line and later calls are skipped."""
 
@@ -145,10 +154,13 @@ class Tracker:
                 if not is_remote(self.uri):
                     artifact_dir.mkdir(parents=True, exist_ok=True)
                     location = artifact_dir.resolve().as_uri()
-                tags = {"mlflow.note.content": description} if description else None
-                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location, tags=tags)
+                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
             else:
                 self.experiment_id = found.experiment_id
+            have = found.tags if found is not None else {}
+            for key, value in experiment_tags(description).items():
+                if have.get(key) != value:
+                    self.client.set_experiment_tag(self.experiment_id, key, value)
 
     def _call(self, fn, *args, even_if_behind: bool = False, **kwargs) -> Any:
         if self.behind is not None and not even_if_behind:
@@ -192,6 +204,17 @@ class Tracker:
             params=[Param(k, str(v)[:6000]) for k, v in (params or {}).items()],
             tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
         )
+
+    def log_curves(self, run_id: str | None, curves: dict[str, list[float]]) -> None:
+        """Per-epoch values as one metric with steps 0, 1, ... (MLflow draws them as a curve)."""
+        if run_id is None or not curves:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, step) for k, values in curves.items() for step, v in enumerate(values)]
+        for start in range(0, len(metrics), 1000):  # MLflow takes at most 1,000 metrics a batch
+            self._call(self.client.log_batch, run_id, metrics=metrics[start : start + 1000])
 
     def log_dict(self, run_id: str | None, data: dict, name: str) -> None:
         if run_id is not None:

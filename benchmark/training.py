@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from benchmark import environment
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -59,7 +61,11 @@ def fit(
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     history: list[float] = []
-    bar = tqdm(range(config.epochs), desc=desc, disable=not config.progress, leave=False)
+    # epochs shown on a terminal in the driver process; never in logs or workers
+    quiet = not config.progress or environment.in_worker()
+    bar = tqdm(
+        range(config.epochs), desc=desc, unit="epoch", disable=True if quiet else None, leave=False, dynamic_ncols=True
+    )
     for epoch in bar:
         total, count = 0.0, 0
         batches = epoch_batches(epoch)

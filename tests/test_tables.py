@@ -29,8 +29,10 @@ def _known(tmp_path):
             store, "winclip", "WinCLIP", "zero_shot_loo", None, seed, "BrainMRI", {"image_auroc": a, "pixel_auroc": b}
         )
         _record(store, "winclip", "WinCLIP", "zero_shot_loo", None, seed, "HIS", {"image_auroc": 0.5})
-    _record(store, "other", "Other", "few_shot", 4, 0, "BrainMRI", {"image_auroc": 0.9, "pixel_auroc": 0.7})
-    _record(store, "other", "Other", "few_shot", 4, 0, "HIS", {"image_auroc": 0.6})
+    _record(store, "other", "Other", "zero_shot_loo", None, 0, "BrainMRI", {"image_auroc": 0.9, "pixel_auroc": 0.7})
+    _record(store, "other", "Other", "zero_shot_loo", None, 0, "HIS", {"image_auroc": 0.6})
+    _record(store, "third", "Third", "few_shot", 4, 0, "BrainMRI", {"image_auroc": 0.7, "pixel_auroc": 0.6})
+    _record(store, "third", "Third", "few_shot", 4, 0, "HIS", {"image_auroc": 0.4})
     store.append({"config_hash": "failed", "status": "failed", "method": "x", "dataset": "HIS"})
     return store.frame()
 
@@ -45,45 +47,72 @@ EXPECTED = r"""\begin{table}[t]
 \cmidrule(lr){2-3} \cmidrule(lr){4-4}
 Method & AC & AS & AC \\
 \midrule
-WinCLIP (zero-shot LOO) & \underline{82.00 $\pm$ 2.83} & \textbf{91.00 $\pm$ 1.41} & \underline{50.00 $\pm$ 0.00} \\
-Other (few-shot, K=4) & \textbf{90.00} & \underline{70.00} & \textbf{60.00} \\
-\quad published (mvfa Table 2) & 66.49 & 85.99 & 69.85 \\
-\quad difference & +23.51 & -15.99 & -9.85 \\
+\multicolumn{4}{l}{\emph{zero-shot LOO}} \\
+Other & \textbf{90.00} & \underline{70.00} & \textbf{60.00} \\
+WinCLIP & \underline{82.00} & \textbf{91.00} & \underline{50.00} \\
+\midrule
+\multicolumn{4}{l}{\emph{few-shot, K=4}} \\
+Third & 70.00 & 60.00 & 40.00 \\
 \bottomrule
 \end{tabular}
 \end{table}
 """
 
 
-def test_latex_exact(tmp_path):
-    frame = _known(tmp_path)
-    got = render_latex(frame, ("image_auroc", "pixel_auroc"), "cap", "tab:known")
-    assert got == EXPECTED.replace("\\quad published (mvfa Table 2) & 66.49 & 85.99 & 69.85 \\\\\n", "").replace(
-        "\\quad difference & +23.51 & -15.99 & -9.85 \\\\\n", ""
-    )
+def test_latex_groups_rows_by_setting_and_ranks_within_each(tmp_path):
+    """Means only by default; a setting's rows are ranked among themselves (a lone row is not marked)."""
+    got = render_latex(_known(tmp_path), ("image_auroc", "pixel_auroc"), "cap", "tab:known")
+    assert got == EXPECTED
 
 
-def test_latex_with_published_rows(tmp_path):
-    frame = _known(tmp_path)
-    frame.loc[frame["method"] == "other", ["method", "plugin"]] = "winclip"
-    frame.loc[frame["variant"] == "Other", "variant"] = "Other"
-    got = render_latex(frame, ("image_auroc", "pixel_auroc"), "cap", "tab:known", published=True)
-    # published WinCLIP zero-shot numbers of MVFA Table 2 sit under the zero-shot row, not the few-shot one
+def test_latex_std_is_optional_and_small(tmp_path):
+    got = render_latex(_known(tmp_path), ("image_auroc", "pixel_auroc"), "cap", "tab:known", std=True)
+    assert (
+        r"WinCLIP & \underline{82.00{\scriptsize $\pm$2.83}} & \textbf{91.00{\scriptsize $\pm$1.41}} & "
+        r"\underline{50.00{\scriptsize $\pm$0.00}} \\"
+    ) in got.splitlines()
+    assert r"Other & \textbf{90.00} &" in got  # one seed: no spread to show
+
+
+def test_latex_published_rows_with_true_minus_signs(tmp_path):
+    got = render_latex(_known(tmp_path), ("image_auroc", "pixel_auroc"), "cap", "tab:known", published=True)
+    # published WinCLIP zero-shot numbers of MVFA Table 2 sit under the zero-shot row, and only there
     lines = got.splitlines()
-    row = lines.index(
-        r"WinCLIP (zero-shot LOO) & \underline{82.00 $\pm$ 2.83} & \textbf{91.00 $\pm$ 1.41} & "
-        r"\underline{50.00 $\pm$ 0.00} \\"
-    )
-    assert lines[row + 1] == r"\quad published (mvfa Table 2) & 66.49 & 85.99 & 69.85 \\"
-    assert lines[row + 2] == r"\quad difference & +15.51 & +5.01 & -19.85 \\"
+    row = lines.index(r"WinCLIP & \underline{82.00} & \textbf{91.00} & \underline{50.00} \\")
+    assert lines[row + 1] == r"\quad published & 66.49 & 85.99 & 69.85 \\"
+    assert lines[row + 2] == r"\quad difference & $+$15.51 & $+$5.01 & $-$19.85 \\"
+    assert got.count(r"\quad published") == 1 and "Published rows: mvfa Table 2." in got
+
+
+def test_latex_long_names_get_a_mark_and_a_legend(tmp_path):
+    store = ResultStore(tmp_path, "abl")
+    for method, variant, value in (
+        ("medsad_clip", "MedSAD-CLIP", 0.8),
+        ("no_tpca", "MedSAD-CLIP (prompt=on, TPCA=off, MC=on)", 0.7),
+        ("no_mc", "MedSAD-CLIP (prompt=on, TPCA=on, MC=off)", 0.6),
+    ):
+        _record(store, method, variant, "supervised", None, 0, "Brain", {"dice": value})
+    got = render_latex(store.frame(), ("dice",), "cap", "tab:abl")
+    assert r"MedSAD-CLIP$^{1}$ & \textbf{70.00}" not in got  # 0.8 is the best
+    assert r"MedSAD-CLIP & \textbf{80.00} \\" in got
+    assert r"MedSAD-CLIP$^{1}$ & 60.00 \\" in got and r"MedSAD-CLIP$^{2}$ & \underline{70.00} \\" in got
+    assert "Rows: 1: MedSAD-CLIP (prompt=on, TPCA=on, MC=off). 2: MedSAD-CLIP (prompt=on, TPCA=off, MC=on)." in got
 
 
 def test_markdown_marks_ties_alike(tmp_path):
     store = ResultStore(tmp_path, "ties")
-    for m in ("a", "b"):
-        _record(store, m, m.upper(), "full_normal", None, 0, "RESC", {"image_auroc": 0.7})
+    for m, value in (("a", 0.7), ("b", 0.7), ("c", 0.6)):
+        _record(store, m, m.upper(), "full_normal", None, 0, "RESC", {"image_auroc": value})
     md = render_markdown(store.frame(), ("image_auroc",), "cap")
-    assert md.count("**70.00**") == 2
+    assert md.count("**70.00**") == 2 and md.count("<u>60.00</u>") == 1
+
+
+def test_a_group_that_ties_throughout_is_not_marked(tmp_path):
+    store = ResultStore(tmp_path, "ties")
+    for m in ("a", "b"):
+        _record(store, m, m.upper(), "full_normal", None, 0, "RESC", {"dice": 0.0})
+    md = render_markdown(store.frame(), ("dice",), "cap")
+    assert "**" not in md and "<u>" not in md
 
 
 def test_efficiency_table_puts_parameters_beside_mean_auroc(tmp_path):
@@ -123,9 +152,9 @@ def test_rows_follow_their_keys_whatever_the_thresholds(tmp_path):
         _record(store, "mvfa", "MVFA", "few_shot", 2, 0, "RESC", {"dice": dice}, threshold=threshold)
     rows = [line for line in render_markdown(store.frame(), ("dice",), "cap").splitlines() if line.startswith("| ")]
     assert rows[1:] == [
-        "| MVFA (few-shot, K=2)            | 10.00             |",
-        "| MVFA (few-shot, K=2)            | <u>20.00</u>      |",
-        "| WinCLIP+ (few-normal-shot, K=2) | **50.00 ± 14.14** |",
+        "| MVFA (few-shot, K=2)            | <u>10.00</u>  |",
+        "| MVFA (few-shot, K=2)            | **20.00**     |",
+        "| WinCLIP+ (few-normal-shot, K=2) | 50.00 ± 14.14 |",
     ]
 
 
@@ -162,3 +191,70 @@ def test_published_numbers_sit_only_beside_the_configuration_the_paper_reports(t
     published = [i for i, line in enumerate(lines) if "published (medsad-clip Table 2)" in line]
     assert len(published) == 1 and "89.47" in lines[published[0]]
     assert "MedSAD-CLIP (supervised)" in lines[published[0] - 1]
+
+
+DEMO_ROWS = (  # the demo's rows: (method, variant, setting, K)
+    ("winclip", "WinCLIP", "zero_shot_loo", None),
+    ("winclip", "WinCLIP+", "few_normal", 2),
+    ("winclip", "WinCLIP+", "few_shot", 2),
+    ("mvfa", "MVFA (official)", "zero_shot_loo", None),
+    ("mvfa", "MVFA (official)", "few_shot", 2),
+    ("bgad", "BGAD", "few_shot", 2),
+    ("mcmiad", "MCMIAD", "few_normal", 2),
+    ("medsad_clip", "MedSAD-CLIP", "few_shot", 2),
+    ("medsad_no_prompt", "MedSAD-CLIP (prompt=off, TPCA=on, MC=on)", "few_shot", 2),
+    ("medsad_no_tpca", "MedSAD-CLIP (prompt=on, TPCA=off, MC=on)", "few_shot", 2),
+    ("medsad_no_mc", "MedSAD-CLIP (prompt=on, TPCA=on, MC=off)", "few_shot", 2),
+)
+
+
+def _demo_frame(tmp_path):
+    store = ResultStore(tmp_path, "demo")
+    for i, (method, variant, setting, shots) in enumerate(DEMO_ROWS):
+        for seed in (0, 1):
+            for j, dataset in enumerate(("SynthBrain", "SynthLiver", "SynthRetina")):
+                value = 0.4 + 0.05 * ((i + j + seed) % 9)
+                metrics = {"image_auroc": value, "pixel_auroc": value, "dice": value / 3, "image_accuracy": value}
+                _record(store, method, variant, setting, shots, seed, dataset, metrics)
+    return store.frame()
+
+
+@pytest.mark.parametrize("std", [False, True])
+@pytest.mark.parametrize("metrics", [("image_auroc", "pixel_auroc"), ("dice", "image_accuracy")])
+def test_the_demo_table_fits_a_landscape_page(tmp_path, std, metrics):
+    """Compiled with pdflatex where it is installed (no overfull box on a landscape letter page with 1-inch
+    margins); else measured with Computer Modern's metrics (``tests/tools/latex_width.py``)."""
+    import shutil
+    import subprocess
+
+    from tools.latex_width import PAGE_PT, tabular_width
+
+    from benchmark.reports.tables import caption_for
+
+    frame = _demo_frame(tmp_path)
+    tex = render_latex(frame, metrics, caption_for(frame, "demo", metrics, std), "tab:demo", std=std)
+    assert tex.count(r"\emph{") == 3 and "Rows: 1: MedSAD-CLIP (" in tex and "3: MedSAD-CLIP (" in tex
+    if shutil.which("pdflatex") is None:
+        assert tabular_width(tex) <= PAGE_PT
+        return
+    doc = tmp_path / "t.tex"
+    doc.write_text(
+        "\\documentclass{article}\\usepackage[landscape,letterpaper,margin=1in]{geometry}\\usepackage{booktabs}"
+        f"\\begin{{document}}{tex}\\end{{document}}\n"
+    )
+    run = subprocess.run(
+        ["pdflatex", "-interaction=nonstopmode", "-halt-on-error", doc.name], cwd=tmp_path, capture_output=True
+    )
+    assert run.returncode == 0, run.stdout.decode(errors="replace")[-2000:]
+    assert "Overfull \\hbox" not in (tmp_path / "t.log").read_text(errors="replace")
+
+
+def test_the_width_checker_sees_a_table_too_wide(tmp_path):
+    """The checker itself: the old layout (long labels with the setting, ± std in full size) did not fit."""
+    from tools.latex_width import PAGE_PT, tabular_width
+
+    cells = " & ".join([r"\textbf{82.00 $\pm$ 12.83}"] * 6)
+    label = "MedSAD-CLIP (prompt=on, TPCA=off, MC=on) (few-shot, K=2)"
+    wide = "\\begin{tabular}{l cc cc cc}\n" + f"{label} & {cells} \\\\\n"
+    assert tabular_width(wide + "\\end{tabular}") > PAGE_PT
+    assert 0 < tabular_width("\\begin{tabular}{l}\nMethod \\\\\n\\end{tabular}") < 60

@@ -90,14 +90,45 @@ def resolve_timm_weights(model: str, weights: str) -> str:
     raise missing(name, f"timm:{model}", weights)
 
 
+def hub_unreachable(timeout_s: float = 3.0) -> str | None:
+    """Why the Hugging Face Hub (``HF_ENDPOINT``, else huggingface.co) cannot be reached, asked once with a
+    short timeout; None when it answers."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")):
+        return None  # through a proxy a direct connection says nothing; the download itself will tell
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as exc:
+        return f"{host}:{port} cannot be reached within {timeout_s:g} s ({type(exc).__name__}: {exc})"
+    return None
+
+
 def fetch_weights(model: str, weights: str) -> str:
-    """Download an open_clip pretrained tag (or, for ``timm:MODEL``, a timm tag) into the caches (needs a network)."""
-    if model.startswith("timm:"):
-        import timm
+    """Download an open_clip pretrained tag (or, for ``timm:MODEL``, a timm tag) into the caches (needs a
+    network); offline or on a failed download, one line."""
+    what = f"{model} / {weights}"
+    problem = hub_unreachable()
+    if problem:
+        raise BenchmarkError(f"fetch-weights {what}: no network to download from: {problem}")
+    try:
+        if model.startswith("timm:"):
+            import timm
 
-        timm.create_model(f"{model[5:]}.{weights}", pretrained=True)
-        return resolve_timm_weights(model[5:], weights)
-    import open_clip
+            timm.create_model(f"{model[5:]}.{weights}", pretrained=True)
+            return resolve_timm_weights(model[5:], weights)
+        import open_clip
 
-    open_clip.create_model(model, pretrained=weights)
-    return resolve_clip_weights(model, weights)[0]
+        open_clip.create_model(model, pretrained=weights)
+        return resolve_clip_weights(model, weights)[0]
+    except BenchmarkError:
+        raise
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise BenchmarkError(f"fetch-weights {what}: the download failed ({reason})") from None

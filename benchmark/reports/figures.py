@@ -1,40 +1,159 @@
-"""A figure of a few test images with their masks and anomaly maps."""
+"""Figures: a cell's test samples, its threshold sweep and its ROC curves.
+
+Each plot is drawn by a function on a matplotlib ``Axes`` (``draw_*``), so that cross-method figures reuse
+them; the ``*_figure`` functions compose one cell's figures from them, and ``to_png`` renders one.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import BinaryIO
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 
-def samples_figure(
-    samples: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, float]], title: str, out: Path | BinaryIO
-) -> Path | BinaryIO:
-    """Rows of (image, mask, map); ``samples`` holds (name, image [3,H,W], mask [H,W], map [H,W], score)."""
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+@dataclass(frozen=True)
+class SampleView:
+    """One test image as drawn: image ``[H,W,3]`` in [0,1], mask and map ``[H,W]``."""
+
+    name: str
+    image: np.ndarray
+    mask: np.ndarray
+    amap: np.ndarray
+    score: float
+    label: int
+
+
+@dataclass(frozen=True)
+class Curve:
+    """A ROC curve: false and true positive rates from (0, 0) to (1, 1), and its AUROC."""
+
+    fpr: np.ndarray
+    tpr: np.ndarray
+    auroc: float
+
+
+def _outline(ax, mask: np.ndarray, color: str = "lime") -> None:
+    if mask.any() and not mask.all():
+        ax.contour(mask.astype(float), levels=[0.5], colors=color, linewidths=1.0)
+
+
+def draw_overlay(ax, sample: SampleView, vmin: float, vmax: float, alpha: float = 0.5):
+    """The anomaly map over the image, the ground truth outlined; returns the map's image for a colour bar."""
+    ax.imshow(sample.image)
+    shown = ax.imshow(sample.amap, cmap="jet", alpha=alpha, vmin=vmin, vmax=vmax)
+    _outline(ax, sample.mask)
+    ax.axis("off")
+    return shown
+
+
+def draw_prediction(ax, sample: SampleView, threshold: float) -> None:
+    """The predicted mask ``map >= threshold`` (red) over the image, the ground truth outlined."""
+    ax.imshow(sample.image)
+    from matplotlib.colors import ListedColormap
+
+    predicted = np.ma.masked_where(sample.amap < threshold, np.ones_like(sample.amap))
+    ax.imshow(predicted, cmap=ListedColormap(["red"]), alpha=0.6, vmin=0, vmax=1)
+    _outline(ax, sample.mask)
+    ax.axis("off")
+
+
+def samples_figure(samples: Sequence[SampleView], title: str, threshold: float):
+    """One row per sample (labelled normal/anomalous with its image score): the image with the ground truth
+    outlined (green), the map over it with a shared colour bar, and the predicted mask at ``threshold``."""
+    plt = _plt()
     rows = max(len(samples), 1)
-    # one colour scale for all maps of the figure, so that images compare; the range is printed
-    lo = min((float(s[3].min()) for s in samples), default=0.0)
-    hi = max((float(s[3].max()) for s in samples), default=1.0)
+    # one colour scale for every map of the figure, so that rows compare
+    lo = min((float(s.amap.min()) for s in samples), default=0.0)
+    hi = max((float(s.amap.max()) for s in samples), default=1.0)
     hi = hi if hi > lo else lo + 1e-6
-    fig, axes = plt.subplots(rows, 3, figsize=(7.5, 2.5 * rows), squeeze=False)
-    for row, (name, image, mask, amap, score) in enumerate(samples):
-        panels = (image.permute(1, 2, 0).numpy(), mask.float().numpy(), amap.numpy())
-        labels = (name, "mask", f"map, score {score:.3f} (colours {lo:.2f}-{hi:.2f})")
-        for col, (ax, panel, label) in enumerate(zip(axes[row], panels, labels, strict=True)):
-            scale = (lo, hi) if col == 2 else (0, 1)
-            ax.imshow(panel, cmap=(None, "gray", "jet")[col], vmin=scale[0], vmax=scale[1])
-            ax.set_title(label, fontsize=8)
-            ax.axis("off")
-    fig.suptitle(title, fontsize=9)
+    # a fixed layout (a layout engine costs more than the drawing), the colour bar in its own column
+    fig, axes = plt.subplots(
+        rows, 3, figsize=(8.4, 2.5 * rows + 0.5), squeeze=False, subplot_kw={"xticks": [], "yticks": []}
+    )
+    fig.subplots_adjust(left=0.08, right=0.88, top=1 - 0.6 / (2.5 * rows + 0.5), bottom=0.02, wspace=0.05, hspace=0.15)
+    shown = None
+    for row, sample in enumerate(samples):
+        left, middle, right = axes[row]
+        left.imshow(sample.image)
+        _outline(left, sample.mask)
+        left.set_title(sample.name, fontsize=7)
+        left.axis("off")
+        kind = "anomalous" if sample.label else "normal"
+        left.text(-0.08, 0.5, f"{kind}\nscore {sample.score:.3f}", transform=left.transAxes, rotation=90,
+                  ha="right", va="center", fontsize=8)  # fmt: skip
+        shown = draw_overlay(middle, sample, lo, hi)
+        middle.set_title("anomaly map", fontsize=7)
+        draw_prediction(right, sample, threshold)
+        right.set_title(f"map >= {threshold:g} (red), truth (green)", fontsize=7)
+    for ax in axes.ravel()[len(samples) * 3 :]:
+        ax.axis("off")
+    if shown is not None:
+        fig.colorbar(shown, cax=fig.add_axes((0.9, 0.25, 0.02, 0.5)), label="anomaly map (shared scale)")
+    fig.suptitle(title, fontsize=8)
+    return fig
+
+
+def draw_sweep(ax, rows: Sequence[dict[str, float]], label: str = "", marked: float | None = None) -> None:
+    """Dice (where the sweep has it) and image accuracy against the threshold; ``marked`` draws the main
+    threshold."""
+    thresholds = [r["threshold"] for r in rows]
+    prefix = f"{label}: " if label else ""
+    if all("dice" in r for r in rows):
+        ax.plot(thresholds, [r["dice"] for r in rows], marker="o", label=f"{prefix}Dice")
+    ax.plot(thresholds, [r["image_accuracy"] for r in rows], marker="s", linestyle="--", label=f"{prefix}accuracy")
+    if marked is not None:
+        ax.axvline(marked, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_xlabel("threshold")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def draw_roc(ax, curve: Curve, label: str) -> None:
+    ax.plot(curve.fpr, curve.tpr, label=f"{label} (AUROC {curve.auroc:.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", linewidth=0.6, linestyle=":")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, loc="lower right")
+
+
+def sweep_figure(rows: Sequence[dict[str, float]], title: str, marked: float | None = None):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.8, 3.4))
+    draw_sweep(ax, rows, marked=marked)
+    ax.set_title(title, fontsize=8)
     fig.tight_layout()
-    if isinstance(out, Path):
-        out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=80, format="png")
-    plt.close(fig)
-    return out
+    return fig
+
+
+def roc_figure(curves: dict[str, Curve], title: str):
+    """Image-level and (where there are masks) pixel-level ROC curves, side by side."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(curves), figsize=(3.6 * len(curves), 3.6), squeeze=False)
+    for ax, (name, curve) in zip(axes[0], curves.items(), strict=True):
+        draw_roc(ax, curve, name)
+        ax.set_aspect("equal")
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def to_png(fig) -> bytes:
+    """The figure as PNG bytes; the figure is closed."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=80, format="png", pil_kwargs={"compress_level": 1})
+    _plt().close(fig)
+    return buffer.getvalue()

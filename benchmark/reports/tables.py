@@ -10,6 +10,7 @@ and our difference.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import pandas as pd
 from tabulate import tabulate
@@ -62,14 +63,32 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _row_label(method: str, variant: str, setting: str, shots: int) -> str:
-    name = variant if isinstance(variant, str) and variant else method
-    k = f", K={shots}" if shots else ""
-    return f"{name} ({SETTING_NAMES.get(setting, setting)}{k})"
+def setting_label(setting: str, shots: int) -> str:
+    return f"{SETTING_NAMES.get(setting, setting)}" + (f", K={shots}" if shots else "")
+
+
+Value = tuple[float, float, int, int]  # mean, std, seeds with a number, seeds run
+
+
+@dataclass
+class Row:
+    """A table row: ours (``kind`` "ours"), or the papers' numbers and our difference under it."""
+
+    name: str  # the method variant
+    group: str  # its setting (and K): rows are grouped, and ranked, by it
+    values: dict[tuple[str, str], Value]
+    kind: str = "ours"  # ours | published | difference
+    source: str = ""  # published: "mvfa Table 2"
+
+    def label(self) -> str:
+        """The full label (Markdown): ``name (setting)``; published and difference rows say what they are."""
+        if self.kind == "published":
+            return f"published ({self.source})"
+        return "difference" if self.kind == "difference" else f"{self.name} ({self.group})"
 
 
 def build(frame: pd.DataFrame, metrics: tuple[str, ...], published: bool = False):
-    """Rows as (label, {(dataset, metric): (mean, std, n)}, is_ours) and the column list."""
+    """Rows (``Row``) grouped by setting, and the (dataset, metric) columns."""
     summary = summarize(frame)
     summary = summary[summary["metric"].isin(metrics)]
     datasets = list(dict.fromkeys(summary["dataset"]))
@@ -79,7 +98,7 @@ def build(frame: pd.DataFrame, metrics: tuple[str, ...], published: bool = False
         for m in metrics
         if not summary[(summary["dataset"] == d) & (summary["metric"] == m)].empty
     ]
-    table_rows = []
+    table_rows: list[Row] = []
     pub = load_published() if published else None
     order = {name: i for i, name in enumerate(SETTING_NAMES)}
     summary = summary.assign(_order=summary["setting"].map(order)).sort_values(["_order", "shots", "method", "variant"])
@@ -88,48 +107,62 @@ def build(frame: pd.DataFrame, metrics: tuple[str, ...], published: bool = False
         values = {
             (r["dataset"], r["metric"]): (r["mean"], r["std"], int(r["n"]), int(r["of"])) for _, r in part.iterrows()
         }
-        label = _row_label(key["method"], key["variant"], key["setting"], int(key["shots"]))
-        table_rows.append((label, values, True))
+        name = key["variant"] if isinstance(key["variant"], str) and key["variant"] else key["method"]
+        group = setting_label(key["setting"], int(key["shots"]))
+        table_rows.append(Row(name, group, values))
         if pub is None:
             continue
-        name = published_name(key["plugin"], key["published_as"])
-        if not name:
+        paper_name = published_name(key["plugin"], key["published_as"])
+        if not paper_name:
             continue
         found, delta, sources = {}, {}, set()
         for d, m in columns:
-            hit = lookup(pub, name, key["setting"], int(key["shots"]), d, m, key["threshold"])
+            hit = lookup(pub, paper_name, key["setting"], int(key["shots"]), d, m, key["threshold"])
             if hit is not None:
                 found[(d, m)] = (hit[0] / 100.0, 0.0, 0, 0)
                 sources.add(hit[1])
                 if (d, m) in values:
                     delta[(d, m)] = (values[(d, m)][0] - hit[0] / 100.0, 0.0, 0, 0)
         if found:
-            table_rows.append((f"  published ({'; '.join(sorted(sources))})", found, False))
-            table_rows.append(("  difference", delta, False))
+            source = "; ".join(sorted(sources))
+            table_rows.append(Row(name, group, found, "published", source))
+            table_rows.append(Row(name, group, delta, "difference", source))
     return table_rows, columns
 
 
-def _ranks(rows, columns) -> dict[tuple, dict[int, int]]:
-    ranks: dict[tuple, dict[int, int]] = {}
+def has_published(rows: list[Row]) -> bool:
+    return any(r.kind == "published" for r in rows)
+
+
+def _ranks(rows: list[Row], columns) -> dict[tuple, dict[int, int]]:
+    """Per column, rank 0 (best) and 1 (second) of our rows, within each setting group; tied means share a
+    rank; a group whose rows all tie (or that has one row) is not marked."""
+    ranks: dict[tuple, dict[int, int]] = {col: {} for col in columns}
+    groups = dict.fromkeys(r.group for r in rows)
     for col in columns:
         better = METRICS[col[1]].higher_is_better if col[1] in METRICS else True
-        scored = {
-            i: v[col][0] for i, (_, v, ours) in enumerate(rows) if ours and col in v and not math.isnan(v[col][0])
-        }
-        distinct = sorted(set(scored.values()), reverse=better)[:2]
-        ranks[col] = {i: distinct.index(value) for i, value in scored.items() if value in distinct}
+        for group in groups:
+            scored = {
+                i: r.values[col][0]
+                for i, r in enumerate(rows)
+                if r.kind == "ours" and r.group == group and col in r.values and not math.isnan(r.values[col][0])
+            }
+            distinct = sorted(set(scored.values()), reverse=better)
+            if len(distinct) < 2:
+                continue
+            ranks[col].update({i: distinct.index(v) for i, v in scored.items() if v in distinct[:2]})
     return ranks
 
 
-def _fmt(value: tuple[float, float, int, int] | None, signed: bool = False) -> str:
+def _fmt(value: Value | None, signed: bool = False, std: bool = True) -> str:
     """``mean ± std`` in percent; ``(n/m seeds)`` when only n of the m seeds run gave a number."""
     if value is None:
         return "--"
-    mean, std, n, of = value
+    mean, sd, n, of = value
     if math.isnan(mean):
         return f"-- ({n}/{of} seeds)" if n < of else "--"
     text = f"{mean * 100:+.2f}" if signed else f"{mean * 100:.2f}"
-    text = f"{text} ± {std * 100:.2f}" if n > 1 else text
+    text = f"{text} ± {sd * 100:.2f}" if std and n > 1 else text
     return f"{text} ({n}/{of} seeds)" if n < of else text
 
 
@@ -139,17 +172,59 @@ def _latex_escape(text: str) -> str:
     return text
 
 
+def _latex_number(value: Value | None, signed: bool, std: bool) -> str:
+    """A number cell: true minus signs, the std small after a ± (``std``), the seed count small."""
+    text = _fmt(value, signed, std=False)
+    if value is None or math.isnan(value[0]):
+        return text
+    number, _, seeds = text.partition(" (")
+    number = number.replace("-", "$-$").replace("+", "$+$")
+    if std and value[2] > 1:
+        number += rf"{{\scriptsize $\pm${value[1] * 100:.2f}}}"
+    return number + (rf" {{\scriptsize ({seeds}}}" if seeds else "")
+
+
+def short_names(rows: list[Row], width: int = 16) -> dict[str, str]:
+    """Row labels short enough for a page: a name longer than ``width`` whose details are in parentheses
+    becomes its base name with a numbered mark (``MedSAD-CLIP$^{1}$``); the legend spells each mark out."""
+    short: dict[str, str] = {}
+    for name in dict.fromkeys(r.name for r in rows):
+        base, _, detail = name.partition(" (")
+        if len(name) <= width or not detail:
+            short[name] = _latex_escape(name)
+        else:
+            short[name] = rf"{_latex_escape(base)}$^{{{sum(v.endswith('}$') for v in short.values()) + 1}}}$"
+    return short
+
+
+def legend(short: dict[str, str]) -> str:
+    marks = [(v.rpartition("$^{")[2].rstrip("}$"), k) for k, v in short.items() if v.endswith("}$")]
+    return " ".join(f"{mark}: {_latex_escape(name)}." for mark, name in marks)
+
+
 def render_latex(
-    frame: pd.DataFrame, metrics: tuple[str, ...], caption: str, label: str, published: bool = False
+    frame: pd.DataFrame,
+    metrics: tuple[str, ...],
+    caption: str,
+    label: str,
+    published: bool = False,
+    std: bool = False,
 ) -> str:
+    """A booktabs table that fits a landscape page: rows grouped by setting (ranked within it), short row
+    labels with a legend in the caption, means only unless ``std``."""
     rows, columns = build(frame, metrics, published)
     ranks = _ranks(rows, columns)
+    short = short_names(rows)
     datasets = list(dict.fromkeys(d for d, _ in columns))
     spans = [(d, sum(1 for c in columns if c[0] == d)) for d in datasets]
+    marks = legend(short)
+    sources = sorted({r.source for r in rows if r.kind == "published"})
+    text = _latex_escape(caption) + (f" Rows: {marks}" if marks else "")
+    text += f" Published rows: {_latex_escape('; '.join(sources))}." if sources else ""
     lines = [
         r"\begin{table}[t]",
         r"\centering",
-        rf"\caption{{{_latex_escape(caption)}}}",
+        rf"\caption{{{text}}}",
         rf"\label{{{label}}}",
         r"\begin{tabular}{l" + "".join(" " + "c" * n for _, n in spans) + "}",
         r"\toprule",
@@ -160,20 +235,19 @@ def render_latex(
         rules.append(rf"\cmidrule(lr){{{start}-{start + n - 1}}}")
         start += n
     lines.append(" ".join(rules))
-    lines.append("Method & " + " & ".join(HEADERS.get(m, m) for _, m in columns) + r" \\")
-    lines.append(r"\midrule")
-    for i, (label_text, values, ours) in enumerate(rows):
+    lines.append("Method & " + " & ".join(HEADERS.get(m, _latex_escape(m)) for _, m in columns) + r" \\")
+    group = None
+    for i, row in enumerate(rows):
+        if row.group != group:
+            group = row.group
+            lines.append(r"\midrule")
+            lines.append(rf"\multicolumn{{{len(columns) + 1}}}{{l}}{{\emph{{{_latex_escape(group)}}}}} \\")
         cells = []
         for col in columns:
-            text = _latex_escape(_fmt(values.get(col), signed=label_text.strip() == "difference"))
-            rank = ranks[col].get(i) if ours else None
-            if rank == 0:
-                text = rf"\textbf{{{text}}}"
-            elif rank == 1:
-                text = rf"\underline{{{text}}}"
-            cells.append(text)
-        name = _latex_escape(label_text.strip())
-        name = rf"\quad {name}" if label_text.startswith("  ") else name
+            cell = _latex_number(row.values.get(col), row.kind == "difference", std and row.kind == "ours")
+            rank = ranks[col].get(i) if row.kind == "ours" else None
+            cells.append(rf"\textbf{{{cell}}}" if rank == 0 else rf"\underline{{{cell}}}" if rank == 1 else cell)
+        name = short[row.name] if row.kind == "ours" else rf"\quad {row.kind}"
         lines.append(name + " & " + " & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     return "\n".join(lines) + "\n"
@@ -184,11 +258,11 @@ def render_markdown(frame: pd.DataFrame, metrics: tuple[str, ...], caption: str,
     ranks = _ranks(rows, columns)
     headers = ["Method"] + [f"{d} {HEADERS.get(m, m)}" for d, m in columns]
     body = []
-    for i, (label_text, values, ours) in enumerate(rows):
-        cells = [label_text.strip() if ours else "↳ " + label_text.strip()]
+    for i, row in enumerate(rows):
+        cells = [row.label() if row.kind == "ours" else "↳ " + row.label()]
         for col in columns:
-            text = _fmt(values.get(col), signed=label_text.strip() == "difference")
-            rank = ranks[col].get(i) if ours else None
+            text = _fmt(row.values.get(col), signed=row.kind == "difference")
+            rank = ranks[col].get(i) if row.kind == "ours" else None
             cells.append(f"**{text}**" if rank == 0 else f"<u>{text}</u>" if rank == 1 else text)
         body.append(cells)
     return f"{caption}\n\n" + tabulate(body, headers=headers, tablefmt="github", disable_numparse=True) + "\n"
@@ -217,10 +291,14 @@ def render_csv(frame: pd.DataFrame, published: bool = False) -> str:
     return summary.to_csv(index=False)
 
 
-def caption_for(frame: pd.DataFrame, experiment: str, metrics: tuple[str, ...]) -> str:
+def caption_for(frame: pd.DataFrame, experiment: str, metrics: tuple[str, ...], std: bool = True) -> str:
     names = ", ".join(f"{HEADERS.get(m, m)} = {m}" for m in metrics)
     backbones = sorted(set(frame.loc[frame["metric"].notna(), "backbone"]))
-    text = f"{experiment}: {names}, in %, mean ± std over seeds. Backbones: {'; '.join(backbones)}."
+    spread = "mean ± std over seeds" if std else "mean over seeds"
+    text = (
+        f"{experiment}: {names}, in %, {spread}; best in bold and second underlined within each setting "
+        f"(ties share a mark). Backbones: {'; '.join(backbones)}."
+    )
     if "dice_oracle" in metrics:
         text += " Dice (oracle): the best Dice over the threshold sweep, picked on test data; for reference only."
     if any("random-init" in b for b in backbones):

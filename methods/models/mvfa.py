@@ -282,6 +282,7 @@ class MVFAImpl(MVFA):
         zero_shot = train.setting == "zero_shot_loo"
         lr = p.lr or (1e-4 if self.official and zero_shot else 1e-3)
         batch_size = p.batch_size or (1 if self.official else 16)
+        self.used = {"lr": lr, "batch_size": batch_size}
         config = training.TrainConfig(
             epochs=p.epochs, lr=lr, betas=(0.5, 0.999) if self.official else (0.9, 0.999), progress=p.progress
         )
@@ -442,6 +443,10 @@ class MVFAImpl(MVFA):
     def predict(self, batch: ImageBatch) -> Prediction:
         image, maps = self.combine(self.raw(batch.images.to(self.context.device)))
         return Prediction(image.clamp(0, 1), maps.clamp(0, 1))
+
+    def effective_params(self) -> dict[str, object]:
+        bottleneck = self.params.bottleneck or self.model.adapters.seg[0].down.out_features
+        return {**super().effective_params(), "bottleneck": bottleneck, **getattr(self, "used", {})}
 
     def describe(self) -> dict[str, object]:
         trainable = sum(p.numel() for p in self.model.adapters.parameters())

@@ -1,0 +1,154 @@
+"""What a new user meets: a run that talks, errors that name every problem, figures and MLflow views people
+read, and ``--published`` that says when nothing matches."""
+
+import argparse
+import time
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from benchmark.cli import _parser, main
+from benchmark.store import ResultStore
+
+
+def test_a_run_talks_and_ends_with_a_summary_and_the_next_commands(write_protocol, tmp_path, capsys):
+    path = write_protocol(
+        methods={"winclip": {"scales": [2]}, "mvfa": {"layers": [1, 2, 3, 4], "epochs": 2, "progress": False}},
+        settings=[{"name": "few_normal", "shots": [2]}, {"name": "few_shot", "shots": [2]}],
+        datasets=["SynthBrain"],
+    )
+    assert main(["run", str(path), "--methods", "winclip", "--seeds", "0"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    # mvfa does not support few_normal, but it was not asked for: no note about it
+    assert not any(line.startswith("note:") for line in out)
+    cell = next(line for line in out if line.startswith("[1/2] winclip-SynthBrain-few_normal-k2-seed0: "))
+    rec = next(r for r in ResultStore(tmp_path / "results", "t").latest().values() if r["setting"] == "few_normal")
+    best = max(range(1, 10), key=lambda t: rec["metrics"][f"dice_t{t / 10:g}"])
+    assert f"dice@0.5={rec['metrics']['dice']:.3f} (oracle {rec['metrics']['dice_oracle']:.3f} @{best / 10:g})" in cell
+    header = next(i for i, line in enumerate(out) if line.startswith("cell ") and "dice_oracle" in line)
+    assert out[header + 2].split()[0] == "winclip-SynthBrain-few_normal-k2-seed0"
+    assert f"{rec['metrics']['image_auroc']:.3f}" in out[header + 2]
+    following = out[out.index("next:") + 1 :]
+    assert following[0].strip().startswith(f"python -m benchmark tables t --results-dir {tmp_path / 'results'}")
+    assert following[1].strip().startswith(f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'results'}")
+
+    assert main(["run", str(path), "--dry-run"]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "mvfa: few_normal" in notes[0]
+
+
+def test_run_suggests_the_protocol_file(capsys):
+    assert main(["run", "demo"]) == 2
+    assert (
+        capsys.readouterr().err.strip() == "error: demo: protocol file not found; did you mean 'protocols/demo.yaml'?"
+    )
+
+
+def test_fetch_weights_offline_fails_at_once_in_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    start = time.monotonic()
+    assert main(["fetch-weights", "ViT-B-16", "openai"]) == 2
+    assert time.monotonic() - start < 10
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: fetch-weights ViT-B-16 / openai: no network to download from")
+
+
+def test_dry_run_without_the_data_writes_nothing(write_protocol, tmp_path, capsys, monkeypatch):
+    """Not even the synthetic data a real run writes first; it says what paths are relative to."""
+    monkeypatch.chdir(tmp_path)
+    path = write_protocol(data_root="data/synthetic", results_dir="results")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["run", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert "data: 'SynthBrain' is synthetic and not written yet" in out
+    assert "winclip-SynthBrain-few_normal-k2-seed0" in out and "(no samples: data missing)" in out
+    assert f"relative to the current folder '{tmp_path}'" in out
+
+
+def test_every_argument_has_help():
+    parser = _parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            assert action.help, f"{name} {action.dest} has no help text"
+
+
+def test_figures_have_the_expected_panels(tmp_path):
+    from benchmark.reports.figures import Curve, SampleView, roc_figure, samples_figure, sweep_figure, to_png
+
+    mask = np.zeros((32, 32), bool)
+    mask[8:16, 8:16] = True
+    amap = np.where(mask, 0.9, 0.2)
+    samples = [
+        SampleView("a.png", np.zeros((32, 32, 3)), np.zeros((32, 32), bool), np.full((32, 32), 0.2), 0.1, 0),
+        SampleView("b.png", np.zeros((32, 32, 3)), mask, amap, 0.8, 1),
+    ]
+    fig = samples_figure(samples, "t", 0.5)
+    panels, colorbar = fig.axes[:6], fig.axes[6:]
+    assert len(panels) == 6 and len(colorbar) == 1 and colorbar[0].get_ylabel().startswith("anomaly map")
+    labels = [t.get_text() for ax in panels[::3] for t in ax.texts]
+    assert labels == ["normal\nscore 0.100", "anomalous\nscore 0.800"]
+    assert len(panels[4].images) == 2  # the map over the image
+    assert len(panels[5].images) == 2 and panels[5].images[1].get_array().count() == mask.sum()  # map >= 0.5
+    outlined = [len(ax.collections) for ax in panels[3:]]
+    assert outlined == [1, 1, 1] and all(len(ax.collections) == 0 for ax in panels[:3])  # truth outlined
+    png = tmp_path / "s.png"
+    png.write_bytes(to_png(fig))
+    assert Image.open(png).size[0] > 400
+    rows = [{"threshold": t / 10, "image_accuracy": 0.5, "dice": t / 20} for t in range(1, 10)]
+    sweep = sweep_figure(rows, "t", 0.5)
+    assert [line.get_label() for line in sweep.axes[0].get_lines()][:2] == ["Dice", "accuracy"]
+    roc = roc_figure(
+        {"image": Curve(np.r_[0, 1.0], np.r_[0, 1.0], 0.5), "pixel": Curve(np.r_[0, 1.0], np.r_[0, 1.0], 0.5)}, "t"
+    )
+    assert len(roc.axes) == 2 and roc.axes[1].get_legend().get_texts()[0].get_text() == "pixel (AUROC 0.500)"
+
+
+def test_mlflow_shows_effective_params_curves_and_one_sweep_plot(write_protocol, tmp_path):
+    path = write_protocol(
+        methods={"mvfa": {"mode": "paper", "layers": [1, 2, 3, 4], "epochs": 3, "progress": False}},
+        settings=[{"name": "few_shot", "shots": [2]}],
+        datasets=["SynthBrain"],
+    )
+    assert main(["run", str(path)]) == 0
+    rec = next(iter(ResultStore(tmp_path / "results", "t").latest().values()))
+    client = MlflowClient(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("t")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    run = client.get_run(rec["mlflow_run_id"])
+    params = run.data.params
+    assert params["param_lr"] == "0.001" and params["param_batch_size"] == "16"  # paper mode's values, not None
+    assert params["param_bottleneck"] == "64"  # tiny-vit's text width, not the placeholder 0
+    history = client.get_metric_history(run.info.run_id, "train_loss")
+    assert [m.step for m in history] == [0, 1, 2] and len(rec["history"]["train_loss"]) == 3
+    assert not any(k.startswith("dice_t") for k in run.data.metrics) and "dice_t0.5" in rec["metrics"]
+    assert {"pixel_aupro", "pixel_aupr", "image_aupr", "image_f1_max", "dice_oracle"} <= set(run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"samples.png", "sweep.png", "roc.png", "sweep.csv"} <= artifacts
+
+
+def test_published_without_any_match_says_so(tmp_path, capsys):
+    store = ResultStore(tmp_path, "synthetic")
+    store.append(
+        {
+            "config_hash": "a", "status": "finished", "method": "winclip", "variant": "WinCLIP",
+            "setting": "few_normal", "shots": 2, "seed": 0, "dataset": "SynthBrain", "backbone": "bb", "threshold": 0.5,
+            "metrics": {"image_auroc": 0.5, "pixel_auroc": 0.5},
+        }
+    )  # fmt: skip
+    assert main(["tables", "synthetic", "--results-dir", str(tmp_path), "--published"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --published: no published number matches a row of 'synthetic'")
+
+
+@pytest.mark.parametrize("fmt", ["latex", "markdown"])
+def test_tables_of_a_run_render(write_protocol, tmp_path, capsys, fmt):
+    assert main(["run", str(write_protocol())]) == 0
+    capsys.readouterr()
+    assert main(["tables", "t", "--results-dir", str(tmp_path / "results"), "--format", fmt, "--std"]) == 0
+    assert "WinCLIP+" in capsys.readouterr().out
