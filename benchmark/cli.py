@@ -69,12 +69,41 @@ def _parser() -> argparse.ArgumentParser:
         "--std", action="store_true", help="LaTeX: add ± std over seeds after each mean (Markdown always has it)"
     )
     tables.add_argument(
+        "--ci",
+        action="store_true",
+        help="add 95%% bootstrap confidence intervals over test images, and a dagger where the best of a "
+        "setting is significantly better than the second (image_auroc, image_accuracy, dice)",
+    )
+    tables.add_argument(
         "--efficiency",
         action="store_true",
         help="trainable parameters and head FLOPs beside average AUROC (MCMIAD Table 2)",
     )
     tables.add_argument("--results-dir", default="results", help="the folder runs wrote to (results)")
     tables.add_argument("--out", help="write the table to this file instead of printing it")
+    comp = sub.add_parser(
+        "compare", help="confidence intervals and paired tests between an experiment's methods, rank diagrams"
+    )
+    comp.add_argument("experiment", help="the protocol's name (its results are in RESULTS_DIR/EXPERIMENT)")
+    comp.add_argument(
+        "--metric",
+        default="image_auroc",
+        choices=("image_auroc", "image_accuracy", "dice"),
+        help="the metric to compare (image_auroc)",
+    )
+    comp.add_argument("--baseline", help="compare every method with this method entry (default: the best mean)")
+    comp.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (1000)")
+    comp.add_argument("--seed", type=int, default=0, help="bootstrap seed (0)")
+    comp.add_argument("--alpha", type=float, default=0.05, help="significance level after Holm's correction (0.05)")
+    comp.add_argument(
+        "--format", choices=("markdown", "latex", "csv"), default="markdown", help="what to print (markdown)"
+    )
+    comp.add_argument("--results-dir", default="results", help="the folder runs wrote to (results)")
+    rep = sub.add_parser("report", help="one self-contained HTML page: tables, comparisons, curves, maps")
+    rep.add_argument("experiment", help="the protocol's name (its results are in RESULTS_DIR/EXPERIMENT)")
+    rep.add_argument("--out", help="the HTML file to write (RESULTS_DIR/EXPERIMENT/report.html)")
+    rep.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the comparisons (1000)")
+    rep.add_argument("--results-dir", default="results", help="the folder runs wrote to (results)")
     sub.add_parser("list", help="methods, datasets and protocols")
     synth = sub.add_parser("synth", help="write the synthetic data sets")
     synth.add_argument("--out", default="data/synthetic", help="folder to write them to (data/synthetic)")
@@ -249,13 +278,18 @@ def _cmd_tables(args) -> int:
             f"--published: no published number matches a row of '{args.experiment}' (the papers report their "
             "methods on the BMAD and MedSAD-CLIP datasets in their settings; see results/published/README.md)"
         )
+    ci = None
+    if args.ci:
+        from benchmark.reports.compare import load_entries, table_intervals
+
+        ci = table_intervals(load_entries(args.results_dir, args.experiment), metrics)
     if args.efficiency:
         caption = f"{args.experiment}: trainable parameters of each method's head beside its mean AUROC (%)."
         text = tables.render_efficiency(list(store.latest().values()), args.format, caption)
     elif args.format == "latex":
-        text = tables.render_latex(frame, metrics, caption, f"tab:{args.experiment}", args.published, args.std)
+        text = tables.render_latex(frame, metrics, caption, f"tab:{args.experiment}", args.published, args.std, ci)
     elif args.format == "markdown":
-        text = tables.render_markdown(frame, metrics, caption, args.published)
+        text = tables.render_markdown(frame, metrics, caption, args.published, ci)
     else:
         text = tables.render_csv(frame, args.published)
     if args.out:
@@ -264,6 +298,73 @@ def _cmd_tables(args) -> int:
         print(f"wrote {args.out}")
     else:
         sys.stdout.write(text)
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    """Tables with CIs and significance marks, and critical-difference diagrams, under EXPERIMENT/compare/."""
+    from benchmark.reports import compare
+    from benchmark.reports.figures import to_png
+
+    if args.resamples < 100:
+        raise BenchmarkError(f"--resamples: expected at least 100, got {args.resamples}")
+    if not 0 < args.alpha < 1:
+        raise BenchmarkError(f"--alpha: expected a level in (0, 1), got {args.alpha}")
+    started = time.perf_counter()
+    entries = compare.load_entries(args.results_dir, args.experiment)
+    result = compare.compare(entries, args.metric, args.baseline, args.resamples, args.seed, args.alpha)
+    out = Path(args.results_dir) / args.experiment / "compare"
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fmt, suffix in (("markdown", "md"), ("latex", "tex"), ("csv", "csv")):
+        path = out / f"{args.metric}.{suffix}"
+        path.write_text(compare.render(result, args.experiment, fmt, args.resamples), encoding="utf-8")
+        written.append(path)
+    for group, test in result.ranks.items():
+        fig = compare.cd_figure(test, f"{args.experiment}, {group}, {args.metric}")
+        stem = out / f"cd_{args.metric}_{group.replace(', ', '_').replace(' ', '_').replace('=', '')}"
+        fig.savefig(stem.with_suffix(".pdf"))
+        stem.with_suffix(".png").write_bytes(to_png(fig))
+        written += [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
+    sys.stdout.write(compare.render(result, args.experiment, args.format, args.resamples))
+    logged = _log_to_parent(args.results_dir, args.experiment, written, "compare")
+    print(f"wrote {', '.join(str(p) for p in written)} ({time.perf_counter() - started:.1f} s); {logged}")
+    return 0
+
+
+def _log_to_parent(results_dir: str, experiment: str, files: list[Path], folder: str) -> str:
+    """Log ``files`` into the newest parent MLflow run of the experiment; what was done, in words."""
+    from benchmark.tracking import Tracker, results_uri
+
+    uri = results_uri(results_dir)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return f"no MLflow store at {uri}: nothing logged"
+    tracker = Tracker(uri, experiment, Path(results_dir) / "mlartifacts" / experiment)
+    parent = tracker.latest_parent()
+    for path in files:
+        tracker.log_artifact(parent, path, folder)
+    if parent is None or tracker.behind:
+        return f"not logged to MLflow ({tracker.behind or 'the experiment has no run'})"
+    return f"logged to MLflow run {parent} under {folder}/"
+
+
+def _cmd_report(args) -> int:
+    from benchmark.reports.report import build_report
+
+    if args.resamples < 100:
+        raise BenchmarkError(f"--resamples: expected at least 100, got {args.resamples}")
+    started = time.perf_counter()
+    page, figures = build_report(args.results_dir, args.experiment, args.resamples)
+    out = Path(args.out) if args.out else Path(args.results_dir) / args.experiment / "report.html"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page, encoding="utf-8")
+    folder = out.parent / f"{out.stem}_figures"
+    folder.mkdir(exist_ok=True)
+    for name, png in figures.items():
+        (folder / name).write_bytes(png)
+    logged = _log_to_parent(args.results_dir, args.experiment, [out, *sorted(folder.iterdir())], "report")
+    took = time.perf_counter() - started
+    print(f"wrote {out} ({len(page) / 1e6:.1f} MB, {len(figures)} figures, {took:.1f} s); {logged}")
     return 0
 
 
@@ -309,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
         "run": _cmd_run,
         "sync": _cmd_sync,
         "tables": _cmd_tables,
+        "compare": _cmd_compare,
+        "report": _cmd_report,
         "list": _cmd_list,
         "synth": _cmd_synth,
         "fetch-weights": _cmd_fetch,

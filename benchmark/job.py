@@ -26,6 +26,7 @@ from benchmark.data.layout import Sample
 from benchmark.data.loading import LoaderConfig, iterate_batches
 from benchmark.data.splits import content_hash
 from benchmark.errors import BenchmarkError
+from benchmark.evidence import Evidence, EvidenceWriter
 from benchmark.killpoints import kill_point
 from benchmark.method import METHODS, Method, MethodContext, TrainSet
 from benchmark.metrics import ImageMetrics, PixelMetrics
@@ -60,6 +61,7 @@ class CellResult:
     sweep: list[dict[str, float]] = field(default_factory=list)
     manifest: dict = field(default_factory=dict)
     figures: dict[str, bytes] = field(default_factory=dict)  # file name -> PNG
+    evidence: bytes = b""  # evidence.npz: per-image scores, labels and pixel counts
     history: dict[str, list[float]] = field(default_factory=dict)  # per-epoch training curves
     test_hash: str = ""
     environment: dict = field(default_factory=dict)
@@ -101,6 +103,7 @@ class Evaluation:
     figure: list[SampleView]
     test_hash: str
     roc: dict[str, Curve]
+    evidence: Evidence
 
 
 def _check_prediction(method: Method, scores: torch.Tensor, maps: torch.Tensor, n: int, size: int):
@@ -136,6 +139,7 @@ def evaluate(
     pixels = PixelMetrics((*sweep, thresholds["dice"])) if has_masks else None
     figure: list[SampleView] = []
     keys: list[str] = []
+    evidence = EvidenceWriter((*sweep, thresholds["dice"]), has_masks)
     want = {0: (figure_samples + 1) // 2, 1: figure_samples // 2}
     for batch in iterate_batches(samples, size, batch_size, loader):
         with torch.no_grad():
@@ -146,6 +150,8 @@ def evaluate(
             pixels.update(maps, batch.masks)
         if writer is not None:
             writer.add(batch.paths, scores, batch.labels, maps, batch.masks)
+        names = [Path(p).name for p in batch.paths]
+        evidence.update(batch.keys, names, scores, batch.labels, maps, batch.masks)
         for i, label in enumerate(batch.labels.tolist()):
             if want[label] > 0:
                 want[label] -= 1
@@ -198,7 +204,14 @@ def evaluate(
     roc = {"image": Curve(*images.roc(), metrics["image_auroc"])}
     if pixels is not None:
         roc["pixel"] = Curve(*pixels.roc(), metrics["pixel_auroc"])
-    return Evaluation(metrics, rows, figure, content_hash(keys), roc)
+    examples = {
+        "names": np.array([s.name for s in figure]),
+        "images": np.stack([(s.image * 255).round().astype(np.uint8) for s in figure]) if figure else np.zeros(0),
+        "masks": np.stack([s.mask for s in figure]) if figure else np.zeros(0),
+        "maps": np.stack([s.amap.astype(np.float16) for s in figure]) if figure else np.zeros(0),
+    }
+    pixel_roc = (roc["pixel"].fpr, roc["pixel"].tpr) if "pixel" in roc else None
+    return Evaluation(metrics, rows, figure, content_hash(keys), roc, evidence.build(examples, pixel_roc))
 
 
 def choose_thresholds(
@@ -268,6 +281,7 @@ def run_job(job: CellJob) -> CellResult:
             writer.close()
         result.figures = cell_figures(ev, f"{cell.cell_id} | backbone {cell.backbone.label()}", thresholds)
         result.metrics, result.sweep, result.test_hash = ev.metrics, ev.sweep, ev.test_hash
+        result.evidence = ev.evidence.to_bytes()
         result.history = method.curves()
         result.info = {
             **{f"param_{k}": v for k, v in method.effective_params().items()},

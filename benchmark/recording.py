@@ -31,6 +31,7 @@ CELL_FILES = (
     "samples.png",
     "sweep.png",
     "roc.png",
+    "evidence.npz",
     "error.txt",
 )
 
@@ -154,6 +155,7 @@ def cell_files(result, config: dict, environment: dict) -> dict[str, bytes]:
         out.writerows(result.sweep)
         files["sweep.csv"] = buffer.getvalue().encode()
         files.update(result.figures)
+        files["evidence.npz"] = result.evidence
     else:
         files["error.txt"] = (result.traceback or result.error).encode()
     return files

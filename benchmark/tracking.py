@@ -26,12 +26,15 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TI
 DRIVER_TAG = "medad.driver"  # host:pid of the invocation that started a run (to find runs of dead drivers)
 
 
+def results_uri(results_dir: str | Path) -> str:
+    """The tracking store of a results folder: ``MLFLOW_TRACKING_URI``, else its sqlite file."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + str((Path(results_dir) / "mlflow.db").resolve())
+
+
 def tracking_uri(protocol: Protocol) -> str:
     if protocol.tracking_uri:
         return protocol.tracking_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return "sqlite:///" + str((Path(protocol.results_dir) / "mlflow.db").resolve())
+    return results_uri(protocol.results_dir)
 
 
 def is_remote(uri: str) -> bool:
@@ -220,9 +223,16 @@ class Tracker:
         if run_id is not None:
             self._call(self.client.log_dict, run_id, data, name)
 
-    def log_artifact(self, run_id: str | None, path: Path) -> None:
+    def log_artifact(self, run_id: str | None, path: Path, folder: str | None = None) -> None:
         if run_id is not None:
-            self._call(self.client.log_artifact, run_id, str(path))
+            self._call(self.client.log_artifact, run_id, str(path), folder)
+
+    def latest_parent(self) -> str | None:
+        """The newest invocation's parent run of the experiment (the runs of its cells hang under it)."""
+        parents = [
+            r for r in self.runs() if "mlflow.parentRunId" not in r.data.tags and r.data.tags.get("sync") != "true"
+        ]
+        return max(parents, key=lambda r: r.info.start_time).info.run_id if parents else None
 
     def end(self, run_id: str | None, status: str, even_if_behind: bool = False) -> None:
         """``status``: FINISHED, FAILED or KILLED; a parent run is ended even after a failure (one more try)."""

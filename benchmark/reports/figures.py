@@ -104,14 +104,21 @@ def samples_figure(samples: Sequence[SampleView], title: str, threshold: float):
     return fig
 
 
-def draw_sweep(ax, rows: Sequence[dict[str, float]], label: str = "", marked: float | None = None) -> None:
-    """Dice (where the sweep has it) and image accuracy against the threshold; ``marked`` draws the main
-    threshold."""
+def draw_sweep(
+    ax,
+    rows: Sequence[dict[str, float]],
+    label: str = "",
+    marked: float | None = None,
+    what: tuple[str, ...] = ("dice", "image_accuracy"),
+) -> None:
+    """Dice (where the sweep has it) and image accuracy against the threshold (``what`` picks); ``marked``
+    draws the main threshold; ``label`` names the method when several are overlaid."""
     thresholds = [r["threshold"] for r in rows]
     prefix = f"{label}: " if label else ""
-    if all("dice" in r for r in rows):
+    if "dice" in what and all("dice" in r for r in rows):
         ax.plot(thresholds, [r["dice"] for r in rows], marker="o", label=f"{prefix}Dice")
-    ax.plot(thresholds, [r["image_accuracy"] for r in rows], marker="s", linestyle="--", label=f"{prefix}accuracy")
+    if "image_accuracy" in what:
+        ax.plot(thresholds, [r["image_accuracy"] for r in rows], marker="s", linestyle="--", label=f"{prefix}accuracy")
     if marked is not None:
         ax.axvline(marked, color="grey", linewidth=0.8, linestyle=":")
     ax.set_xlabel("threshold")

@@ -39,6 +39,20 @@ SETTING_NAMES = {
 ROW_KEYS = ["method", "plugin", "variant", "published_as", "setting", "shots", "backbone", "threshold"]  # a row each
 
 
+def row_key(values: dict) -> tuple:
+    """A table row's identity from its ``ROW_KEYS`` values, as a record or a grouped frame holds them (missing
+    values, None or NaN, become "")."""
+
+    def norm(key: str, value):
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return ""
+        if key == "shots":
+            return int(value)
+        return float(value) if key == "threshold" else str(value)
+
+    return tuple(norm(k, values.get(k)) for k in ROW_KEYS)
+
+
 def published_name(plugin: str, published_as: str | None = None) -> str:
     """The name under which the papers print a row's numbers: the record's ``published_as`` ("" for a variant
     no paper reports); for records written before it existed, the registered method's published name."""
@@ -79,6 +93,7 @@ class Row:
     values: dict[tuple[str, str], Value]
     kind: str = "ours"  # ours | published | difference
     source: str = ""  # published: "mvfa Table 2"
+    key: tuple = ()  # ``row_key``: where its confidence intervals are found
 
     def label(self) -> str:
         """The full label (Markdown): ``name (setting)``; published and difference rows say what they are."""
@@ -109,7 +124,7 @@ def build(frame: pd.DataFrame, metrics: tuple[str, ...], published: bool = False
         }
         name = key["variant"] if isinstance(key["variant"], str) and key["variant"] else key["method"]
         group = setting_label(key["setting"], int(key["shots"]))
-        table_rows.append(Row(name, group, values))
+        table_rows.append(Row(name, group, values, key=row_key(key)))
         if pub is None:
             continue
         paper_name = published_name(key["plugin"], key["published_as"])
@@ -209,6 +224,7 @@ def render_latex(
     label: str,
     published: bool = False,
     std: bool = False,
+    ci=None,
 ) -> str:
     """A booktabs table that fits a landscape page: rows grouped by setting (ranked within it), short row
     labels with a legend in the caption, means only unless ``std``."""
@@ -219,7 +235,8 @@ def render_latex(
     spans = [(d, sum(1 for c in columns if c[0] == d)) for d in datasets]
     marks = legend(short)
     sources = sorted({r.source for r in rows if r.kind == "published"})
-    text = _latex_escape(caption) + (f" Rows: {marks}" if marks else "")
+    caption += ci_caption(ci) if ci is not None else ""
+    text = _latex_escape(caption).replace("†", r"$^\dagger$") + (f" Rows: {marks}" if marks else "")
     text += f" Published rows: {_latex_escape('; '.join(sources))}." if sources else ""
     lines = [
         r"\begin{table}[t]",
@@ -245,6 +262,8 @@ def render_latex(
         cells = []
         for col in columns:
             cell = _latex_number(row.values.get(col), row.kind == "difference", std and row.kind == "ours")
+            interval, dagger = _interval(ci, row, col)
+            cell += (rf"{{\scriptsize{interval}}}" if interval else "") + (r"$^\dagger$" if dagger else "")
             rank = ranks[col].get(i) if row.kind == "ours" else None
             cells.append(rf"\textbf{{{cell}}}" if rank == 0 else rf"\underline{{{cell}}}" if rank == 1 else cell)
         name = short[row.name] if row.kind == "ours" else rf"\quad {row.kind}"
@@ -253,7 +272,28 @@ def render_latex(
     return "\n".join(lines) + "\n"
 
 
-def render_markdown(frame: pd.DataFrame, metrics: tuple[str, ...], caption: str, published: bool = False) -> str:
+def _interval(ci, row: Row, col: tuple[str, str]) -> tuple[str, bool]:
+    """`` [low, high]`` (percent) of a row's cell when ``ci`` (``TableIntervals``) has it, and its dagger."""
+    if ci is None or row.kind != "ours":
+        return "", False
+    key = (row.key, col[0], col[1])
+    found = ci.intervals.get(key)
+    text = f" [{found.low * 100:.2f}, {found.high * 100:.2f}]" if found is not None else ""
+    return text, key in ci.daggers
+
+
+def ci_caption(ci) -> str:
+    return (
+        f" [low, high]: 95% confidence interval (BCa bootstrap over test images, stratified by label; seeds "
+        f"averaged). †: the best of its setting is better than the second by DeLong's test (AUROC) or a paired "
+        f"bootstrap, p < {ci.alpha} after Holm's correction over the table's {ci.tests} tests."
+    )
+
+
+def render_markdown(
+    frame: pd.DataFrame, metrics: tuple[str, ...], caption: str, published: bool = False, ci=None
+) -> str:
+    """``ci``: ``benchmark.reports.compare.TableIntervals`` adds intervals and daggers."""
     rows, columns = build(frame, metrics, published)
     ranks = _ranks(rows, columns)
     headers = ["Method"] + [f"{d} {HEADERS.get(m, m)}" for d, m in columns]
@@ -262,9 +302,12 @@ def render_markdown(frame: pd.DataFrame, metrics: tuple[str, ...], caption: str,
         cells = [row.label() if row.kind == "ours" else "↳ " + row.label()]
         for col in columns:
             text = _fmt(row.values.get(col), signed=row.kind == "difference")
+            interval, dagger = _interval(ci, row, col)
+            text += interval + (" †" if dagger else "")
             rank = ranks[col].get(i) if row.kind == "ours" else None
             cells.append(f"**{text}**" if rank == 0 else f"<u>{text}</u>" if rank == 1 else text)
         body.append(cells)
+    caption += ci_caption(ci) if ci is not None else ""
     return f"{caption}\n\n" + tabulate(body, headers=headers, tablefmt="github", disable_numparse=True) + "\n"
 
 

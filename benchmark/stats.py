@@ -1,0 +1,165 @@
+"""Which differences are real: confidence intervals over test images, paired tests, multiple-comparison
+correction, and rank tests across datasets.
+
+Resampling is over test images, stratified by label (normal and anomalous images are drawn apart, so every
+resample holds both classes and AUROC stays defined). Seeds are handled explicitly: a method's number is the
+mean over its seeds, every seed's cell scored the same test images, and a resample draws the same images for
+every seed; DeLong's test compares the seed means as a contrast of all the seeds' AUROCs, their covariance
+on the shared images included (DeLong et al., Biometrics 1988; the fast algorithm of Sun & Xu, 2014).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+Statistic = Callable[[np.ndarray], float]  # indices of test images -> a number
+
+
+@dataclass(frozen=True)
+class Interval:
+    value: float
+    low: float
+    high: float
+
+
+def _strata(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.asarray(labels).astype(bool)
+    return np.flatnonzero(~labels), np.flatnonzero(labels)
+
+
+def bootstrap_ci(
+    statistic: Statistic,
+    labels: np.ndarray,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    method: str = "BCa",
+) -> Interval:
+    """``statistic`` on all test images with its ``level`` confidence interval: ``scipy.stats.bootstrap``
+    over the normal and the anomalous images as two samples (a stratified bootstrap), BCa by default. Where
+    BCa is undefined (every resample gives the same value, e.g. a Dice of 0 throughout) the percentile
+    interval of the same resamples is given."""
+    normal, anomalous = _strata(labels)
+
+    def run(how: str):
+        return stats.bootstrap(
+            (normal, anomalous),
+            lambda a, b: statistic(np.concatenate([a, b])),
+            n_resamples=n_resamples,
+            confidence_level=level,
+            method=how,
+            vectorized=False,
+            rng=np.random.default_rng(seed),
+        ).confidence_interval
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)  # BCa's acceleration of a constant statistic: 0 / 0
+        interval = run(method)
+        if method != "percentile" and not np.isfinite([interval.low, interval.high]).all():
+            interval = run("percentile")
+    value = statistic(np.arange(len(labels)))
+    return Interval(value, float(interval.low), float(interval.high))
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    difference: float  # a - b
+    p: float
+    test: str
+
+
+def paired_bootstrap(
+    a: Statistic, b: Statistic, labels: np.ndarray, n_resamples: int = 1000, seed: int = 0
+) -> PairedTest:
+    """Two-sided paired bootstrap test of ``a - b`` on the same resampled images: p = twice the smaller share
+    of resampled differences on either side of zero (at most 1); identical methods give p = 1."""
+    normal, anomalous = _strata(labels)
+    rng = np.random.default_rng(seed)
+    differences = np.empty(n_resamples)
+    for r in range(n_resamples):
+        idx = np.concatenate([rng.choice(normal, len(normal)), rng.choice(anomalous, len(anomalous))])
+        differences[r] = a(idx) - b(idx)
+    everything = np.arange(len(labels))
+    p = min(1.0, 2.0 * min(np.mean(differences <= 0), np.mean(differences >= 0)))
+    return PairedTest(a(everything) - b(everything), float(p), "paired bootstrap")
+
+
+def _midranks(x: np.ndarray) -> np.ndarray:
+    return stats.rankdata(x, axis=-1)
+
+
+def delong_covariance(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """AUROCs of the rows of ``scores`` ``[k, N]`` (same images, ``labels`` ``[N]``) and their DeLong covariance
+    ``[k, k]``, by the placement values of Sun & Xu's fast algorithm."""
+    scores = np.atleast_2d(np.asarray(scores, dtype=np.float64))
+    labels = np.asarray(labels).astype(bool)
+    pos, neg = scores[:, labels], scores[:, ~labels]
+    m, n = pos.shape[1], neg.shape[1]
+    tx, ty = _midranks(pos), _midranks(neg)
+    tz = _midranks(np.concatenate([pos, neg], axis=1))
+    aucs = (tz[:, :m].sum(1) - m * (m + 1) / 2.0) / (m * n)
+    v_pos = (tz[:, :m] - tx) / n  # per anomalous image: share of normal images it outranks
+    v_neg = 1.0 - (tz[:, m:] - ty) / m  # per normal image: share of anomalous images that outrank it
+    cov = np.atleast_2d(np.cov(v_pos)) / m + np.atleast_2d(np.cov(v_neg)) / n
+    return aucs, cov
+
+
+def delong_test(a: Sequence[np.ndarray], b: Sequence[np.ndarray], labels: np.ndarray) -> PairedTest:
+    """DeLong's test of mean-over-seeds AUROC of ``a`` minus that of ``b`` (each a list of per-seed score
+    vectors on the same images): the contrast ``L = (1/ka, ..., -1/kb, ...)`` of all their AUROCs."""
+    scores = np.vstack([*a, *b])
+    weights = np.r_[np.full(len(a), 1.0 / len(a)), np.full(len(b), -1.0 / len(b))]
+    aucs, cov = delong_covariance(scores, labels)
+    difference = float(weights @ aucs)
+    variance = float(weights @ cov @ weights)
+    if variance <= 1e-18:
+        return PairedTest(difference, 1.0 if abs(difference) < 1e-12 else 0.0, "DeLong")
+    z = difference / np.sqrt(variance)
+    return PairedTest(difference, float(2.0 * stats.norm.sf(abs(z))), "DeLong")
+
+
+def holm(pvalues: Sequence[float]) -> np.ndarray:
+    """Holm's step-down adjusted p-values (statsmodels' ``multipletests``)."""
+    from statsmodels.stats.multitest import multipletests
+
+    p = np.asarray(pvalues, dtype=np.float64)
+    if not len(p):
+        return p
+    return multipletests(p, method="holm")[1]
+
+
+@dataclass(frozen=True)
+class RankTest:
+    """Friedman's test over datasets (blocks) and methods, with Nemenyi's post-hoc test (scikit-posthocs)."""
+
+    ranks: dict[str, float]  # mean rank per method (1 = best)
+    statistic: float
+    p: float
+    critical_difference: float
+    pairwise: object  # pandas DataFrame of Nemenyi p-values, methods x methods
+    datasets: int
+
+
+def friedman_nemenyi(table, higher_is_better: bool = True, alpha: float = 0.05) -> RankTest:
+    """``table``: a pandas DataFrame, datasets as rows, methods as columns (at least 3 of each... Friedman needs
+    three methods; two datasets are the least that ranks anything)."""
+    import scikit_posthocs as sp
+
+    values = table.to_numpy(dtype=np.float64)
+    k, n = values.shape[1], values.shape[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # every dataset ranks the methods alike: 0 / 0
+        statistic, p = stats.friedmanchisquare(*values.T)
+    ranks = table.rank(axis=1, ascending=not higher_is_better).mean(axis=0)
+    oriented = values if higher_is_better else -values
+    pairwise = sp.posthoc_nemenyi_friedman(oriented)
+    pairwise.index = pairwise.columns = list(table.columns)
+    q = stats.studentized_range.ppf(1 - alpha, k, np.inf) / np.sqrt(2.0)
+    cd = float(q * np.sqrt(k * (k + 1) / (6.0 * n)))
+    return RankTest({str(m): float(r) for m, r in ranks.items()}, float(statistic), float(p), cd, pairwise, n)

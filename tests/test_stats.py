@@ -1,0 +1,213 @@
+"""Statistics over test images: bootstrap intervals, DeLong's test, paired bootstrap, Holm, Friedman/Nemenyi,
+per-image evidence, and the compare/report commands on a real run."""
+
+import shutil
+import subprocess
+from html.parser import HTMLParser
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from scipy import stats as sps
+
+from benchmark import stats
+from benchmark.cli import main
+from benchmark.evidence import EvidenceWriter, pixel_counts
+from benchmark.metrics import PixelMetrics, auroc_exact
+from benchmark.store import ResultStore
+
+
+def _scores(n_normal=60, n_anomalous=40, shift=1.0, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = np.r_[np.zeros(n_normal), np.ones(n_anomalous)].astype(bool)
+    a = rng.normal(0, 1, len(labels)) + shift * labels
+    b = 0.6 * a + 0.8 * rng.normal(0, 1, len(labels)) + 0.3 * labels
+    return a, b, labels
+
+
+def test_bootstrap_interval_is_scipys_own():
+    a, _, labels = _scores()
+    got = stats.bootstrap_ci(lambda i: auroc_exact(a[i], labels[i]), labels, 500, seed=3)
+    normal, anomalous = np.flatnonzero(~labels), np.flatnonzero(labels)
+    expected = sps.bootstrap(
+        (normal, anomalous),
+        lambda x, y: auroc_exact(a[np.r_[x, y]], labels[np.r_[x, y]]),
+        n_resamples=500,
+        method="BCa",
+        vectorized=False,
+        rng=np.random.default_rng(3),
+    ).confidence_interval
+    assert (got.low, got.high) == (expected.low, expected.high)
+    assert got.low < got.value == auroc_exact(a, labels) < got.high
+
+
+def test_delong_variance_matches_a_direct_computation():
+    """The structural components computed pair by pair (O(m n)), independently of the midrank algorithm."""
+    a, b, labels = _scores(30, 20)
+    aucs, cov = stats.delong_covariance(np.vstack([a, b]), labels)
+    pos, neg = [s[labels] for s in (a, b)], [s[~labels] for s in (a, b)]
+
+    def psi(x, y):
+        return (x[:, None] > y[None, :]) + 0.5 * (x[:, None] == y[None, :])
+
+    v10 = [psi(p, q).mean(1) for p, q in zip(pos, neg, strict=True)]
+    v01 = [psi(p, q).mean(0) for p, q in zip(pos, neg, strict=True)]
+    direct = np.cov(np.vstack(v10)) / labels.sum() + np.cov(np.vstack(v01)) / (~labels).sum()
+    np.testing.assert_allclose(cov, direct, rtol=1e-12)
+    np.testing.assert_allclose(aucs, [auroc_exact(a, labels), auroc_exact(b, labels)], rtol=1e-12)
+
+
+def test_delong_p_value_agrees_with_a_permutation_test():
+    a, b, labels = _scores(70, 50)
+    delong = stats.delong_test([a], [b], labels)
+    rng = np.random.default_rng(1)
+    observed, hits, rounds = abs(delong.difference), 0, 3000
+    for _ in range(rounds):  # swap the two methods' scores image by image: the null of equal AUROCs
+        swap = rng.random(len(labels)) < 0.5
+        x, y = np.where(swap, b, a), np.where(swap, a, b)
+        hits += abs(auroc_exact(x, labels) - auroc_exact(y, labels)) >= observed - 1e-12
+    permutation = (hits + 1) / (rounds + 1)
+    assert 0.05 < delong.p < 0.6 and abs(delong.p - permutation) < 0.03
+
+
+def test_identical_methods_give_p_one():
+    a, _, labels = _scores()
+    assert stats.delong_test([a, a + 0.0], [a], labels).p == 1.0
+    same = stats.paired_bootstrap(
+        lambda i: auroc_exact(a[i], labels[i]), lambda i: auroc_exact(a[i], labels[i]), labels
+    )
+    assert same.p == 1.0 and same.difference == 0.0
+
+
+def test_paired_bootstrap_sees_a_real_difference():
+    a, _, labels = _scores(80, 80, shift=2.0)
+    noise = np.random.default_rng(5).normal(0, 1, len(labels))
+    test = stats.paired_bootstrap(
+        lambda i: auroc_exact(a[i], labels[i]), lambda i: auroc_exact(noise[i], labels[i]), labels, 500
+    )
+    assert test.difference > 0.3 and test.p < 0.01
+
+
+def test_holm_and_friedman_nemenyi():
+    np.testing.assert_allclose(stats.holm([0.01, 0.04, 0.03]), [0.03, 0.06, 0.06])
+    table = pd.DataFrame({"A": [0.9, 0.8, 0.85, 0.7], "B": [0.6, 0.7, 0.65, 0.6], "C": [0.5, 0.4, 0.6, 0.55]})
+    result = stats.friedman_nemenyi(table)
+    assert result.p == pytest.approx(sps.friedmanchisquare(*table.to_numpy().T).pvalue)
+    assert result.ranks == {"A": 1.0, "B": 2.0, "C": 3.0}
+    # Demsar (2006): CD = q_0.05 sqrt(k (k + 1) / (6 N)), q_0.05 = 2.343 for k = 3
+    assert result.critical_difference == pytest.approx(2.343 * np.sqrt(3 * 4 / 24), abs=1e-3)
+
+
+def test_per_image_counts_give_the_dataset_dice_bit_for_bit():
+    torch.manual_seed(0)
+    maps, masks = torch.rand(7, 20, 20), torch.rand(7, 20, 20) > 0.85
+    thresholds = (0.1, 0.3, 0.5, 0.7, 0.9)
+    pixels = PixelMetrics(thresholds)
+    writer = EvidenceWriter(thresholds, masks=True)
+    for part in (slice(0, 3), slice(3, 7)):
+        pixels.update(maps[part], masks[part])
+        n = maps[part].shape[0]
+        writer.update(tuple(str(i) for i in range(n)), ["x"] * n, torch.rand(n), torch.ones(n), maps[part], masks[part])
+    evidence = writer.build()
+    for t in thresholds:
+        assert evidence.dice(t) == pixels.dice(t)
+    counts = pixel_counts(maps, masks, torch.tensor(thresholds))
+    assert (counts[:, 0] + counts[:, 2] == masks.reshape(7, -1).sum(1, keepdim=True).numpy()).all()
+
+
+@pytest.fixture
+def twins(write_protocol, tmp_path):
+    """A run where a second method entry is the first one again, and a third differs."""
+    path = write_protocol(
+        methods={
+            "winclip": {"scales": [2]},
+            "winclip_twin": {"method": "winclip", "scales": [2]},
+            "winclip_other": {  # another random backbone: other numbers
+                "method": "winclip",
+                "scales": [2],
+                "backbone": {"model": "tiny-vit", "weights": "random-init", "seed": 1},
+            },
+        },
+        settings=[{"name": "few_normal", "shots": [2]}],
+        datasets=["SynthBrain", "SynthLiver"],
+        seeds=[0, 1],
+    )
+    assert main(["run", str(path)]) == 0
+    return tmp_path / "results"
+
+
+def test_records_carry_evidence_that_reproduces_their_metrics(twins):
+    from benchmark.evidence import Evidence
+
+    store = ResultStore(twins, "t")
+    for rec in store.latest().values():
+        evidence = Evidence.load(store.dir / rec["cell_id"] / "evidence.npz")
+        assert evidence.image_auroc() == rec["metrics"]["image_auroc"]
+        assert evidence.dice(0.5) == rec["metrics"]["dice"]
+        assert evidence.accuracy(0.5) == rec["metrics"]["image_accuracy"]
+        assert len(evidence.examples["maps"]) == 2 and evidence.pixel_roc is not None
+
+
+def test_compare_marks_no_difference_between_twins(twins, capsys):
+    assert main(["compare", "t", "--results-dir", str(twins), "--baseline", "winclip", "--resamples", "200"]) == 0
+    out = capsys.readouterr().out
+    frame = pd.read_csv(twins / "t" / "compare" / "image_auroc.csv")
+    twin = frame[frame["entry"] == "winclip_twin"]
+    assert (twin["p"] == 1.0).all() and not twin["significant"].any() and (twin["difference"].abs() < 1e-12).all()
+    assert (frame["ci_low"] <= frame["mean"]).all() and (frame["mean"] <= frame["ci_high"]).all()
+    assert "(ref.)" in out and "Holm" in out
+    for suffix in ("md", "tex", "csv"):
+        assert (twins / "t" / "compare" / f"image_auroc.{suffix}").is_file()
+    cd = sorted((twins / "t" / "compare").glob("cd_image_auroc_*"))
+    assert [p.suffix for p in cd] == [".pdf", ".png"]  # 3 methods x 2 datasets: a rank test
+    assert main(["compare", "t", "--results-dir", str(twins), "--metric", "dice", "--resamples", "200"]) == 0
+
+
+def test_tables_ci(twins, capsys):
+    assert main(["tables", "t", "--results-dir", str(twins), "--ci", "--metrics", "image_auroc,dice"]) == 0
+    out = capsys.readouterr().out
+    assert "95% confidence interval" in out and " [" in out
+    assert main(["tables", "t", "--results-dir", str(twins), "--ci", "--format", "latex"]) == 0
+    assert r"\scriptsize [" in capsys.readouterr().out
+
+
+class _Images(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.sources, self.headings = [], []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.sources.append(dict(attrs)["src"])
+
+    def handle_data(self, data):
+        if self.lasttag in ("h2", "h3"):
+            self.headings.append(data)
+
+
+def test_report_is_one_self_contained_page(twins, tmp_path, capsys):
+    out = tmp_path / "report.html"
+    assert main(["report", "t", "--results-dir", str(twins), "--out", str(out), "--resamples", "200"]) == 0
+    assert "logged to MLflow run" in capsys.readouterr().out
+    page = _Images()
+    page.feed(out.read_text())
+    assert page.sources and all(s.startswith("data:image/png;base64,") for s in page.sources)
+    assert {"Results", "Which differences are real", "Curves", "Provenance of every number"} <= set(page.headings)
+    assert "Random-init backbones" in out.read_text()
+    client = MlflowClient(f"sqlite:///{twins / 'mlflow.db'}")
+    parent = next(r for r in client.search_runs([client.get_experiment_by_name("t").experiment_id])
+                  if "mlflow.parentRunId" not in r.data.tags)  # fmt: skip
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert "report/report.html" in logged and any(p.startswith("report/curves_") for p in logged)
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium:  # where a browser is installed, it renders the page
+        shot = tmp_path / "shot.png"
+        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
+        subprocess.run(
+            [chromium, *flags, f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}",
+             "--window-size=1200,2000", out.as_uri()],
+            capture_output=True, timeout=120,
+        )  # fmt: skip
+        assert shot.stat().st_size > 10_000
