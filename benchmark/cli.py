@@ -104,6 +104,21 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", help="the HTML file to write (RESULTS_DIR/EXPERIMENT/report.html)")
     rep.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the comparisons (1000)")
     rep.add_argument("--results-dir", default="results", help="the folder runs wrote to (results)")
+    paper = sub.add_parser(
+        "paper-table", help="a published table in its paper's layout, our numbers where runs cover it"
+    )
+    paper.add_argument("paper", nargs="?", help="mvfa, medsad-clip or mcmiad")
+    paper.add_argument("table", nargs="?", help='the table as the paper numbers it, e.g. "Table 1"')
+    paper.add_argument("--from", dest="experiments", type=_csv(str), help="experiments holding our runs (a,b)")
+    paper.add_argument(
+        "--format", choices=("latex", "markdown", "csv"), default="markdown", help="output format (markdown)"
+    )
+    paper.add_argument("--delta", action="store_true", help="add ours minus the paper's number to each cell")
+    paper.add_argument(
+        "--coverage", action="store_true", help="per published table: rows the shipped protocols reproduce"
+    )
+    paper.add_argument("--results-dir", default="results", help="the folder runs wrote to (results)")
+    paper.add_argument("--out", help="write the table to this file instead of printing it")
     sub.add_parser("list", help="methods, datasets and protocols")
     synth = sub.add_parser("synth", help="write the synthetic data sets")
     synth.add_argument("--out", default="data/synthetic", help="folder to write them to (data/synthetic)")
@@ -368,6 +383,25 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_paper(args) -> int:
+    from benchmark.reports import paper
+
+    if args.coverage:
+        sys.stdout.write(paper.render_coverage(paper.coverage(PROTOCOLS_DIR)))
+        return 0
+    if not args.paper or not args.table or not args.experiments:
+        raise BenchmarkError("paper-table: expected PAPER TABLE --from EXPERIMENT[,...] (or --coverage)")
+    table = paper.paper_table(args.paper, args.table, args.results_dir, args.experiments)
+    text = paper.render(table, args.format, args.delta)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text, encoding="utf-8")
+        print(f"wrote {args.out}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def _cmd_list(_args) -> int:
     from benchmark.data.catalog import load_catalog
     from benchmark.method import METHODS
@@ -412,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         "tables": _cmd_tables,
         "compare": _cmd_compare,
         "report": _cmd_report,
+        "paper-table": _cmd_paper,
         "list": _cmd_list,
         "synth": _cmd_synth,
         "fetch-weights": _cmd_fetch,
