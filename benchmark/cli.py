@@ -270,6 +270,17 @@ def _dry_run(protocol, catalog, cells, root: Path, skipped: str) -> int:
     return 0
 
 
+def _emit(text: str, out: str | None) -> int:
+    """``text`` to the file ``out`` (its folder made), else to standard output."""
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text, encoding="utf-8")
+        print(f"wrote {out}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def _cmd_tables(args) -> int:
     from benchmark.reports import tables
     from benchmark.store import ResultStore
@@ -307,13 +318,7 @@ def _cmd_tables(args) -> int:
         text = tables.render_markdown(frame, metrics, caption, args.published, ci)
     else:
         text = tables.render_csv(frame, args.published)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text, encoding="utf-8")
-        print(f"wrote {args.out}")
-    else:
-        sys.stdout.write(text)
-    return 0
+    return _emit(text, args.out)
 
 
 def _cmd_compare(args) -> int:
@@ -393,13 +398,7 @@ def _cmd_paper(args) -> int:
         raise BenchmarkError("paper-table: expected PAPER TABLE --from EXPERIMENT[,...] (or --coverage)")
     table = paper.paper_table(args.paper, args.table, args.results_dir, args.experiments)
     text = paper.render(table, args.format, args.delta)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text, encoding="utf-8")
-        print(f"wrote {args.out}")
-    else:
-        sys.stdout.write(text)
-    return 0
+    return _emit(text, args.out)
 
 
 def _cmd_list(_args) -> int:
