@@ -409,6 +409,11 @@ def _cmd_list(_args) -> int:
     for name in METHODS.names():
         cls = METHODS.get(name)
         print(f"  {name:14s} settings: {', '.join(sorted(cls.settings))}")
+    for family in METHODS.families():
+        print(
+            f'  {family}:<Model>  any anomalib model (e.g. {family}:Patchcore; pip install -e ".[anomalib]"); '
+            "settings: few_normal, few_shot, full_normal, supervised (one-class: the normal images only)"
+        )
     print("datasets:")
     for spec in load_catalog().values():
         masks = "masks" if spec.masks else "image labels"

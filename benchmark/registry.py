@@ -26,6 +26,7 @@ class Registry(Generic[T]):
         self.entry_point_group = entry_point_group
         self.package = package
         self._items: dict[str, T] = {}
+        self._families: dict[str, Callable[[str], T]] = {}
         self._discovered = False
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -36,6 +37,13 @@ class Registry(Generic[T]):
             return obj
 
         return decorator
+
+    def register_family(self, prefix: str, resolve: Callable[[str], T]) -> None:
+        """Names ``prefix:MEMBER`` resolve, on first use, to ``resolve(MEMBER)`` (which raises a
+        ``BenchmarkError`` for an unknown member): a family of plugins wrapping another library."""
+        if prefix in self._families:
+            raise ValueError(f"{self.kind} family '{prefix}' is registered twice")
+        self._families[prefix] = resolve
 
     def discover(self) -> None:
         if self._discovered:
@@ -53,20 +61,41 @@ class Registry(Generic[T]):
 
     def get(self, name: str, where: str = "") -> T:
         self.discover()
+        prefix, colon, member = name.partition(":")
+        if name not in self._items and colon and prefix in self._families:
+            try:
+                self._items[name] = self._families[prefix](member)
+            except BenchmarkError as exc:
+                raise BenchmarkError(f"{where}: {exc}" if where else str(exc)) from None
         if name not in self._items:
             close = difflib.get_close_matches(name, list(self._items), n=1, cutoff=0.5)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(sorted(self._items))}"
+            known = [*sorted(self._items), *(f"{p}:<member>" for p in self._families)]
+            hint = f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(known)}"
             prefix = f"{where}: " if where else ""
             raise BenchmarkError(f"{prefix}unknown {self.kind} '{name}'{hint}")
         return self._items[name]
 
     def names(self) -> list[str]:
+        """Registered names (family members resolved so far included)."""
         self.discover()
         return sorted(self._items)
 
+    def families(self) -> list[str]:
+        self.discover()
+        return sorted(self._families)
+
     def __contains__(self, name: str) -> bool:
         self.discover()
-        return name in self._items
+        if name in self._items:
+            return True
+        prefix, colon, _ = name.partition(":")
+        if not (colon and prefix in self._families):
+            return False
+        try:
+            self.get(name)
+        except BenchmarkError:
+            return False
+        return True
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())

@@ -28,7 +28,11 @@ COPIED = "†"
 
 def plugin_names() -> dict[str, str]:
     """Our methods by published name (lower case): ``{"mvfa": "mvfa", "medsad-clip": "medsad_clip", ...}``."""
-    return {METHODS.get(n).published_name.lower(): n for n in METHODS.names() if METHODS.get(n).published_name}
+    from methods.anomalib_models import PUBLISHED
+
+    classes = [METHODS.get(n) for n in METHODS.names()]
+    ours = {c.published_name.lower(): c.name for c in classes if c.published_name}  # a family member by its own name
+    return {**{p.lower(): f"anomalib:{cls}" for cls, p in PUBLISHED.items()}, **ours}
 
 
 @dataclass

@@ -1,0 +1,113 @@
+"""anomalib's models through the bridge: registry family, parameters, runs on synthetic data, and the maps of
+calling the anomalib model directly."""
+
+import warnings
+
+import pytest
+import torch
+
+from benchmark.backbones.cache import FeatureCache
+from benchmark.cli import main
+from benchmark.data.loading import load_batch
+from benchmark.data.splits import make_split
+from benchmark.errors import BenchmarkError
+from benchmark.method import METHODS, MethodContext, TrainSet
+from benchmark.protocol import BackboneSpec
+from benchmark.store import ResultStore
+
+RESNET = {"model": "resnet18", "weights": "random-init", "seed": 0}
+
+
+def test_the_family_resolves_in_the_registry_with_anomalibs_parameters():
+    cls = METHODS.get("anomalib:patchcore")  # any case
+    assert cls.name == "anomalib:Patchcore" and cls.published_name == "PatchCore"
+    assert cls.default_backbone.model == "wide_resnet50_2" and cls.default_backbone.weights == "racm_in1k"
+    assert cls.parse_params({"coreset_sampling_ratio": 0.2}, "p").coreset_sampling_ratio == 0.2
+    with pytest.raises(BenchmarkError, match=r"^p: methods.pc.coreset: unknown parameter; valid: batch_size, "):
+        cls.parse_params({"coreset": 0.2}, "p: methods.pc")
+    with pytest.raises(BenchmarkError, match="did you mean 'anomalib:Patchcore'"):
+        METHODS.get("anomalib:Patchcorr")
+    assert "anomalib:Padim" in METHODS and "anomalib:Nothing" not in METHODS
+
+
+def test_models_run_through_the_harness(write_protocol, tmp_path, capsys):
+    """Two memory-bank models (no training) and two trained ones, one epoch, in both one-class settings."""
+    path = write_protocol(
+        datasets=["SynthBrain"],
+        settings=["full_normal", {"name": "few_normal", "shots": [2]}],
+        methods={
+            "patchcore": {"method": "anomalib:Patchcore", "backbone": RESNET, "image_size": 64},
+            "padim": {"method": "anomalib:Padim", "backbone": RESNET, "image_size": 64},
+            "rd4ad": {"method": "anomalib:ReverseDistillation", "backbone": RESNET, "image_size": 64, "epochs": 1},
+            "fastflow": {"method": "anomalib:Fastflow", "backbone": RESNET, "image_size": 64, "epochs": 1},
+        },
+    )
+    assert main(["run", str(path)]) == 0
+    records = list(ResultStore(tmp_path / "results", "t").latest().values())
+    assert len(records) == 8 and {r["status"] for r in records} == {"finished"}
+    by = {(r["method"], r["setting"]): r for r in records}
+    assert by[("patchcore", "full_normal")]["published_as"] == "PatchCore"
+    assert by[("rd4ad", "few_normal")]["variant"] == "RD4AD" and by[("rd4ad", "few_normal")]["history"]["train_loss"]
+    assert by[("padim", "few_normal")]["params"]["train_count"] == 2
+    assert by[("patchcore", "full_normal")]["backbone_weights"] == "random-init"
+    for r in records:
+        assert all(0.0 <= r["metrics"][k] <= 1.0 for k in ("image_auroc", "pixel_auroc", "dice"))
+
+
+@pytest.mark.parametrize("name", ["Padim", "Patchcore"])
+def test_bridge_maps_equal_the_anomalib_models_own(catalog, synth_root, name):
+    """The bridge against anomalib's model built and fitted directly (its own training step and fit) with the
+    same seed, on the same normalised images: the same raw maps, and ours are a monotone map of them."""
+    import anomalib.models as models
+    from anomalib.data import ImageBatch as AnomalibBatch
+    from anomalib.pre_processing import PreProcessor
+    from torchvision.transforms.v2 import Resize
+
+    from methods.models.anomalib_bridge import normalise_input
+
+    size, spec = 64, BackboneSpec("resnet18", "random-init", 0)
+    extra = {"coreset_sampling_ratio": 1.0} if name == "Patchcore" else {}
+    cls = METHODS.get(f"anomalib:{name}")
+    context = MethodContext(catalog["SynthBrain"], "full_normal", None, 0, size, torch.device("cpu"), spec,
+                            FeatureCache(None))  # fmt: skip
+    split = make_split(synth_root, catalog, "SynthBrain", "full_normal", None, 0)
+    bridge = cls.build(cls.Params(batch_size=4, **extra), context)
+    bridge.fit(TrainSet(split.train, "full_normal", None, size))
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        direct = getattr(models, name)(
+            backbone="resnet18", pre_trained=False, post_processor=False, evaluator=False, visualizer=False,
+            pre_processor=PreProcessor(transform=Resize((size, size))), **extra,
+        )  # fmt: skip
+        train = load_batch(split.train, size)
+        order = torch.randperm(len(split.train), generator=torch.Generator().manual_seed(0))
+        direct.train()
+        for i in range(0, len(order), 4):
+            direct.training_step(AnomalibBatch(image=normalise_input(train.images[order[i : i + 4]])), 0)
+        direct.fit()
+    direct.eval()
+    test = load_batch(split.test, size)
+    with torch.no_grad():
+        own = direct.model(normalise_input(test.images))
+    scores, maps = bridge.raw(test.images)
+    assert torch.allclose(maps, own.anomaly_map[:, 0], atol=1e-5, rtol=1e-5)
+    assert torch.allclose(scores, own.pred_score.reshape(-1), atol=1e-5, rtol=1e-5)
+    pred = bridge.predict(test.unlabelled())
+    assert pred.maps.min() >= 0 and pred.maps.max() < 1
+    # ours are our monotone mapping of anomalib's own maps, with the training images' statistics
+    assert torch.allclose(pred.maps, bridge._map(own.anomaly_map[:, 0], *bridge.calibration["map"]), atol=1e-6)
+    print(f"{name}: max |bridge - anomalib| raw map {float((maps - own.anomaly_map[:, 0]).abs().max()):.3g}")
+
+
+def test_without_the_extra_an_anomalib_method_is_one_line(monkeypatch):
+    import sys
+
+    from methods.anomalib_models import anomalib_models
+
+    monkeypatch.setitem(sys.modules, "anomalib.models", None)  # as if anomalib were not installed
+    with pytest.raises(
+        BenchmarkError, match=r'^anomalib methods need the anomalib extra: pip install -e "\.\[anomalib\]"$'
+    ):
+        anomalib_models()
