@@ -82,39 +82,103 @@ class AnomalibMethod(Method):
 
 
 _RESOLVED: dict[str, type[Method]] = {}  # one class per anomalib model, whatever the case it was named in
+ANOMALIB_DEFAULT = "anomalib default"  # a default that is no literal (an enum member): the model's own applies
+
+
+def _package_dir():
+    """anomalib's folder, found without importing it (importing its models takes seconds)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("anomalib")
+    if spec is None or not spec.submodule_search_locations:
+        raise BenchmarkError('anomalib methods need the anomalib extra: pip install -e ".[anomalib]"')
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _imported_names(init) -> dict[str, str]:
+    """``from .module import Name`` lines of a package's ``__init__.py``: name -> module."""
+    import ast
+
+    tree = ast.parse(init.read_text(encoding="utf-8"))
+    return {
+        alias.asname or alias.name: node.module
+        for node in tree.body
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module
+        for alias in node.names
+    }
+
+
+def model_signatures() -> dict[str, dict[str, Any]]:
+    """Every anomalib model class and its constructor's defaults, read from the source (no import): the
+    classes ``anomalib.models.image`` and ``.video`` export."""
+    import ast
+
+    root = _package_dir() / "models"
+    found: dict[str, dict[str, Any]] = {}
+    for kind in ("image", "video"):
+        for name, module in _imported_names(root / kind / "__init__.py").items():
+            package = root / kind / module
+            where = _imported_names(package / "__init__.py").get(name) if package.is_dir() else None
+            source = package / f"{where}.py" if where else package.with_suffix(".py")
+            if not source.is_file():
+                continue
+            tree = ast.parse(source.read_text(encoding="utf-8"))
+            cls = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name), None)
+            init = (
+                next((n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"), None)
+                if cls
+                else None
+            )
+            if init is None:
+                continue
+            args = init.args
+            positional = args.posonlyargs + args.args
+            defaults = [None] * (len(positional) - len(args.defaults)) + list(args.defaults)
+            pairs = list(zip(positional, defaults, strict=True)) + list(
+                zip(args.kwonlyargs, args.kw_defaults, strict=True)
+            )
+            found[name] = {a.arg: _literal(d) for a, d in pairs if a.arg != "self"}
+    return found
+
+
+def _literal(node) -> Any:
+    import ast
+
+    if node is None:
+        return inspect.Parameter.empty
+    try:
+        return ast.literal_eval(node)
+    except ValueError:
+        return ANOMALIB_DEFAULT
 
 
 def resolve(member: str) -> type[Method]:
-    """The plugin class of ``anomalib:<member>``; an unknown member names the nearest anomalib model."""
+    """The plugin class of ``anomalib:<member>``; an unknown member names the nearest anomalib model. Read
+    from anomalib's source, so that naming a model imports neither anomalib nor torch."""
     if member.lower() in _RESOLVED:
         return _RESOLVED[member.lower()]
-    models = anomalib_models()
-    names = [n for n in dir(models) if n[:1].isupper() and inspect.isclass(getattr(models, n))]
-    names = [n for n in names if issubclass(getattr(models, n), models.AnomalibModule) and n != "AnomalibModule"]
+    signatures = model_signatures()
+    names = sorted(signatures)
     found = {n.lower(): n for n in names}.get(member.lower())
     if found is None:
         close = difflib.get_close_matches(member, names, n=1, cutoff=0.5)
         hint = f"did you mean 'anomalib:{close[0]}'?" if close else f"anomalib's models: {', '.join(names)}"
         raise BenchmarkError(f"unknown method 'anomalib:{member}'; {hint}")
-    signature = inspect.signature(getattr(models, found).__init__)
-    kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    constructor = {
-        name: p.default
-        for name, p in signature.parameters.items()
-        if name != "self" and name not in BRIDGE_SET and p.kind in kinds
-    }
+    signature = signatures[found]
+    constructor = {name: default for name, default in signature.items() if name not in BRIDGE_SET}
     fields = [
         (name, Any, dataclasses.field(default=_frozen(default)))
         for name, default in {**BRIDGE_PARAMS, **constructor}.items()
         if default is not inspect.Parameter.empty
     ]
     params = dataclasses.make_dataclass(f"{found}Params", fields, frozen=True)
-    backbone = signature.parameters.get("backbone")
-    default_backbone = (
-        BackboneSpec(backbone.default, _default_tag(backbone.default))
-        if backbone is not None and isinstance(backbone.default, str)
-        else BackboneSpec("none", "random-init")
-    )
+    backbone = signature.get("backbone")
+    if isinstance(backbone, str) and backbone != ANOMALIB_DEFAULT:
+        model, _, tag = backbone.partition(".")  # anomalib may name a tag: "wide_resnet50_2.tv_in1k"
+        default_backbone = BackboneSpec(model, tag or _default_tag(model))
+    else:
+        default_backbone = BackboneSpec("none", "random-init")
     attrs = {
         "name": f"anomalib:{found}",
         "published_name": PUBLISHED.get(found, ""),
@@ -135,7 +199,19 @@ def _frozen(value: Any) -> Any:
     return getattr(value, "value", value)
 
 
+# timm's default pretrained tag of anomalib's default backbones (a test keeps this equal to timm's own), so
+# that naming an anomalib model imports no torch; other backbones ask timm
+TIMM_DEFAULT_TAGS = {
+    "resnet18": "a1_in1k",
+    "resnet50": "a1_in1k",
+    "wide_resnet50_2": "racm_in1k",
+    "tf_efficientnet_b5": "ns_jft_in1k",
+}
+
+
 def _default_tag(model: str) -> str:
+    if model in TIMM_DEFAULT_TAGS:
+        return TIMM_DEFAULT_TAGS[model]
     import timm
 
     cfg = timm.models.get_pretrained_cfg(model)

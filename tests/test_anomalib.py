@@ -101,6 +101,26 @@ def test_bridge_maps_equal_the_anomalib_models_own(catalog, synth_root, name):
     print(f"{name}: max |bridge - anomalib| raw map {float((maps - own.anomaly_map[:, 0]).abs().max()):.3g}")
 
 
+def test_naming_a_model_reads_anomalibs_source_without_importing_it():
+    """``list``, ``--dry-run`` and protocol checks stay fast: the family resolves from anomalib's source files;
+    the default backbones' timm tags kept in a table equal timm's own."""
+    import subprocess
+    import sys
+
+    import timm
+
+    from methods.anomalib_models import TIMM_DEFAULT_TAGS, model_signatures
+
+    code = (
+        "import sys; from benchmark.method import METHODS; METHODS.get('anomalib:Cflow'); print('torch' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+    signatures = model_signatures()
+    assert signatures["Patchcore"]["coreset_sampling_ratio"] == 0.1 and len(signatures) > 20
+    for model, tag in TIMM_DEFAULT_TAGS.items():
+        assert timm.models.get_pretrained_cfg(model).tag == tag
+
+
 def test_without_the_extra_an_anomalib_method_is_one_line(monkeypatch):
     import sys
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from benchmark.data.loading import ImageBatch, iterate_batches, load_sample
 from benchmark.errors import BenchmarkError
 from benchmark.method import Prediction, TrainSet
-from methods.anomalib_models import AnomalibMethod, anomalib_models
+from methods.anomalib_models import ANOMALIB_DEFAULT, AnomalibMethod, anomalib_models
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -41,7 +41,7 @@ def build_model(cls: type[AnomalibMethod], params, context) -> torch.nn.Module:
     import os
 
     models = anomalib_models()
-    kwargs = {k: v for k, v in dataclasses.asdict(params).items() if k in cls.constructor}
+    kwargs = {k: v for k, v in dataclasses.asdict(params).items() if k in cls.constructor and v != ANOMALIB_DEFAULT}
     kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
     spec = context.backbone
     if _accepts(models, cls, "backbone"):
