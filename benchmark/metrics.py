@@ -88,6 +88,12 @@ def _descending_counts(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarr
     return tps, last + 1 - tps
 
 
+def roc_points(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """False and true positive rates at each distinct score taken as threshold, from (0, 0)."""
+    tps, fps = _descending_counts(np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool))
+    return np.r_[0.0, fps / max(fps[-1], 1)], np.r_[0.0, tps / max(tps[-1], 1)]
+
+
 def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
     """scikit-learn's ``average_precision_score``: ``sum_k (R_k - R_(k-1)) P_k`` over distinct thresholds."""
     labels = np.asarray(labels).astype(bool)
@@ -136,9 +142,7 @@ class ImageMetrics:
         return f1_max(self.scores, self.labels)
 
     def roc(self) -> tuple[np.ndarray, np.ndarray]:
-        """False and true positive rates at each distinct score taken as threshold, from (0, 0)."""
-        tps, fps = _descending_counts(self.scores.astype(np.float64), self.labels.astype(bool))
-        return np.r_[0.0, fps / max(fps[-1], 1)], np.r_[0.0, tps / max(tps[-1], 1)]
+        return roc_points(self.scores, self.labels)
 
     def accuracy(self, threshold: float) -> float:
         """Fraction of images with ``(score >= threshold) == label``."""

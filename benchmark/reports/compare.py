@@ -276,11 +276,11 @@ def render(c: Comparison, experiment: str, fmt: str, n_resamples: int) -> str:
 def cd_figure(test: stats.RankTest, title: str):
     """A critical-difference diagram (scikit-posthocs): methods at their mean rank, bars joining methods
     Nemenyi's test does not separate."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import scikit_posthocs as sp
+
+    from benchmark.reports.figures import pyplot
+
+    plt = pyplot()
 
     longest = max(len(m) for m in test.ranks) + 7  # a label: "name (rank)", at 8 pt ~ 0.075 in a character
     side = 0.075 * longest

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 
-def _plt():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,7 +72,7 @@ def draw_prediction(ax, sample: SampleView, threshold: float) -> None:
 def samples_figure(samples: Sequence[SampleView], title: str, threshold: float):
     """One row per sample (labelled normal/anomalous with its image score): the image with the ground truth
     outlined (green), the map over it with a shared colour bar, and the predicted mask at ``threshold``."""
-    plt = _plt()
+    plt = pyplot()
     rows = max(len(samples), 1)
     # one colour scale for every map of the figure, so that rows compare
     lo = min((float(s.amap.min()) for s in samples), default=0.0)
@@ -138,7 +139,7 @@ def draw_roc(ax, curve: Curve, label: str) -> None:
 
 
 def sweep_figure(rows: Sequence[dict[str, float]], title: str, marked: float | None = None):
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.8, 3.4))
     draw_sweep(ax, rows, marked=marked)
     ax.set_title(title, fontsize=8)
@@ -148,7 +149,7 @@ def sweep_figure(rows: Sequence[dict[str, float]], title: str, marked: float | N
 
 def roc_figure(curves: dict[str, Curve], title: str):
     """Image-level and (where there are masks) pixel-level ROC curves, side by side."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(curves), figsize=(3.6 * len(curves), 3.6), squeeze=False)
     for ax, (name, curve) in zip(axes[0], curves.items(), strict=True):
         draw_roc(ax, curve, name)
@@ -162,5 +163,5 @@ def to_png(fig) -> bytes:
     """The figure as PNG bytes; the figure is closed."""
     buffer = io.BytesIO()
     fig.savefig(buffer, dpi=80, format="png", pil_kwargs={"compress_level": 1})
-    _plt().close(fig)
+    pyplot().close(fig)
     return buffer.getvalue()

@@ -15,10 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from benchmark.errors import BenchmarkError
-from benchmark.evidence import Evidence
-from benchmark.metrics import auroc_exact
+from benchmark.metrics import auroc_exact, roc_points
 from benchmark.reports import compare, tables
-from benchmark.reports.figures import Curve, SampleView, draw_overlay, draw_roc, draw_sweep, to_png
+from benchmark.reports.figures import Curve, SampleView, draw_overlay, draw_roc, draw_sweep, pyplot, to_png
 from benchmark.store import ResultStore
 
 STYLE = """
@@ -33,15 +32,6 @@ th{background:#f4f4f4}.warn{background:#fde8e8;border:1px solid #e99;padding:.8e
 def _img(png: bytes, alt: str) -> str:
     data = base64.b64encode(png).decode()
     return f'<div><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></div>'
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _table_html(headers: list[str], body: list[list[str]]) -> str:
@@ -84,7 +74,7 @@ def comparison_section(entries: list[compare.Entry], experiment: str, metric: st
 def curve_figures(entries: list[compare.Entry]) -> dict[str, object]:
     """Per (setting, dataset): ROC curves of every method overlaid (image level; pixel level where there are
     masks), and Dice against the threshold (mean over seeds)."""
-    plt = _plt()
+    plt = pyplot()
     figures = {}
     by_cell: dict[tuple[str, str], list[compare.Entry]] = {}
     for e in entries:
@@ -94,7 +84,7 @@ def curve_figures(entries: list[compare.Entry]) -> dict[str, object]:
         fig, axes = plt.subplots(1, 3 if masks else 1, figsize=(13 if masks else 4.6, 4.4), squeeze=False)
         for e in part:
             first = e.evidence[0]
-            fpr, tpr = _image_roc(first)
+            fpr, tpr = roc_points(first.scores, first.labels)
             mean_auroc = float(np.mean([auroc_exact(ev.scores, ev.labels.astype(bool)) for ev in e.evidence]))
             draw_roc(axes[0][0], Curve(fpr, tpr, mean_auroc), e.name)
             if masks and first.pixel_roc is not None:
@@ -113,17 +103,9 @@ def curve_figures(entries: list[compare.Entry]) -> dict[str, object]:
     return figures
 
 
-def _image_roc(e: Evidence) -> tuple[np.ndarray, np.ndarray]:
-    order = np.argsort(-e.scores, kind="mergesort")
-    labels = e.labels[order].astype(bool)
-    tps, fps = np.cumsum(labels), np.cumsum(~labels)
-    last = np.r_[np.nonzero(np.diff(e.scores[order]))[0], len(labels) - 1]
-    return np.r_[0.0, fps[last] / max(fps[-1], 1)], np.r_[0.0, tps[last] / max(tps[-1], 1)]
-
-
 def examples_figures(entries: list[compare.Entry]) -> dict[str, object]:
     """Per (setting, dataset): the same example images (rows) under every method's map (columns)."""
-    plt = _plt()
+    plt = pyplot()
     figures = {}
     by_cell: dict[tuple[str, str], list[compare.Entry]] = {}
     for e in entries:
