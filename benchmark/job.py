@@ -103,7 +103,7 @@ class Evaluation:
     figure: list[SampleView]
     test_hash: str
     roc: dict[str, Curve]
-    evidence: Evidence
+    evidence: Evidence | None  # per-image evidence (not kept for a validation pass)
 
 
 def _check_prediction(method: Method, scores: torch.Tensor, maps: torch.Tensor, n: int, size: int):
@@ -130,6 +130,7 @@ def evaluate(
     writer: PredictionWriter | None = None,
     what: str = "test",
     loader: LoaderConfig | None = None,
+    keep_evidence: bool = True,
 ) -> Evaluation:
     """Predict ``samples`` batch by batch into streaming accumulators; maps are never all held at once.
 
@@ -139,7 +140,7 @@ def evaluate(
     pixels = PixelMetrics((*sweep, thresholds["dice"])) if has_masks else None
     figure: list[SampleView] = []
     keys: list[str] = []
-    evidence = EvidenceWriter((*sweep, thresholds["dice"]), has_masks)
+    evidence = EvidenceWriter((*sweep, thresholds["dice"]), has_masks) if keep_evidence else None
     want = {0: (figure_samples + 1) // 2, 1: figure_samples // 2}
     for batch in iterate_batches(samples, size, batch_size, loader):
         with torch.no_grad():
@@ -150,8 +151,9 @@ def evaluate(
             pixels.update(maps, batch.masks)
         if writer is not None:
             writer.add(batch.paths, scores, batch.labels, maps, batch.masks)
-        names = [Path(p).name for p in batch.paths]
-        evidence.update(batch.keys, names, scores, batch.labels, maps, batch.masks)
+        if evidence is not None:
+            names = [Path(p).name for p in batch.paths]
+            evidence.update(batch.keys, names, scores, batch.labels, maps, batch.masks)
         for i, label in enumerate(batch.labels.tolist()):
             if want[label] > 0:
                 want[label] -= 1
@@ -211,7 +213,8 @@ def evaluate(
         "maps": np.stack([s.amap.astype(np.float16) for s in figure]) if figure else np.zeros(0),
     }
     pixel_roc = (roc["pixel"].fpr, roc["pixel"].tpr) if "pixel" in roc else None
-    return Evaluation(metrics, rows, figure, content_hash(keys), roc, evidence.build(examples, pixel_roc))
+    kept = evidence.build(examples, pixel_roc) if evidence is not None else None
+    return Evaluation(metrics, rows, figure, content_hash(keys), roc, kept)
 
 
 def choose_thresholds(
@@ -222,8 +225,9 @@ def choose_thresholds(
     if protocol.threshold.mode == "fixed":
         return fixed
     ev = evaluate(
-        method, valid, has_masks, fixed, protocol.sweep, size, protocol.batch_size, what="validation", loader=loader
-    )
+        method, valid, has_masks, fixed, protocol.sweep, size, protocol.batch_size, what="validation", loader=loader,
+        keep_evidence=False,
+    )  # fmt: skip
     best_acc = max(ev.sweep, key=lambda r: r["image_accuracy"])["threshold"]
     best_dice = max(ev.sweep, key=lambda r: r.get("dice", -1.0))["threshold"] if has_masks else fixed["dice"]
     return {"dice": best_dice, "accuracy": best_acc}

@@ -193,10 +193,8 @@ def resolve(member: str) -> type[Method]:
 
 
 def _frozen(value: Any) -> Any:
-    """A default a frozen dataclass field can hold (lists become tuples; enums their value)."""
-    if isinstance(value, list):
-        return tuple(value)
-    return getattr(value, "value", value)
+    """A default a frozen dataclass field can hold: lists become tuples."""
+    return tuple(value) if isinstance(value, list) else value
 
 
 # timm's default pretrained tag of anomalib's default backbones (a test keeps this equal to timm's own), so

@@ -85,6 +85,7 @@ def test_paper_table_puts_our_numbers_in_the_papers_layout(bmad_run, capsys):
     assert main([*args, "--out", str(out_tex)]) == 0
     tex = out_tex.read_text()
     assert r"$^\dagger$" in tex and r"\emph{fewshot\_k2}" in tex
+    assert " & -- & " in tex and "$-$$-$" not in tex  # a missing number stays a dash, not two minus signs
     if shutil.which("pdflatex"):
         doc = bmad_run / "doc.tex"
         doc.write_text(

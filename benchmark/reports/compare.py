@@ -57,20 +57,24 @@ class Entry:
         """This entry with its images in ``other``'s order (the same test set is required)."""
         if self.evidence[0].keys.tolist() == other.evidence[0].keys.tolist():
             return self
-        where = {k: i for i, k in enumerate(self.evidence[0].keys.tolist())}
-        if set(where) != set(other.evidence[0].keys.tolist()):
-            raise BenchmarkError(
-                f"'{self.name}' and '{other.name}' on '{self.dataset}' were tested on different images; "
-                "they cannot be compared image by image"
-            )
-        order = np.array([where[k] for k in other.evidence[0].keys.tolist()])
+        why = (
+            f"'{self.name}' and '{other.name}' on '{self.dataset}' were tested on different images; "
+            "they cannot be compared image by image"
+        )
         return Entry(
             self.row, self.name, self.method, self.group, self.dataset,
-            [_reorder(e, order) for e in self.evidence], self.thresholds, self.records,
+            [aligned(e, other.evidence[0], why) for e in self.evidence], self.thresholds, self.records,
         )  # fmt: skip
 
 
-def _reorder(e: Evidence, order: np.ndarray) -> Evidence:
+def aligned(e: Evidence, reference: Evidence, why: str) -> Evidence:
+    """``e`` with its images in ``reference``'s order; ``why`` is the error when the image sets differ."""
+    if e.keys.tolist() == reference.keys.tolist():
+        return e
+    where = {k: i for i, k in enumerate(e.keys.tolist())}
+    if set(where) != set(reference.keys.tolist()):
+        raise BenchmarkError(why)
+    order = np.array([where[k] for k in reference.keys.tolist()])
     return Evidence(
         e.keys[order], e.names[order], e.scores[order], e.labels[order], e.thresholds,
         e.counts[order] if e.counts.size else e.counts, e.examples, e.pixel_roc,
@@ -100,7 +104,10 @@ def load_entries(results_dir: str | Path, experiment: str) -> list[Entry]:
             evidence.append(Evidence.load(path))
         first = evidence[0]
         later = zip(evidence[1:], records[1:], strict=True)
-        evidence = [first] + [_reorder(e, _order(e, first, rec)) for e, rec in later]
+        evidence = [first] + [
+            aligned(e, first, f"cell '{rec['cell_id']}' was tested on other images than its row's first seed")
+            for e, rec in later
+        ]
         thresholds = [
             {
                 "dice": float(rec["params"].get("threshold_dice", 0.5)),
@@ -119,13 +126,6 @@ def load_entries(results_dir: str | Path, experiment: str) -> list[Entry]:
         if len(methods_of[e.name]) > 1:
             e.name = f"{e.name} [{e.method}]"
     return entries
-
-
-def _order(e: Evidence, first: Evidence, rec: dict) -> np.ndarray:
-    where = {k: i for i, k in enumerate(e.keys.tolist())}
-    if set(where) != set(first.keys.tolist()):
-        raise BenchmarkError(f"cell '{rec['cell_id']}' was tested on other images than its row's first seed")
-    return np.array([where[k] for k in first.keys.tolist()])
 
 
 def pair_test(a: Entry, b: Entry, metric: str, n_resamples: int, seed: int) -> stats.PairedTest:

@@ -20,7 +20,7 @@ from benchmark.errors import BenchmarkError
 from benchmark.method import METHODS
 from benchmark.metrics import METRICS
 from benchmark.reports.published import PUBLISHED_CSV, canonical, load_published
-from benchmark.reports.tables import HEADERS, _latex_escape, published_name, summarize
+from benchmark.reports.tables import HEADERS, _latex_escape, latex_head, published_name, summarize
 from benchmark.store import ResultStore
 
 COPIED = "†"
@@ -177,7 +177,9 @@ def render(t: PaperTable, fmt: str, delta: bool = False) -> str:
                 text = _text(cell, delta)
                 rank = marks.get((g, meth, d, m))
                 if latex:
-                    text = _latex_escape(text).replace(COPIED, r"$^\dagger$").replace("-", "$-$")
+                    # true signs on the differences only ("--", no number, stays a dash)
+                    text = _latex_escape(text).replace(COPIED, r"$^\dagger$")
+                    text = text.replace("(-", "($-$").replace("(+", "($+$")
                     text = rf"\textbf{{{text}}}" if rank == 0 else rf"\underline{{{text}}}" if rank == 1 else text
                 else:
                     text = f"**{text}**" if rank == 0 else f"<u>{text}</u>" if rank == 1 else text
@@ -189,14 +191,10 @@ def render(t: PaperTable, fmt: str, delta: bool = False) -> str:
         for kind, name, cells in body:
             rows.append([f"*{name}*", *[""] * len(headers)] if kind == "group" else [name, *cells])
         return f"{caption(t, delta)}\n\n" + tabulate(rows, ["Method", *headers], "github", disable_numparse=True) + "\n"
-    datasets = list(dict.fromkeys(d for d, _ in t.columns))
-    spans = [(d, sum(1 for c in t.columns if c[0] == d)) for d in datasets]
     dagger = r"$^\dagger$"
     lines = [
         r"\begin{table}[t]", r"\centering", rf"\caption{{{_latex_escape(caption(t, delta)).replace(COPIED, dagger)}}}",
-        r"\begin{tabular}{l" + "".join(" " + "c" * n for _, n in spans) + "}", r"\toprule",
-        " & " + " & ".join(rf"\multicolumn{{{n}}}{{c}}{{{_latex_escape(d)}}}" for d, n in spans) + r" \\",
-        "Method & " + " & ".join(HEADERS.get(m, _latex_escape(m)) for _, m in t.columns) + r" \\",
+        *latex_head(t.columns),
     ]  # fmt: skip
     for kind, name, cells in body:
         if kind == "group":

@@ -217,6 +217,24 @@ def legend(short: dict[str, str]) -> str:
     return " ".join(f"{mark}: {_latex_escape(name)}." for mark, name in marks)
 
 
+def latex_head(columns: list[tuple[str, str]]) -> list[str]:
+    """The tabular's opening and header: datasets spanning their metric columns, rules under each, metric
+    names (``HEADERS``)."""
+    datasets = list(dict.fromkeys(d for d, _ in columns))
+    spans = [(d, sum(1 for c in columns if c[0] == d)) for d in datasets]
+    rules, start = [], 2
+    for _, n in spans:
+        rules.append(rf"\cmidrule(lr){{{start}-{start + n - 1}}}")
+        start += n
+    return [
+        r"\begin{tabular}{l" + "".join(" " + "c" * n for _, n in spans) + "}",
+        r"\toprule",
+        " & " + " & ".join(rf"\multicolumn{{{n}}}{{c}}{{{_latex_escape(d)}}}" for d, n in spans) + r" \\",
+        " ".join(rules),
+        "Method & " + " & ".join(HEADERS.get(m, _latex_escape(m)) for _, m in columns) + r" \\",
+    ]
+
+
 def render_latex(
     frame: pd.DataFrame,
     metrics: tuple[str, ...],
@@ -231,8 +249,6 @@ def render_latex(
     rows, columns = build(frame, metrics, published)
     ranks = _ranks(rows, columns)
     short = short_names(rows)
-    datasets = list(dict.fromkeys(d for d, _ in columns))
-    spans = [(d, sum(1 for c in columns if c[0] == d)) for d in datasets]
     marks = legend(short)
     sources = sorted({r.source for r in rows if r.kind == "published"})
     caption += ci_caption(ci) if ci is not None else ""
@@ -243,16 +259,8 @@ def render_latex(
         r"\centering",
         rf"\caption{{{text}}}",
         rf"\label{{{label}}}",
-        r"\begin{tabular}{l" + "".join(" " + "c" * n for _, n in spans) + "}",
-        r"\toprule",
+        *latex_head(columns),
     ]
-    lines.append(" & " + " & ".join(rf"\multicolumn{{{n}}}{{c}}{{{_latex_escape(d)}}}" for d, n in spans) + r" \\")
-    start, rules = 2, []
-    for _, n in spans:
-        rules.append(rf"\cmidrule(lr){{{start}-{start + n - 1}}}")
-        start += n
-    lines.append(" ".join(rules))
-    lines.append("Method & " + " & ".join(HEADERS.get(m, _latex_escape(m)) for _, m in columns) + r" \\")
     group = None
     for i, row in enumerate(rows):
         if row.group != group:
