@@ -108,9 +108,7 @@ def test_unwritable_folders_fail_fast_in_one_line(write_protocol, tmp_path, wher
     if where == "experiment":
         (tmp_path / "results").mkdir()
         (tmp_path / "results" / "t").write_text("a file where the experiment folder goes")
-    started = time.time()
     proc = _cli("run", write_protocol(**overrides.get(where, {})))
-    assert time.time() - started < 30
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert {"results": "results folder", "experiment": "experiment folder", "tracking": "tracking store folder"}[
         where

@@ -2,7 +2,6 @@
 read, and ``--published`` that says when nothing matches."""
 
 import argparse
-import time
 
 import numpy as np
 import pytest
@@ -50,11 +49,11 @@ def test_fetch_weights_offline_fails_at_once_in_one_line(monkeypatch, capsys):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
     for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "HF_HUB_OFFLINE"):
         monkeypatch.delenv(name, raising=False)
-    start = time.monotonic()
     assert main(["fetch-weights", "ViT-B-16", "openai"]) == 2
-    assert time.monotonic() - start < 10
     err = capsys.readouterr().err.splitlines()
+    # the one connection check answered before any download was tried (no hub retries, no traceback)
     assert len(err) == 1 and err[0].startswith("error: fetch-weights ViT-B-16 / openai: no network to download from")
+    assert "127.0.0.1:9 cannot be reached within 3 s" in err[0]
 
 
 def test_dry_run_without_the_data_writes_nothing(write_protocol, tmp_path, capsys, monkeypatch):
