@@ -111,7 +111,8 @@ def expand(protocol: Protocol, catalog: dict[str, DatasetSpec], methods=None, da
             for d in picked_datasets:
                 if cls.requires_masks and not catalog[d].masks:
                     continue  # reported by skipped_pairs
-                loo = tuple(x for x in protocol.datasets if x != d) if setting.name == "zero_shot_loo" else ()
+                others = setting.name == "zero_shot_loo" or setting.name in cls.auxiliary_settings
+                loo = tuple(x for x in protocol.datasets if x != d) if others else ()
                 for k in setting.shots or (None,):
                     for seed, sampling_seed in seed_pairs:
                         cells.append(

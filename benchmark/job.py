@@ -261,9 +261,12 @@ def run_job(job: CellJob) -> CellResult:
             spec, cell.setting, cell.shots, cell.seed, cell.image_size, device, cell.backbone, cache
         )
         method = cls.build(cls.Params(**cell.params), context)
-        specs = {name: catalog[name] for name in {s.dataset for s in split.train} | {cell.dataset}}
+        specs = {name: catalog[name] for name in {s.dataset for s in (*split.train, *split.auxiliary)} | {cell.dataset}}
         loader = loader_config(protocol, device)
-        method.fit(TrainSet(split.train, cell.setting, cell.shots, cell.image_size, specs, split.valid, loader))
+        train = TrainSet(
+            split.train, cell.setting, cell.shots, cell.image_size, specs, split.valid, loader, split.auxiliary
+        )
+        method.fit(train)
         thresholds = choose_thresholds(method, split.valid, spec.masks, protocol, cell.image_size, loader)
         writer = None
         if job.save_predictions:

@@ -48,7 +48,8 @@ class TrainSet:
     ``datasets`` maps each sample's dataset name to its card (organ word, masks; in ``zero_shot_loo``
     the samples come from several datasets); ``valid`` holds the target's validation samples not used for
     training, for model selection or score calibration (empty in ``zero_shot_loo``: the target's files are
-    never read).
+    never read); ``auxiliary`` the other datasets' labelled pools in a setting the method lists in its
+    ``auxiliary_settings`` (empty otherwise).
     """
 
     samples: tuple[Sample, ...]
@@ -58,6 +59,7 @@ class TrainSet:
     datasets: dict[str, DatasetSpec] = field(default_factory=dict)
     valid: tuple[Sample, ...] = ()
     loader: LoaderConfig | None = None  # decoding processes and pinned memory (the cell's)
+    auxiliary: tuple[Sample, ...] = ()  # other datasets' labelled pools, in the method's auxiliary_settings
 
     def subset(self, samples: tuple[Sample, ...]) -> TrainSet:
         return dataclasses.replace(self, samples=tuple(samples))
@@ -116,6 +118,8 @@ class Method:
     published_name: ClassVar[str] = ""
     settings: ClassVar[frozenset[str]] = frozenset()
     requires_masks: ClassVar[bool] = False  # trains on pixel masks: not run on image-label-only datasets
+    # settings in which fit() also gets the other datasets' labelled pools (TrainSet.auxiliary)
+    auxiliary_settings: ClassVar[frozenset[str]] = frozenset()
     Params: ClassVar[type] = NoParams
     default_backbone: ClassVar[BackboneSpec | None] = None
     default_image_size: ClassVar[int | None] = None

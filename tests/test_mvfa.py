@@ -9,7 +9,8 @@ from benchmark.data.loading import ImageBatch
 from benchmark.data.splits import make_split
 from benchmark.method import MethodContext, TrainSet
 from benchmark.protocol import BackboneSpec
-from methods.models.mvfa import MVFA, MVFAModel, MVFAParams, augment, dice_loss, focal_loss
+from methods.models.losses import dice_loss, focal_loss
+from methods.models.mvfa import MVFA, MVFAModel, MVFAParams, augment
 
 TINY = BackboneSpec("tiny-vit", "random-init", 0)
 

@@ -29,8 +29,9 @@ def test_every_published_row_of_a_method_we_run_is_reachable():
     assert sum(c.rows for c in items) == len(load_published())
     assert [row for c in items for row in c.unreachable] == []
     by_table = {(c.paper, c.table): c for c in items}
-    assert by_table[("mvfa", "Table 7")].reproducible == 60  # MVFA and BGAD [57], K = 2 ... 16
-    assert by_table[("medsad-clip", "Table 2")].reproducible == 40
+    assert by_table[("mvfa", "Table 7")].reproducible == 96  # MVFA, BGAD [57] and APRIL-GAN [9], K = 2 ... 16
+    assert by_table[("medsad-clip", "Table 2")].reproducible == 56  # ... and AnomalyCLIP's zero-shot, supervised
+    assert by_table[("medsad-clip", "Table 7")].reproducible == 20  # AnomalyCLIP's Dice at 0.3 ... 0.7 (sweep)
 
 
 @pytest.fixture
@@ -102,3 +103,27 @@ def test_paper_table_errors_are_one_line(tmp_path, capsys):
     assert "no published table mvfa 'Table 99'" in capsys.readouterr().err
     assert main(["paper-table", "mvfa"]) == 2
     assert "expected PAPER TABLE --from" in capsys.readouterr().err
+
+
+def test_a_published_dice_at_another_threshold_is_matched_to_the_sweep(write_protocol, tmp_path, catalog, capsys):
+    """MedSAD-CLIP's Table 7 prints AnomalyCLIP's zero-shot Dice at 0.3 ... 0.7: a run at the fixed 0.5
+    fills 0.5 from ``dice`` and the other thresholds from its sweep (``dice_t0.3`` ...), never crosswise."""
+    from benchmark.store import ResultStore
+
+    root = tmp_path / "medsad"
+    for name, synthetic in (("Brain", "SynthBrain"), ("Retina", "SynthRetina")):
+        write_dataset(root, dataclasses.replace(catalog[synthetic], folder=catalog[name].folder), SMALL)
+    methods = {"anomalyclip": {"layers": [4], "dpam_blocks": 2, "deep_depth": 2, "epochs": 1, "progress": False}}
+    path = write_protocol(name="zs", data_root=str(root), datasets=["Brain", "Retina"], settings=["zero_shot_loo"],
+                          threshold={"mode": "fixed", "value": 0.5}, methods=methods)  # fmt: skip
+    assert main(["run", str(path)]) == 0
+    results = tmp_path / "results"
+    brain = next(r for r in ResultStore(results, "zs").latest().values() if r["dataset"] == "Brain")["metrics"]
+    assert main(["paper-table", "medsad-clip", "Table 7", "--from", "zs", "--results-dir", str(results)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = [c.strip() for c in next(line for line in lines if line.startswith("| Method")).strip("|").split("|")]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("| Anomalyclip")]
+    assert len(rows) == 5  # one row a threshold, in the paper's order
+    for row, t in zip(rows, (0.3, 0.4, 0.5, 0.6, 0.7), strict=True):
+        ours = brain["dice"] if t == 0.5 else brain[f"dice_t{t:g}"]
+        assert row[header.index("Brain Dice")].replace("**", "").startswith(f"{ours * 100:.2f}")

@@ -195,3 +195,26 @@ def test_trained_methods_reproduce_exactly(write_protocol, tmp_path):
         assert main(["run", str(path)]) == 0
         results.append({r["cell_id"]: r["metrics"] for r in ResultStore(tmp_path / name, "t").latest().values()})
     assert len(results[0]) == 2 and results[0] == results[1]
+
+
+def test_clip_baselines_run_in_every_setting_they_declare(run, tmp_path):
+    """April-GAN and AnomalyCLIP through ``run``: every declared setting finishes; April-GAN's few-shot cells
+    record the other datasets as auxiliary training data and the K normal images as the cell's own."""
+    settings = ["zero_shot_loo", {"name": "few_normal", "shots": [2]}, {"name": "few_shot", "shots": [2]}, "supervised"]
+    methods = {
+        "april_gan": {"layers": [2, 4], "memory_layers": [2, 4], "epochs": 1},
+        "anomalyclip": {"layers": [2, 4], "dpam_blocks": 2, "deep_depth": 2, "epochs": 1, "sigma": 1.0},
+    }
+    code, _ = run(settings=settings, methods=methods, datasets=["SynthBrain", "SynthLiver"])
+    assert code == 0
+    latest = ResultStore(tmp_path / "results", "t").latest().values()
+    done = {(r["method"], r["setting"]) for r in latest if r["status"] == "finished"}
+    assert done == {("april_gan", s) for s in ("zero_shot_loo", "few_normal", "few_shot")} | {
+        ("anomalyclip", s) for s in ("zero_shot_loo", "few_shot", "supervised")
+    }
+    assert len(latest) == 6 * 2
+    few = next(r for r in latest if r["method"] == "april_gan" and r["setting"] == "few_normal")
+    manifest = json.loads((ResultStore(tmp_path / "results", "t").dir / few["cell_id"] / "manifest.json").read_text())
+    assert [s["label"] for s in manifest["train"]] == [0, 0] and manifest["auxiliary_count"] > 0
+    assert "auxiliary: labelled pools of" in manifest["source"]
+    assert few["params"]["memory_bank"] > 0 and few["variant"] == "APRIL-GAN (few-shot)"

@@ -2,7 +2,10 @@
 
 It returns the [CLS] embedding and the tokens of chosen layers (1-based, as the papers count: layer ``l``
 is the output of block ``l``), and lets a method insert modules between blocks: ``adapters[l]`` maps the
-tokens after block ``l`` to the tokens that enter block ``l + 1``.
+tokens after block ``l`` to the tokens that enter block ``l + 1``; ``overrides[l]`` runs block ``l`` in
+its place (``benchmark/backbones/attention.py``: the block's attention recomputed with another similarity,
+e.g. AnomalyCLIP's DPAM). The text tower runs block by block too: ``text_hooks[l]`` maps the tokens that
+enter text block ``l`` (deep prompts that replace token positions, adapters).
 
 Tests and the demo use ``tiny-vit`` (4 layers, width 128, patch 8; a 2-layer text tower), built from
 open_clip's own ``CLIP`` class with seeded random weights and labelled ``random-init`` in every output.
@@ -35,6 +38,7 @@ TINY_CONFIGS: dict[str, dict] = {
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 Adapter = Callable[[torch.Tensor], torch.Tensor]
+BlockOverride = Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (block, tokens in) -> tokens out
 
 
 class ClipBackbone(nn.Module):
@@ -87,18 +91,21 @@ class ClipBackbone(nn.Module):
         adapters: Mapping[int, Adapter] | None = None,
         start: int = 1,
         end: int | None = None,
+        overrides: Mapping[int, BlockOverride] | None = None,
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Run blocks ``start..end`` (1-based, inclusive); returns the last tokens and those of ``layers``.
 
-        The tokens recorded for layer ``l`` are the block's output before ``adapters[l]`` is applied.
+        ``overrides[l](block, x)`` runs in place of block ``l``. The tokens recorded for layer ``l`` are the
+        block's output before ``adapters[l]`` is applied.
         """
         end = self.num_layers if end is None else end
-        bad = [ly for ly in (*layers, *(adapters or {})) if not 1 <= ly <= self.num_layers]
+        bad = [ly for ly in (*layers, *(adapters or {}), *(overrides or {})) if not 1 <= ly <= self.num_layers]
         if bad:
             raise BenchmarkError(f"layer {bad[0]} out of range 1..{self.num_layers} for '{self.spec.model}'")
         outputs: dict[int, torch.Tensor] = {}
         for index in range(start, end + 1):
-            x = self.blocks[index - 1](x)
+            block = self.blocks[index - 1]
+            x = overrides[index](block, x) if overrides and index in overrides else block(x)
             if index in layers:
                 outputs[index] = x
             if adapters and index in adapters:
@@ -125,11 +132,25 @@ class ClipBackbone(nn.Module):
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
         return self.tokenizer(list(prompts)).to(self.mean.device)
 
-    def encode_token_embeddings(self, x: torch.Tensor, eot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def text_blocks(self) -> nn.ModuleList:
+        return self.model.transformer.resblocks
+
+    def encode_token_embeddings(
+        self, x: torch.Tensor, eot: torch.Tensor, text_hooks: Mapping[int, Adapter] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Text tower on token *embeddings* ``[B, L, width]`` (learnable prompts): the pooled embedding at the
-        EOT positions ``eot`` ``[B]`` and every token's projected output ``[B, L, embed_dim]``."""
+        EOT positions ``eot`` ``[B]`` and every token's projected output ``[B, L, embed_dim]``.
+        ``text_hooks[l]`` maps the tokens entering text block ``l`` (1-based)."""
         model = self.model
-        x = model.transformer(x + model.positional_embedding.to(x.dtype), attn_mask=model.attn_mask)
+        bad = [ly for ly in text_hooks or {} if not 1 <= ly <= len(self.text_blocks)]
+        if bad:
+            raise BenchmarkError(f"text layer {bad[0]} out of range 1..{len(self.text_blocks)} for '{self.spec.model}'")
+        x = x + model.positional_embedding.to(x.dtype)
+        for index, block in enumerate(self.text_blocks, start=1):
+            if text_hooks and index in text_hooks:
+                x = text_hooks[index](x)
+            x = block(x, attn_mask=model.attn_mask)
         x = model.ln_final(x)
         proj = model.text_projection
         tokens = proj(x) if isinstance(proj, nn.Linear) else x @ proj
@@ -144,8 +165,13 @@ class ClipBackbone(nn.Module):
         return out / out.norm(dim=-1, keepdim=True)
 
 
-def load_clip(spec: BackboneSpec, image_size: int, device: torch.device | str = "cpu") -> ClipBackbone:
-    """Build the backbone ``spec`` at ``image_size``; pretrained weights must be on this machine."""
+def load_clip(
+    spec: BackboneSpec, image_size: int, device: torch.device | str = "cpu", pos_interpolation: str = "bicubic"
+) -> ClipBackbone:
+    """Build the backbone ``spec`` at ``image_size``; pretrained weights must be on this machine.
+
+    Pretrained positional embeddings are resized to the image's grid with ``pos_interpolation``: open_clip's
+    ``bicubic`` (antialiased), or ``bilinear`` as AnomalyCLIP's CLIP does."""
     if spec.random_init:
         if spec.model not in TINY_CONFIGS and spec.model not in open_clip.list_models():
             raise BenchmarkError(f"backbone.model: unknown model '{spec.model}' (tiny configs: {sorted(TINY_CONFIGS)})")
@@ -169,20 +195,39 @@ def load_clip(spec: BackboneSpec, image_size: int, device: torch.device | str = 
             spec.model,
             pretrained=path,
             force_quick_gelu=bool(cfg.get("quick_gelu", False) if spec.quick_gelu is None else spec.quick_gelu),
-            force_image_size=image_size,
+            force_image_size=image_size if pos_interpolation == "bicubic" else None,
         )
+        if pos_interpolation != "bicubic":
+            resize_positional(model.visual, image_size, pos_interpolation)
         tokenizer = open_clip.get_tokenizer(spec.model)
         mean, std = cfg.get("mean", OPENAI_MEAN), cfg.get("std", OPENAI_STD)
     return ClipBackbone(model, spec, tokenizer, mean, std).to(device)
 
 
+def resize_positional(visual: nn.Module, image_size: int, mode: str) -> None:
+    """Resize a ViT's patch positional embeddings to the grid of ``image_size`` (``F.interpolate`` ``mode``,
+    no corner alignment, no antialiasing: AnomalyCLIP's ``VisionTransformer.forward``)."""
+    patch = visual.patch_size[0] if isinstance(visual.patch_size, tuple) else visual.patch_size
+    new = image_size // patch
+    pos = visual.positional_embedding.data
+    old = round((pos.shape[0] - 1) ** 0.5)
+    if new != old:
+        grid = pos[1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)
+        grid = torch.nn.functional.interpolate(grid, (new, new), mode=mode)
+        visual.positional_embedding = nn.Parameter(torch.cat([pos[:1], grid[0].flatten(1).T]), requires_grad=False)
+    visual.grid_size = (new, new)
+    visual.image_size = (image_size, image_size)
+
+
 _SHARED: dict[tuple, ClipBackbone] = {}
 
 
-def shared_clip(spec: BackboneSpec, image_size: int, device: torch.device | str = "cpu") -> ClipBackbone:
-    """One frozen backbone per (spec, size, device) in this process, reused by every cell."""
-    key = (spec, image_size, str(device))
+def shared_clip(
+    spec: BackboneSpec, image_size: int, device: torch.device | str = "cpu", pos_interpolation: str = "bicubic"
+) -> ClipBackbone:
+    """One frozen backbone per (spec, size, device, interpolation) in this process, reused by every cell."""
+    key = (spec, image_size, str(device), pos_interpolation)
     if key not in _SHARED:
         _SHARED.clear()
-        _SHARED[key] = load_clip(spec, image_size, device)
+        _SHARED[key] = load_clip(spec, image_size, device, pos_interpolation)
     return _SHARED[key]

@@ -11,6 +11,10 @@ target's ``train/`` or ``valid/``; ``few_shot`` K draws K normal and K anomalous
 pool (MVFA-AD's convention: its ``fewshot_seed`` files list ``n-i:`` and ``a-i:`` lines of K names each);
 ``few_normal`` K draws K normal images; ``supervised`` takes the whole labelled pool; ``full_normal`` the
 whole normal pool. Draws use their own seed (the cell's sampling seed), apart from the model seed.
+
+Auxiliary data: a method that declares a setting in its ``auxiliary_settings`` (April-GAN's few-normal-shot
+mode: a model trained on other data, plus K normal reference images) also gets, in that setting, the labelled
+pools of the protocol's other datasets, as ``zero_shot_loo`` trains on; never the target's.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class Split:
     train_source: str
     root: Path = Path()
     header: dict = field(default_factory=dict)
+    auxiliary: tuple[Sample, ...] = ()  # other datasets' labelled pools (auxiliary_settings); [] otherwise
 
     def manifest(self) -> dict:
         """The record of what the cell trained on: paths relative to the data root, labels and, but for
@@ -47,7 +52,8 @@ class Split:
             {"path": _rel(s.path, self.root), "label": s.label, **({"sha1": file_hash(s.path)} if hashed else {})}
             for s in self.train
         ]
-        return {**self.header, "train": train, "test_count": len(self.test)}
+        extra = {"auxiliary_count": len(self.auxiliary)} if self.auxiliary else {}
+        return {**self.header, "train": train, "test_count": len(self.test), **extra}
 
     def class_counts(self) -> tuple[int, int]:
         """Normal and anomalous test images."""
@@ -173,6 +179,11 @@ def make_split(
     else:
         raise BenchmarkError(f"unknown setting '{setting}'")
 
+    auxiliary: list[Sample] = []
+    if setting != "zero_shot_loo" and loo_sources:
+        for other in loo_sources:
+            auxiliary += labelled_pool(root, catalog[other])[0]
+        source += f"; auxiliary: labelled pools of {', '.join(loo_sources)} ({len(auxiliary)} images)"
     valid: list[Sample] = []
     if setting != "zero_shot_loo" and has_split(root, spec, "valid"):
         used = {s.path for s in train}
@@ -188,11 +199,11 @@ def make_split(
                 f"threshold.mode: validation: dataset '{dataset}' has no normal and anomalous "
                 "valid/ images left that are not training samples"
             )
-    overlap = {s.path for s in train} & {s.path for s in test}
+    overlap = {s.path for s in (*train, *auxiliary)} & {s.path for s in test}
     if overlap:
         raise BenchmarkError(f"dataset '{dataset}': training and test samples overlap ('{sorted(overlap)[0]}')")
     header = {"dataset": dataset, "setting": setting, "shots": shots, "sampling_seed": sampling_seed, "source": source}
-    return Split(tuple(train), tuple(test), tuple(valid), source, root, header)
+    return Split(tuple(train), tuple(test), tuple(valid), source, root, header, tuple(auxiliary))
 
 
 def _rel(path: str, root: Path) -> str:

@@ -4,7 +4,7 @@ paper's number, marked as copied, elsewhere; and the coverage of every published
 Rows are the paper's methods in its order, grouped by its settings; columns its datasets and metrics. A row
 is ours when its normalised name (``benchmark.reports.published.canonical``) is the published name of a
 method we run, and a cell is reproduced when an experiment holds that method in the mapped (setting, K) on
-that dataset (Dice: at the same fixed threshold).
+that dataset (Dice: at the same fixed threshold, or at that threshold of the run's sweep).
 """
 
 from __future__ import annotations
@@ -92,27 +92,35 @@ def paper_table(paper: str, table: str, results_dir: str | Path, experiments: li
         )
     ours = our_summary(results_dir, experiments)
     groups = list(dict.fromkeys(part["setting"]))
-    rows = list(dict.fromkeys(zip(part["setting"], part["method"], strict=True)))
+    # a table that prints one method at several thresholds (MedSAD-CLIP's Table 7) gets a row per threshold
+    several = part.groupby(["setting", "method", "dataset", "metric"]).size().max() > 1
+    labels = [
+        f"{m} @{t:g}" if several and not math.isnan(t) else m
+        for m, t in zip(part["method"], part["threshold"], strict=True)
+    ]
+    part = part.assign(label=labels)
+    rows = list(dict.fromkeys(zip(part["setting"], part["label"], strict=True)))
     columns = list(dict.fromkeys(zip(part["dataset"], part["metric"], strict=True)))
     cells: dict[tuple[str, str, str, str], Cell] = {}
     for _, r in part.iterrows():
         cell = Cell(float(r["value_percent"]))
         if r["our_setting"] is not None:
-            hit = ours[
+            row = (
                 (ours["name_key"] == r["method_key"])
                 & (ours["setting"] == r["our_setting"])
                 & (ours["shots"] == int(r["our_shots"]))
                 & (ours["dataset"] == r["dataset"])
-                & (ours["metric"] == r["metric"])
-            ]
-            if r["metric"] == "dice":
-                same = (hit["threshold"] - r["threshold"]).abs() < 1e-9
-                hit = hit[same] if not math.isnan(r["threshold"]) else hit[:0]
+            )
+            hit = ours[row & (ours["metric"] == r["metric"])]
+            if r["metric"] == "dice":  # at the run's fixed threshold, else at the same threshold of its sweep
+                t = r["threshold"]
+                same = hit[(hit["threshold"] - t).abs() < 1e-9] if not math.isnan(t) else hit[:0]
+                hit = same if not same.empty or math.isnan(t) else ours[row & (ours["metric"] == f"dice_t{t:g}")]
             hit = hit[hit["n"] > 0]
             if not hit.empty:
                 best = hit.iloc[0]
                 cell.ours = (best["mean"] * 100, best["std"] * 100, int(best["n"]))
-        cells[(r["setting"], r["method"], r["dataset"], r["metric"])] = cell
+        cells[(r["setting"], r["label"], r["dataset"], r["metric"])] = cell
     notes = sorted({n for n in part["setting_note"] if n})
     return PaperTable(paper, table, groups, rows, columns, cells, notes, _provenance(results_dir, experiments))
 
@@ -240,6 +248,9 @@ def reachable_cells(protocols_dir: Path) -> set[tuple[str, str, int, str, str, f
                 metrics += ["pixel_auroc", "dice"]
             for metric in metrics:
                 out.add((cell.plugin_name, cell.setting, cell.shots or 0, cell.dataset, metric, fixed))
+            if catalog[cell.dataset].masks:  # Dice at every threshold of the sweep, too
+                key = (cell.plugin_name, cell.setting, cell.shots or 0, cell.dataset, "dice")
+                out |= {(*key, t) for t in protocol.sweep}
     return out
 
 

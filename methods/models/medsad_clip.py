@@ -46,7 +46,7 @@ from benchmark.backbones.clip import ClipBackbone, shared_clip
 from benchmark.data.loading import ImageBatch, LabelledBatch
 from benchmark.method import MethodContext, Prediction, TrainSet
 from methods.medsad_clip import MedSADCLIP, MedSADParams
-from methods.models.mvfa import dice_loss, focal_loss
+from methods.models.losses import dice_loss, focal_loss
 
 
 class PromptLearner(nn.Module):
