@@ -31,6 +31,7 @@ class Cell:
     image_size: int
     loo_sources: tuple[str, ...] = ()
     plugin: str = ""
+    prompt_design: str | None = None  # MedCLIPSeg's test prompts (protocol axis); None: not an axis
 
     @property
     def plugin_name(self) -> str:
@@ -38,15 +39,21 @@ class Cell:
 
     @property
     def cell_id(self) -> str:
-        k = f"-k{self.shots}" if self.shots else ""
-        return f"{self.method}-{self.dataset}-{self.setting}{k}-seed{self.seed}"
+        k = (f"-p{self.shots}" if self.setting == "data_fraction" else f"-k{self.shots}") if self.shots else ""
+        source = f"-from-{self.loo_sources[0]}" if self.setting == "domain_generalization" else ""
+        design = f"-prompt-{self.prompt_design}" if self.prompt_design else ""
+        return f"{self.method}-{self.dataset}-{self.setting}{k}{source}{design}-seed{self.seed}"
 
     def config(self, protocol: Protocol) -> dict[str, Any]:
-        """Everything the cell's result depends on, as recorded and hashed."""
+        """Everything the cell's result depends on, as recorded and hashed (an unused axis left out, so that
+        adding an axis kept earlier cells' hashes)."""
+        cell = {**asdict(self), "backbone": asdict(self.backbone)}
+        if cell["prompt_design"] is None:
+            del cell["prompt_design"]
         return {
             "harness_version": __version__,
             "protocol": {"name": protocol.name, "version": protocol.version},
-            "cell": {**asdict(self), "backbone": asdict(self.backbone)},
+            "cell": cell,
             "threshold": asdict(protocol.threshold),
             "sweep": list(protocol.sweep),
             "batch_size": protocol.batch_size,
@@ -113,23 +120,27 @@ def expand(protocol: Protocol, catalog: dict[str, DatasetSpec], methods=None, da
                     continue  # reported by skipped_pairs
                 others = setting.name == "zero_shot_loo" or setting.name in cls.auxiliary_settings
                 loo = tuple(x for x in protocol.datasets if x != d) if others else ()
+                if setting.name == "domain_generalization":
+                    loo = (setting.source,)
                 for k in setting.shots or (None,):
-                    for seed, sampling_seed in seed_pairs:
-                        cells.append(
-                            Cell(
-                                m,
-                                d,
-                                setting.name,
-                                k,
-                                seed,
-                                sampling_seed,
-                                dict(asdict(params)),
-                                backbone,
-                                image_size,
-                                loo,
-                                plugin if plugin != m else "",
+                    for design in protocol.prompt_designs or (None,):
+                        for seed, sampling_seed in seed_pairs:
+                            cells.append(
+                                Cell(
+                                    m,
+                                    d,
+                                    setting.name,
+                                    k,
+                                    seed,
+                                    sampling_seed,
+                                    dict(asdict(params)),
+                                    backbone,
+                                    image_size,
+                                    loo,
+                                    plugin if plugin != m else "",
+                                    design,
+                                )
                             )
-                        )
     return cells
 
 

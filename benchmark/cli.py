@@ -59,9 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     tables.add_argument(
         "--style",
-        choices=("mvfa", "medsad"),
+        choices=("mvfa", "medsad", "segmentation"),
         default=None,
-        help="mvfa: AC/AS (AUROCs); medsad: Dice/Acc at the main threshold",
+        help="mvfa: AC/AS (AUROCs); medsad: Dice/Acc at the main threshold; segmentation: per-image DSC and NSD "
+        "(the default when no image metric was recorded)",
     )
     tables.add_argument("--metrics", type=_csv(str), help="explicit metric columns, e.g. dice,dice_oracle")
     tables.add_argument("--published", action="store_true", help="add the papers' numbers and the difference")
@@ -296,6 +297,10 @@ def _cmd_tables(args) -> int:
     else:
         metrics = tables.STYLES["mvfa"]
     recorded = set(frame["metric"].dropna())
+    segmentation = tables.STYLES["segmentation"]
+    if not args.metrics and not args.style and not set(metrics) <= recorded and set(segmentation) <= recorded:
+        metrics = segmentation  # segmentation sets only: no image metrics to show
+
     if unknown := [m for m in metrics if m not in recorded]:
         raise BenchmarkError(f"--metrics: '{unknown[0]}' was not recorded (recorded: {sorted(recorded)})")
     caption = tables.caption_for(frame, args.experiment, metrics, std=args.std or args.format != "latex")
@@ -417,8 +422,9 @@ def _cmd_list(_args) -> int:
     print("datasets:")
     for spec in load_catalog().values():
         masks = "masks" if spec.masks else "image labels"
+        masks += ", segmentation only, MedCLIPSeg layout" if spec.segmentation_only else ""
         synthetic = " (synthetic)" if spec.synthetic else ""
-        print(f"  {spec.name:12s} {spec.folder:20s} organ '{spec.organ}', {masks}{synthetic}")
+        print(f"  {spec.name:19s} {spec.folder:20s} organ '{spec.organ}', {masks}{synthetic}")
     print("protocols:")
     for path in sorted(PROTOCOLS_DIR.glob("*.yaml")):
         print(f"  {path.relative_to(PROTOCOLS_DIR.parent)}")
@@ -427,11 +433,11 @@ def _cmd_list(_args) -> int:
 
 def _cmd_synth(args) -> int:
     from benchmark.data.catalog import load_catalog
-    from benchmark.data.synthetic import MODALITIES, SyntheticConfig, write_dataset
+    from benchmark.data.synthetic import SYNTHETIC_SETS, SyntheticConfig, write_synthetic
 
     catalog = load_catalog()
-    for name in MODALITIES:
-        print(write_dataset(Path(args.out), catalog[name], SyntheticConfig(seed=args.seed)))
+    for name in SYNTHETIC_SETS:
+        print(write_synthetic(Path(args.out), catalog[name], SyntheticConfig(seed=args.seed)))
     return 0
 
 

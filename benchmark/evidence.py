@@ -89,7 +89,7 @@ class Evidence:
     labels: np.ndarray  # [N] int8
     thresholds: np.ndarray  # [T] ascending; empty without masks
     counts: np.ndarray  # [N, 3, T] TP, FP, FN
-    examples: dict[str, np.ndarray]  # names, images uint8 [k,S,S,3], masks bool, maps float16
+    examples: dict[str, np.ndarray]  # names, images uint8 [k,S,S,3], masks bool, maps (and uncertainty) float16
     pixel_roc: tuple[np.ndarray, np.ndarray] | None = None
 
     @property

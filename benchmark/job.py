@@ -29,7 +29,7 @@ from benchmark.errors import BenchmarkError
 from benchmark.evidence import Evidence, EvidenceWriter
 from benchmark.killpoints import kill_point
 from benchmark.method import METHODS, Method, MethodContext, TrainSet
-from benchmark.metrics import ImageMetrics, PixelMetrics
+from benchmark.metrics import CalibrationMetrics, ImageMetrics, PixelMetrics, SegmentationMetrics
 from benchmark.predictions import PredictionWriter
 from benchmark.preflight import cell_split
 from benchmark.protocol import Protocol
@@ -106,7 +106,12 @@ class Evaluation:
     evidence: Evidence | None  # per-image evidence (not kept for a validation pass)
 
 
-def _check_prediction(method: Method, scores: torch.Tensor, maps: torch.Tensor, n: int, size: int):
+def _check_prediction(method: Method, scores: torch.Tensor, maps: torch.Tensor, n: int, size: int, uncertainty=None):
+    if uncertainty is not None and (tuple(uncertainty.shape) != (n, size, size) or not uncertainty.isfinite().all()):
+        raise RuntimeError(
+            f"method '{method.name}' returned an uncertainty map {tuple(uncertainty.shape)}; expected finite "
+            f"({n}, {size}, {size})"
+        )
     if tuple(scores.shape) != (n,) or tuple(maps.shape) != (n, size, size):
         raise RuntimeError(
             f"method '{method.name}' returned scores {tuple(scores.shape)} and maps "
@@ -131,13 +136,17 @@ def evaluate(
     what: str = "test",
     loader: LoaderConfig | None = None,
     keep_evidence: bool = True,
+    image_level: bool = True,
 ) -> Evaluation:
     """Predict ``samples`` batch by batch into streaming accumulators; maps are never all held at once.
 
     A metric that would be undefined (one class only, no anomalous pixel left at ``size``) is an error, so
-    that no NaN is ever recorded as a result."""
+    that no NaN is ever recorded as a result. ``image_level`` False (a segmentation-only dataset: every image
+    holds a lesion) leaves the image metrics out: not applicable, so absent."""
     images = ImageMetrics()
     pixels = PixelMetrics((*sweep, thresholds["dice"])) if has_masks else None
+    segments = SegmentationMetrics(thresholds["dice"]) if has_masks else None
+    calibration = CalibrationMetrics() if has_masks else None
     figure: list[SampleView] = []
     keys: list[str] = []
     evidence = EvidenceWriter((*sweep, thresholds["dice"]), has_masks) if keep_evidence else None
@@ -145,12 +154,17 @@ def evaluate(
     for batch in iterate_batches(samples, size, batch_size, loader):
         with torch.no_grad():
             pred = method.predict(batch.unlabelled())
-        scores, maps = _check_prediction(method, pred.image_scores.cpu(), pred.maps.cpu(), len(batch.keys), size)
+        uncertainty = pred.uncertainty.cpu() if pred.uncertainty is not None else None
+        scores, maps = _check_prediction(
+            method, pred.image_scores.cpu(), pred.maps.cpu(), len(batch.keys), size, uncertainty
+        )
         images.update(scores, batch.labels)
         if pixels is not None:
             pixels.update(maps, batch.masks)
+            segments.update(maps, batch.masks)
+            calibration.update(maps, batch.masks, uncertainty)
         if writer is not None:
-            writer.add(batch.paths, scores, batch.labels, maps, batch.masks)
+            writer.add(batch.paths, scores, batch.labels, maps, batch.masks, uncertainty)
         if evidence is not None:
             names = [Path(p).name for p in batch.paths]
             evidence.update(batch.keys, names, scores, batch.labels, maps, batch.masks)
@@ -165,11 +179,12 @@ def evaluate(
                         maps[i].numpy(),
                         float(scores[i]),
                         label,
+                        uncertainty[i].numpy() if uncertainty is not None else None,
                     )
                 )
         keys += batch.keys
     anomalous = int(images.labels.sum())
-    if not anomalous or anomalous == len(images.labels):
+    if image_level and (not anomalous or anomalous == len(images.labels)):
         raise BenchmarkError(
             f"the {what} images hold {len(images.labels) - anomalous} normal and {anomalous} anomalous images; "
             "image metrics need both"
@@ -178,15 +193,17 @@ def evaluate(
         raise BenchmarkError(
             f"no anomalous pixel is left in the {what} masks at {size}x{size} px; pixel metrics would be undefined"
         )
-    metrics = {
-        "image_auroc": images.auroc(),
-        "image_accuracy": images.accuracy(thresholds["accuracy"]),
-        "image_aupr": images.aupr(),
-        "image_f1_max": images.f1_max(),
-    }
+    metrics = {}
+    if image_level:
+        metrics |= {
+            "image_auroc": images.auroc(),
+            "image_accuracy": images.accuracy(thresholds["accuracy"]),
+            "image_aupr": images.aupr(),
+            "image_f1_max": images.f1_max(),
+        }
     rows = []
     for t in sweep:
-        row = {"threshold": t, "image_accuracy": images.accuracy(t)}
+        row = {"threshold": t, **({"image_accuracy": images.accuracy(t)} if image_level else {})}
         if pixels is not None:
             row["dice"] = pixels.dice(t)
         rows.append(row)
@@ -200,10 +217,15 @@ def evaluate(
         for row in rows:
             metrics[f"dice_t{row['threshold']:g}"] = row["dice"]
         metrics["dice_oracle"] = max(r["dice"] for r in rows)
+        metrics["dice_per_image"] = segments.mean_dice()
+        metrics["nsd"] = segments.mean_nsd()
+        metrics["pixel_ece"] = calibration.ece()
+        if calibration.uncertainty_mean() is not None:
+            metrics["uncertainty_mean"] = calibration.uncertainty_mean()
     undefined = sorted(k for k, v in metrics.items() if not math.isfinite(v))
     if undefined:
         raise RuntimeError(f"metrics {', '.join(undefined)} are not finite")
-    roc = {"image": Curve(*images.roc(), metrics["image_auroc"])}
+    roc = {"image": Curve(*images.roc(), metrics["image_auroc"])} if image_level else {}
     if pixels is not None:
         roc["pixel"] = Curve(*pixels.roc(), metrics["pixel_auroc"])
     examples = {
@@ -212,13 +234,21 @@ def evaluate(
         "masks": np.stack([s.mask for s in figure]) if figure else np.zeros(0),
         "maps": np.stack([s.amap.astype(np.float16) for s in figure]) if figure else np.zeros(0),
     }
+    if figure and all(s.uncertainty is not None for s in figure):  # evidence.npz: an MLflow artifact
+        examples["uncertainty"] = np.stack([s.uncertainty.astype(np.float16) for s in figure])
     pixel_roc = (roc["pixel"].fpr, roc["pixel"].tpr) if "pixel" in roc else None
     kept = evidence.build(examples, pixel_roc) if evidence is not None else None
     return Evaluation(metrics, rows, figure, content_hash(keys), roc, kept)
 
 
 def choose_thresholds(
-    method: Method, valid: tuple[Sample, ...], has_masks: bool, protocol: Protocol, size: int, loader: LoaderConfig
+    method: Method,
+    valid: tuple[Sample, ...],
+    has_masks: bool,
+    protocol: Protocol,
+    size: int,
+    loader: LoaderConfig,
+    image_level: bool = True,
 ) -> dict[str, float]:
     """Thresholds of best validation Dice (pixels) and accuracy (images) over the protocol's sweep."""
     fixed = {"dice": protocol.threshold.value, "accuracy": protocol.threshold.value}
@@ -226,9 +256,9 @@ def choose_thresholds(
         return fixed
     ev = evaluate(
         method, valid, has_masks, fixed, protocol.sweep, size, protocol.batch_size, what="validation", loader=loader,
-        keep_evidence=False,
+        keep_evidence=False, image_level=image_level,
     )  # fmt: skip
-    best_acc = max(ev.sweep, key=lambda r: r["image_accuracy"])["threshold"]
+    best_acc = max(ev.sweep, key=lambda r: r["image_accuracy"])["threshold"] if image_level else fixed["accuracy"]
     best_dice = max(ev.sweep, key=lambda r: r.get("dice", -1.0))["threshold"] if has_masks else fixed["dice"]
     return {"dice": best_dice, "accuracy": best_acc}
 
@@ -267,7 +297,8 @@ def run_job(job: CellJob) -> CellResult:
             split.train, cell.setting, cell.shots, cell.image_size, specs, split.valid, loader, split.auxiliary
         )
         method.fit(train)
-        thresholds = choose_thresholds(method, split.valid, spec.masks, protocol, cell.image_size, loader)
+        image_level = not spec.segmentation_only
+        thresholds = choose_thresholds(method, split.valid, spec.masks, protocol, cell.image_size, loader, image_level)
         writer = None
         if job.save_predictions:
             Path(job.cell_dir).mkdir(parents=True, exist_ok=True)
@@ -283,6 +314,7 @@ def run_job(job: CellJob) -> CellResult:
             protocol.figure_samples,
             writer,
             loader=loader,
+            image_level=image_level,
         )
         if writer is not None:
             writer.close()
@@ -300,6 +332,13 @@ def run_job(job: CellJob) -> CellResult:
             "published_as": method.published_as(),
             **method.describe(),
         }
+        if cell.prompt_design:  # a row per design; only the original prompts are the published configuration
+            result.info["variant"] = f"{result.info.get('variant', cell.method)} (prompts: {cell.prompt_design})"
+            result.info["prompt_design"] = cell.prompt_design
+            if cell.prompt_design != "original":
+                result.info["published_as"] = ""
+        if cell.setting == "domain_generalization":
+            result.info["trained_on"] = cell.loo_sources[0]
         result.status = "finished"
     except Exception as exc:
         result.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

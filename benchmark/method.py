@@ -5,10 +5,12 @@ torch; its ``implementation`` names the subclass in ``methods/models/`` that hol
 the ``nn.Module`` maths, imported only when a cell runs.
 
 ``fit(train)`` sees the training samples the cell's setting allows (with labels and masks);
-``predict(batch)`` sees test images and their content hashes only, never a label, and returns image
-scores ``[B]`` and anomaly maps ``[B,H,W]`` in [0,1] at the input resolution. Model maths lives in plain
-``nn.Module``s; a ``Method`` is the glue. Register in-tree plugins with ``@METHODS.register("name")`` in a
-module of ``methods/``; out-of-tree ones with an entry point in the ``medad_bench.methods`` group.
+``predict(batch)`` sees test images, their content hashes and, where the dataset gives one, each image's
+text description (text-guided segmentation), never a label or mask, and returns image scores ``[B]`` and
+anomaly maps ``[B,H,W]`` in [0,1] at the input resolution, and optionally uncertainty maps ``[B,H,W]``.
+Model maths lives in plain ``nn.Module``s; a ``Method`` is the glue. Register in-tree plugins with
+``@METHODS.register("name")`` in a module of ``methods/``; out-of-tree ones with an entry point in the
+``medad_bench.methods`` group.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ HARNESS_KEYS = ("method", "backbone", "image_size", "resources")  # per-method p
 class Prediction:
     image_scores: torch.Tensor
     maps: torch.Tensor
+    uncertainty: torch.Tensor | None = None  # [B,H,W] per-pixel predictive uncertainty, for methods that give one
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,10 @@ METRICS = {
         MetricInfo("image_f1_max"),
         MetricInfo("pixel_aupr"),
         MetricInfo("pixel_aupro"),
+        MetricInfo("dice_per_image"),
+        MetricInfo("nsd"),
+        MetricInfo("pixel_ece", higher_is_better=False),
+        MetricInfo("uncertainty_mean", higher_is_better=False),
     )
 }
 
@@ -288,3 +292,72 @@ class PixelMetrics:
         tn = int(self.level_neg[: j + 1].sum())
         total = self.n_pos + self.n_neg
         return (tp + tn) / total if total else float("nan")
+
+
+class SegmentationMetrics:
+    """Per-image segmentation scores at one threshold (MedCLIPSeg's ``utils/eval.py``): the Dice of each
+    image, 1 when mask and prediction are both empty; the normalised surface Dice (NSD) at ``tolerance``
+    pixels from MONAI (``compute_surface_dice`` on the 2-D masks), 1 when both are empty and 0 when only the
+    mask is; each averaged over the test images. Holds two numbers an image."""
+
+    def __init__(self, threshold: float, tolerance: float = 2.0) -> None:
+        self.threshold, self.tolerance = threshold, tolerance
+        self.dice: list[float] = []
+        self.nsd: list[float] = []
+
+    def update(self, maps: torch.Tensor, masks: torch.Tensor) -> None:
+        from monai.metrics import compute_surface_dice
+
+        pred = maps.detach().cpu() >= self.threshold
+        truth = masks.detach().cpu().bool()
+        inter = (pred & truth).flatten(1).sum(1).double()
+        total = (pred.flatten(1).sum(1) + truth.flatten(1).sum(1)).double()
+        self.dice += torch.where(total > 0, 2 * inter / total.clamp(min=1), 1.0).tolist()
+        for p, t in zip(pred, truth, strict=True):
+            if not t.any():
+                self.nsd.append(0.0 if p.any() else 1.0)
+                continue
+            with warnings.catch_warnings():  # an empty prediction: MONAI warns, and returns 0
+                warnings.simplefilter("ignore")
+                value = compute_surface_dice(p[None, None].float(), t[None, None].float(), [self.tolerance],
+                                             include_background=True)  # fmt: skip
+            self.nsd.append(float(torch.nan_to_num(value, nan=0.0)))
+
+    def mean_dice(self) -> float:
+        return float(np.mean(self.dice)) if self.dice else _nan("per-image Dice of no image; reporting NaN")
+
+    def mean_nsd(self) -> float:
+        return float(np.mean(self.nsd)) if self.nsd else _nan("NSD of no image; reporting NaN")
+
+
+class CalibrationMetrics:
+    """The expected calibration error of maps read as pixel probabilities (``bins`` equal-width bins:
+    ``sum_b n_b / N |mean(y) - mean(p)|``), and the mean of uncertainty maps where a method gives them.
+    Streaming: a few numbers a bin."""
+
+    def __init__(self, bins: int = 15) -> None:
+        self.bins = bins
+        self.count = torch.zeros(bins, dtype=torch.float64)
+        self.confidence = torch.zeros(bins, dtype=torch.float64)
+        self.positive = torch.zeros(bins, dtype=torch.float64)
+        self.uncertainty_sum, self.uncertainty_count = 0.0, 0
+
+    def update(self, maps: torch.Tensor, masks: torch.Tensor, uncertainty: torch.Tensor | None = None) -> None:
+        p = maps.detach().cpu().double().flatten().clamp(0, 1)
+        y = masks.detach().cpu().flatten().double()
+        index = (p * self.bins).long().clamp(max=self.bins - 1)
+        self.count += torch.bincount(index, minlength=self.bins).double()
+        self.confidence += torch.bincount(index, weights=p, minlength=self.bins)
+        self.positive += torch.bincount(index, weights=y, minlength=self.bins)
+        if uncertainty is not None:
+            self.uncertainty_sum += float(uncertainty.detach().double().sum())
+            self.uncertainty_count += uncertainty.numel()
+
+    def ece(self) -> float:
+        total = float(self.count.sum())
+        if total == 0:
+            return _nan("calibration error of no pixel; reporting NaN")
+        return float((self.positive - self.confidence).abs().sum() / total)
+
+    def uncertainty_mean(self) -> float | None:
+        return self.uncertainty_sum / self.uncertainty_count if self.uncertainty_count else None

@@ -16,7 +16,7 @@ from benchmark.cells import Cell
 from benchmark.data.catalog import DatasetSpec
 from benchmark.data.layout import dataset_dir
 from benchmark.data.splits import Split, make_split
-from benchmark.data.synthetic import MODALITIES, SyntheticConfig, write_dataset
+from benchmark.data.synthetic import SYNTHETIC_SETS, SyntheticConfig, write_synthetic
 from benchmark.errors import BenchmarkError, PreflightError
 from benchmark.protocol import Protocol
 from benchmark.tracking import check_server
@@ -34,6 +34,7 @@ def cell_split(cell: Cell, protocol: Protocol, catalog: dict[str, DatasetSpec], 
         cell.loo_sources,
         protocol.manifests,
         need_valid=protocol.threshold.mode == "validation",
+        design=cell.prompt_design,
     )
 
 
@@ -45,9 +46,9 @@ def prepare_synthetic(protocol: Protocol, catalog: dict[str, DatasetSpec], root:
         raise BenchmarkError(f"{protocol.path}: synthetic: {exc}") from None
     for name in protocol.datasets:
         if catalog[name].synthetic:
-            if name not in MODALITIES:
+            if name not in SYNTHETIC_SETS:
                 raise BenchmarkError(f"dataset '{name}' is marked synthetic but no generator is named so")
-            write_dataset(root, catalog[name], config)
+            write_synthetic(root, catalog[name], config)
 
 
 def check_splits(
@@ -73,7 +74,7 @@ def check_splits(
             problems.append(str(exc))
             continue
         normal, anomalous = split.class_counts()
-        if not normal or not anomalous:
+        if (not normal or not anomalous) and not catalog[cell.dataset].segmentation_only:
             problems.append(
                 f"dataset '{cell.dataset}': the test split under '{root / catalog[cell.dataset].folder / 'test'}' "
                 f"holds {normal} normal and {anomalous} anomalous images; a test set needs both"

@@ -15,19 +15,26 @@ import yaml
 
 from benchmark.errors import BenchmarkError
 
-SETTINGS = ("zero_shot_loo", "few_shot", "few_normal", "supervised", "full_normal")
+SETTINGS = (
+    "zero_shot_loo", "few_shot", "few_normal", "supervised", "full_normal", "data_fraction", "domain_generalization"
+)  # fmt: skip
 SHOT_SETTINGS = ("few_shot", "few_normal")
 ALLOWED_SHOTS = (1, 2, 4, 8, 16)
+ALLOWED_FRACTIONS = (10, 25, 50, 100)  # MedCLIPSeg's data-efficiency subsets (percent)
+PROMPT_DESIGNS = ("original", "contradictory", "missing_location", "overdescriptive", "underdescriptive")
 DEFAULT_SWEEP = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 PROTOCOL_VERSION = 1
 
 
 @dataclass(frozen=True)
 class SettingSpec:
-    """One training setting; ``shots`` is set for the few-shot settings only."""
+    """One training setting; ``shots`` is K for the few-shot settings and the percentage of the training and
+    validation images for ``data_fraction`` (its ``fractions`` key); ``source`` is the training dataset of
+    ``domain_generalization`` (every listed dataset is then a test target)."""
 
     name: str
     shots: tuple[int, ...] = ()
+    source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,7 @@ class Protocol:
     device: str
     figure_samples: int
     resources: dict[str, float] = field(default_factory=dict)  # per cell on a Ray cluster: {cpus, gpus}
+    prompt_designs: tuple[str, ...] = ()  # MedCLIPSeg's test-prompt designs: one cell each (empty: its original)
     loader_workers: int | None = None  # image-decoding processes per cell; None: from the CPU count
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
@@ -169,13 +177,23 @@ def _settings(r: _Reader) -> tuple[SettingSpec, ...]:
         if name not in SETTINGS:
             s.fail(f"unknown setting '{name}' (expected one of {', '.join(SETTINGS)})", s.key("name"))
         shots: tuple[int, ...] = ()
+        source = None
         if name in SHOT_SETTINGS:
             shots = s.get_list("shots", int)
             bad = [k for k in shots if k not in ALLOWED_SHOTS]
             if bad:
                 s.fail(f"K={bad[0]} not allowed (expected K in {ALLOWED_SHOTS})", s.key("shots"))
+        elif name == "data_fraction":
+            shots = s.get_list("fractions", int)
+            bad = [p for p in shots if p not in ALLOWED_FRACTIONS]
+            if bad:
+                s.fail(f"{bad[0]} % not allowed (expected one of {ALLOWED_FRACTIONS})", s.key("fractions"))
+        elif name == "domain_generalization":
+            source = s.get("source", str, required=True)
+            if source not in r.data.get("datasets", []):
+                s.fail(f"source '{source}' is not one of the protocol's datasets", s.key("source"))
         s.finish()
-        out.append(SettingSpec(name, shots))
+        out.append(SettingSpec(name, shots, source))
     if not out:
         r.fail("must not be empty", "settings")
     return tuple(out)
@@ -313,6 +331,7 @@ def load_protocol(path: str | Path) -> Protocol:
         figure_samples=r.get("figure_samples", int, 4),
         resources=parse_resources(path, data.get("resources") if isinstance(data, dict) else None, "resources"),
         loader_workers=r.get("loader_workers", int, None),
+        prompt_designs=r.get_list("prompt_designs", str, ()),
         raw=data,
     )
     r.finish()
@@ -320,6 +339,9 @@ def load_protocol(path: str | Path) -> Protocol:
         if value <= 0:
             r.fail("expected a positive integer", key)
     r.used.add("resources")
+    bad = [d for d in protocol.prompt_designs if d not in PROMPT_DESIGNS]
+    if bad:
+        r.fail(f"unknown prompt design '{bad[0]}' (expected one of {', '.join(PROMPT_DESIGNS)})", "prompt_designs")
     if protocol.figure_samples < 0:
         r.fail("expected 0 or more images", "figure_samples")
     if protocol.loader_workers is not None and protocol.loader_workers < 0:

@@ -74,10 +74,13 @@ class Recorder:
         return self.tracker.start(base["cell_id"], cell_tags(base), self.parent)
 
     def write(self, record: dict[str, Any], files: dict[str, bytes]) -> None:
-        """The cell's folder, then its line: a record never names files that are not there."""
+        """The cell's folder, then its line: a record never names files that are not there, and a cell's folder
+        keeps no file of an earlier attempt that this one did not write (an old ``error.txt`` beside a finish)."""
         cell_dir = self.store.dir / record["cell_id"]
         try:
             cell_dir.mkdir(parents=True, exist_ok=True)
+            for name in set(CELL_FILES) - set(files):
+                (cell_dir / name).unlink(missing_ok=True)
             for name, data in files.items():
                 tmp = cell_dir / f".{name}.partial"
                 tmp.write_bytes(data)

@@ -27,9 +27,11 @@ class Interval:
     high: float
 
 
-def _strata(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _strata(labels: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The indices of the normal and of the anomalous images; one stratum only where there is one class (a
+    segmentation set: every image holds a lesion)."""
     labels = np.asarray(labels).astype(bool)
-    return np.flatnonzero(~labels), np.flatnonzero(labels)
+    return tuple(s for s in (np.flatnonzero(~labels), np.flatnonzero(labels)) if len(s))
 
 
 def bootstrap_ci(
@@ -44,12 +46,12 @@ def bootstrap_ci(
     over the normal and the anomalous images as two samples (a stratified bootstrap), BCa by default. Where
     BCa is undefined (every resample gives the same value, e.g. a Dice of 0 throughout) the percentile
     interval of the same resamples is given."""
-    normal, anomalous = _strata(labels)
+    strata = _strata(labels)
 
     def run(how: str):
         return stats.bootstrap(
-            (normal, anomalous),
-            lambda a, b: statistic(np.concatenate([a, b])),
+            strata,
+            lambda *parts: statistic(np.concatenate(parts)),
             n_resamples=n_resamples,
             confidence_level=level,
             method=how,
@@ -79,11 +81,11 @@ def paired_bootstrap(
 ) -> PairedTest:
     """Two-sided paired bootstrap test of ``a - b`` on the same resampled images: p = twice the smaller share
     of resampled differences on either side of zero (at most 1); identical methods give p = 1."""
-    normal, anomalous = _strata(labels)
+    strata = _strata(labels)
     rng = np.random.default_rng(seed)
     differences = np.empty(n_resamples)
     for r in range(n_resamples):
-        idx = np.concatenate([rng.choice(normal, len(normal)), rng.choice(anomalous, len(anomalous))])
+        idx = np.concatenate([rng.choice(s, len(s)) for s in strata])
         differences[r] = a(idx) - b(idx)
     everything = np.arange(len(labels))
     p = min(1.0, 2.0 * min(np.mean(differences <= 0), np.mean(differences >= 0)))

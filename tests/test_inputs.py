@@ -237,3 +237,34 @@ def test_lesions_lost_by_resizing_fail_the_cell_instead_of_nan(write_protocol, d
     (rec,) = _records(tmp_path)
     assert rec["status"] == "failed" and "no anomalous pixel is left in the test masks at 32x32" in rec["error"]
     assert "metrics" not in rec
+
+
+def test_segmentation_layout_inputs_fail_in_one_line(tmp_path, catalog):
+    """A MedCLIPSeg-layout card must declare a segmentation set; a prompt table must have its columns and
+    list files that exist; a data fraction or prompt design needs its prompt file."""
+    import pandas as pd
+    from conftest import SMALL
+
+    from benchmark.data.catalog import read_card
+    from benchmark.data.splits import make_split
+    from benchmark.data.synthetic import write_segmentation_dataset
+
+    card = tmp_path / "Seg.md"
+    card.write_text("---\nname: Seg\nfolder: Seg\nmodality: x\norgan: skin\nmasks: true\nlayout: medclipseg\n---\n")
+    with pytest.raises(BenchmarkError, match=r"Seg\.md: the medclipseg layout holds segmentation sets"):
+        read_card(card)
+    root = tmp_path / "data"
+    write_segmentation_dataset(root, catalog["SynthBrainSeg"], SMALL)
+    prompts = root / "SynthBrainSeg" / "Prompts_Folder"
+    (prompts / "Train_text_10.xlsx").unlink()
+    with pytest.raises(BenchmarkError, match=r"data fraction 10 % needs '.*Train_text_10.xlsx', which is not there"):
+        make_split(root, catalog, "SynthBrainSeg", "data_fraction", 10, 0)
+    table = pd.read_excel(prompts / "Train_text.xlsx")
+    table.drop(columns=["Description"]).to_excel(prompts / "Train_text.xlsx", index=False)
+    with pytest.raises(BenchmarkError, match=r"Train_text.xlsx: missing column 'Description'"):
+        make_split(root, catalog, "SynthBrainSeg", "supervised", None, 0)
+    table.assign(Image=["nowhere.png", *table["Image"][1:]]).to_excel(prompts / "Train_text.xlsx", index=False)
+    with pytest.raises(BenchmarkError, match=r"Train_text.xlsx: lists 'nowhere.png', which is not in"):
+        make_split(root, catalog, "SynthBrainSeg", "supervised", None, 0)
+    with pytest.raises(BenchmarkError, match="data_fraction: dataset 'SynthBrain' is not in the medclipseg layout"):
+        make_split(root, catalog, "SynthBrain", "data_fraction", 10, 0)

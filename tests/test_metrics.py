@@ -98,7 +98,8 @@ def test_all_equal_maps_and_memory_is_fixed():
 
 
 def test_metric_directions_declared():
-    assert all(m.higher_is_better for m in METRICS.values())
+    lower = {"pixel_ece", "uncertainty_mean"}  # a calibration error and an uncertainty: lower is better
+    assert all(m.higher_is_better == (name not in lower) for name, m in METRICS.items())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         m = ImageMetrics()

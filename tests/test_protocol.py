@@ -45,6 +45,13 @@ def _error(path, catalog=None) -> str:
         ({"methods": {"bgad": {"pos_beta": 1.5}}}, "methods.bgad.pos_beta: expected a number <= 1, got 1.5"),
         ({"threshold": {"value": float("nan")}}, "threshold.value: expected a number in [0, 1]"),
         ({"figure_samples": -1}, "figure_samples: expected 0 or more images"),
+        ({"settings": [{"name": "data_fraction", "fractions": [30]}]}, "settings[0].fractions: 30 % not allowed"),
+        ({"settings": [{"name": "domain_generalization"}]}, "settings[0].source: missing required key"),
+        (
+            {"settings": [{"name": "domain_generalization", "source": "BUSI"}]},
+            "settings[0].source: source 'BUSI' is not one of the protocol's datasets",
+        ),
+        ({"prompt_designs": ["poetic"]}, "prompt_designs: unknown prompt design 'poetic'"),
     ],
 )
 def test_validation_errors_name_file_and_key(write_protocol, catalog, overrides, expected):

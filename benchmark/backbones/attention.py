@@ -5,6 +5,9 @@
 any two of its projections: ``("q", "k")`` is the block's own attention; ``("v", "v")`` the diagonally
 prominent V-V attention of AnomalyCLIP's DPAM; ``("q", "q")`` and ``("k", "k")`` its other variants.
 
+``block_values(block, x)`` is the block's value path, ``W_o W_v ln_1(x)`` (attention to oneself only: the
+dense features of MedCLIPSeg's and MaskCLIP's last block).
+
 ``DualPathAttention`` is DPAM (Zhou et al., AnomalyCLIP, ICLR 2024, Sec. 3.3; official
 ``AnomalyCLIP_lib/AnomalyCLIP.py``): from its first block on, two streams run side by side. The original
 stream is CLIP's forward; at each DPAM block the other stream adds the V-V attention of the *original*
@@ -42,6 +45,14 @@ def block_attention(
         weights = ((parts[query] @ parts[key].transpose(-2, -1)) * scale).softmax(-1)
         outputs.append(attn.out_proj((weights @ v).transpose(1, 2).reshape(batch, tokens, width)))
     return outputs
+
+
+def block_values(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``out_proj(v_proj(ln_1(x)))`` of a block's input tokens ``x`` ``[B, N, C]``."""
+    attn = block.attn
+    width = x.shape[-1]
+    values = nn.functional.linear(block.ln_1(x), attn.in_proj_weight[-width:], attn.in_proj_bias[-width:])
+    return attn.out_proj(values)
 
 
 class DualPathAttention:

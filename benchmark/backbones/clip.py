@@ -29,6 +29,11 @@ TINY_CONFIGS: dict[str, dict] = {
         "vision_cfg": {"layers": 4, "width": 128, "head_width": 32, "patch_size": 8},
         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 2},
     },
+    "tiny-vit-twin": {  # equally deep towers, for methods that run them block by block side by side
+        "embed_dim": 64,
+        "vision_cfg": {"layers": 4, "width": 128, "head_width": 32, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 96, "heads": 2, "layers": 4},
+    },
     "tiny-vit-8l": {
         "embed_dim": 64,
         "vision_cfg": {"layers": 8, "width": 128, "head_width": 32, "patch_size": 8},
@@ -142,19 +147,35 @@ class ClipBackbone(nn.Module):
         """Text tower on token *embeddings* ``[B, L, width]`` (learnable prompts): the pooled embedding at the
         EOT positions ``eot`` ``[B]`` and every token's projected output ``[B, L, embed_dim]``.
         ``text_hooks[l]`` maps the tokens entering text block ``l`` (1-based)."""
-        model = self.model
         bad = [ly for ly in text_hooks or {} if not 1 <= ly <= len(self.text_blocks)]
         if bad:
             raise BenchmarkError(f"text layer {bad[0]} out of range 1..{len(self.text_blocks)} for '{self.spec.model}'")
-        x = x + model.positional_embedding.to(x.dtype)
-        for index, block in enumerate(self.text_blocks, start=1):
+        x = x + self.model.positional_embedding.to(x.dtype)
+        for index in range(1, len(self.text_blocks) + 1):
             if text_hooks and index in text_hooks:
                 x = text_hooks[index](x)
-            x = block(x, attn_mask=model.attn_mask)
-        x = model.ln_final(x)
-        proj = model.text_projection
-        tokens = proj(x) if isinstance(proj, nn.Linear) else x @ proj
+            x = self.text_block(index, x)
+        tokens = self.text_project(x)
         return tokens[torch.arange(len(eot), device=x.device), eot], tokens
+
+    def embed_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids ``[B, L]`` -> token embeddings plus positional embeddings: what enters text block 1."""
+        x = self.model.token_embedding(tokens)
+        return x + self.model.positional_embedding.to(x.dtype)
+
+    def text_block(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Text block ``index`` (1-based) under the tower's causal mask."""
+        return self.text_blocks[index - 1](x, attn_mask=self.model.attn_mask)
+
+    def text_project(self, x: torch.Tensor) -> torch.Tensor:
+        """``ln_final`` and the text projection on every token ``[B, L, width]`` -> ``[B, L, embed_dim]``."""
+        x = self.model.ln_final(x)
+        proj = self.model.text_projection
+        return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+
+    def text_pool(self, x: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+        """The text embedding: the EOT token (positions ``eot`` ``[B]``) after ``ln_final`` and the projection."""
+        return self.text_project(x[torch.arange(len(eot), device=x.device), eot])
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:

@@ -15,7 +15,11 @@ import yaml
 from benchmark.errors import BenchmarkError
 
 CARDS_DIR = Path(__file__).resolve().parents[2] / "datasets"
-_CARD_KEYS = {"name", "folder", "modality", "organ", "masks", "synthetic", "mvfa_seed_folder", "mask_threshold"}
+_CARD_KEYS = {
+    "name", "folder", "modality", "organ", "masks", "synthetic", "mvfa_seed_folder", "mask_threshold", "layout",
+    "segmentation_only", "source",
+}  # fmt: skip
+LAYOUTS = ("bmad", "medclipseg")
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,9 @@ class DatasetSpec:
     synthetic: bool = False
     mvfa_seed_folder: str | None = None
     mask_threshold: float | None = None  # masks not stored binary: pixel is anomalous where mask > this
+    layout: str = "bmad"  # bmad: <Obj>_AD/{train,valid,test}/...; medclipseg: {Train,Val,Test}_Folder/{img,label}
+    segmentation_only: bool = False  # every image holds a lesion: image-level metrics do not apply
+    source: str = ""  # where the data come from (a citation or an address)
     card: str = ""
 
 
@@ -48,6 +55,12 @@ def read_card(path: Path) -> DatasetSpec:
             raise BenchmarkError(f"{path}: missing key '{key}'")
     if not isinstance(front["masks"], bool):
         raise BenchmarkError(f"{path}: key 'masks' must be true or false")
+    if front.get("layout", "bmad") not in LAYOUTS:
+        raise BenchmarkError(f"{path}: key 'layout' must be one of {', '.join(LAYOUTS)}, got {front['layout']!r}")
+    if not isinstance(front.get("segmentation_only", False), bool):
+        raise BenchmarkError(f"{path}: key 'segmentation_only' must be true or false")
+    if front.get("layout") == "medclipseg" and not (front.get("segmentation_only") and front["masks"]):
+        raise BenchmarkError(f"{path}: the medclipseg layout holds segmentation sets: set masks and segmentation_only")
     threshold = front.get("mask_threshold")
     if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int | float)):
         raise BenchmarkError(f"{path}: key 'mask_threshold' must be a number, got {threshold!r}")

@@ -1,8 +1,15 @@
-"""Reader for the BMAD folder layout.
+"""Readers for the two folder layouts a dataset card may name.
 
-``<root>/<Obj>_AD/{train,valid,test}/{good,Ungood}/img/`` holds images; masks of anomalous images lie in
-``Ungood/anomaly_mask/`` (BMAD's own configs call the folder ``Ungood/label``: both are accepted) and are
-paired with images by file stem, never by sorted position. Listings are always sorted.
+BMAD (``layout: bmad``): ``<root>/<Obj>_AD/{train,valid,test}/{good,Ungood}/img/`` holds images; masks of
+anomalous images lie in ``Ungood/anomaly_mask/`` (BMAD's own configs call the folder ``Ungood/label``: both
+are accepted) and are paired with images by file stem, never by sorted position. Listings are always sorted.
+
+MedCLIPSeg (``layout: medclipseg``): ``<root>/<Name>/{Train,Val,Test}_Folder/{img,label}/`` and
+``Prompts_Folder/*.xlsx`` (columns ``Image``, ``Ground Truth``, ``Description``, read with pandas): a split's
+images are the rows of ``Train_text.xlsx`` / ``Val_text.xlsx`` (``Train_text_{p}.xlsx`` for a data fraction of
+p %) and ``Test_text_{design}.xlsx`` (its prompt designs; ``original`` by default), each with its own
+description; without a prompt file, every image of the folder, its mask paired by file stem, and no text.
+Every image holds a lesion (segmentation sets): label 1, and an empty mask is allowed.
 """
 
 from __future__ import annotations
@@ -17,6 +24,9 @@ from benchmark.errors import BenchmarkError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MASK_FOLDERS = ("anomaly_mask", "label")
 SPLITS = ("train", "valid", "test")
+SEGMENTATION_FOLDERS = {"train": "Train_Folder", "valid": "Val_Folder", "test": "Test_Folder"}
+PROMPT_FILES = {"train": "Train_text", "valid": "Val_text", "test": "Test_text"}
+PROMPT_COLUMNS = ("Image", "Ground Truth", "Description")
 
 
 @dataclass(frozen=True)
@@ -28,6 +38,8 @@ class Sample:
     mask: str | None = None
     dataset: str = ""
     mask_threshold: float | None = None  # the dataset card's, for masks that are not stored binary
+    text: str | None = None  # the image's own description (MedCLIPSeg layout's Prompts_Folder)
+    segmentation_only: bool = False  # every image of its dataset holds a lesion; an empty mask is allowed
 
 
 def file_hash(path: str | Path) -> str:
@@ -49,19 +61,77 @@ def _mask_dir(state_dir: Path) -> Path | None:
 def dataset_dir(root: Path, spec: DatasetSpec) -> Path:
     path = Path(root) / spec.folder
     if not path.is_dir():
+        expected = (
+            f"the MedCLIPSeg layout <root>/{spec.folder}/{{Train,Val,Test}}_Folder/{{img,label}}"
+            if spec.layout == "medclipseg"
+            else f"the BMAD layout <root>/{spec.folder}/{{train,valid,test}}/..."
+        )
         raise BenchmarkError(
-            f"dataset '{spec.name}': folder '{path}' not found (expected the BMAD layout "
-            f"<root>/{spec.folder}/{{train,valid,test}}/...; see {spec.card or 'its card'})"
+            f"dataset '{spec.name}': folder '{path}' not found (expected {expected}; see {spec.card or 'its card'})"
         )
     return path
 
 
 def has_split(root: Path, spec: DatasetSpec, split: str) -> bool:
-    return (Path(root) / spec.folder / split).is_dir()
+    name = SEGMENTATION_FOLDERS[split] if spec.layout == "medclipseg" else split
+    return (Path(root) / spec.folder / name).is_dir()
+
+
+def prompt_file(root: Path, spec: DatasetSpec, split: str, fraction: int | None = None, design: str | None = None):
+    """The MedCLIPSeg prompt file that lists a split: per data fraction (train, valid) or prompt design (test)."""
+    if split == "test":
+        name = f"Test_text_{design or 'original'}.xlsx"
+    else:
+        name = PROMPT_FILES[split] + ("" if fraction in (None, 100) else f"_{fraction}") + ".xlsx"
+    return Path(root) / spec.folder / "Prompts_Folder" / name
+
+
+def read_segmentation_split(
+    root: Path, spec: DatasetSpec, split: str, fraction: int | None = None, design: str | None = None
+) -> list[Sample]:
+    """One split of a MedCLIPSeg-layout dataset, sorted by image name (its ``DatasetSegmentation``)."""
+    base = dataset_dir(root, spec) / SEGMENTATION_FOLDERS[split]
+    if not base.is_dir():
+        raise BenchmarkError(f"dataset '{spec.name}': split folder '{base}' not found")
+    listing = prompt_file(root, spec, split, fraction, design)
+    img_dir, mask_dir = base / "img", base / "label"
+    if listing.is_file():
+        import pandas as pd
+
+        try:
+            rows = pd.read_excel(listing)
+        except Exception as exc:  # not a readable workbook
+            raise BenchmarkError(f"{listing}: cannot be read as a prompt table ({type(exc).__name__})") from None
+        missing = [c for c in PROMPT_COLUMNS if c not in rows.columns]
+        if missing:
+            raise BenchmarkError(f"{listing}: missing column '{missing[0]}' (expected {', '.join(PROMPT_COLUMNS)})")
+        samples = []
+        for image, mask, text in zip(rows["Image"], rows["Ground Truth"], rows["Description"], strict=True):
+            for path in (img_dir / str(image), mask_dir / str(mask)):
+                if not path.is_file():
+                    raise BenchmarkError(f"{listing}: lists '{path.name}', which is not in '{path.parent}'")
+            description = str(text).strip() if isinstance(text, str) else None
+            samples.append(Sample(str(img_dir / str(image)), 1, str(mask_dir / str(mask)), spec.name,
+                                  spec.mask_threshold, description, True))  # fmt: skip
+    elif fraction not in (None, 100) or design not in (None, "original"):
+        what = f"data fraction {fraction} %" if split != "test" else f"prompt design '{design}'"
+        raise BenchmarkError(f"dataset '{spec.name}': {what} needs '{listing}', which is not there")
+    else:
+        masks = {p.stem: p for p in _images(mask_dir)} if mask_dir.is_dir() else {}
+        images = _images(img_dir) if img_dir.is_dir() else []
+        unpaired = [p.name for p in images if p.stem not in masks]
+        if unpaired:
+            raise BenchmarkError(f"dataset '{spec.name}': no mask in '{mask_dir}' for image '{unpaired[0]}'")
+        samples = [Sample(str(p), 1, str(masks[p.stem]), spec.name, spec.mask_threshold, None, True) for p in images]
+    if not samples:
+        raise BenchmarkError(f"dataset '{spec.name}': split '{base}' holds no images")
+    return sorted(samples, key=lambda s: Path(s.path).name)
 
 
 def read_split(root: Path, spec: DatasetSpec, split: str, states: tuple[str, ...] = ("good", "Ungood")) -> list[Sample]:
     """All samples of one split, normal images first, each sorted by name; masks paired by file stem."""
+    if spec.layout == "medclipseg":
+        return read_segmentation_split(root, spec, split) if "Ungood" in states else []
     base = dataset_dir(root, spec) / split
     if not base.is_dir():
         raise BenchmarkError(f"dataset '{spec.name}': split folder '{base}' not found")

@@ -36,10 +36,12 @@ _HIGH_DEPTH_MODES = {"I;16": 16, "I;16B": 16, "I;16L": 16, "I;16N": 16}
 
 @dataclass(frozen=True)
 class ImageBatch:
-    """What a method sees at test time: images ``[B,3,S,S]`` in [0,1] and their content hashes. No labels."""
+    """What a method sees at test time: images ``[B,3,S,S]`` in [0,1], their content hashes and their text
+    descriptions where the dataset has them (else empty). No labels."""
 
     images: torch.Tensor
     keys: tuple[str, ...]
+    texts: tuple[str | None, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -51,14 +53,15 @@ class LabelledBatch:
     labels: torch.Tensor
     masks: torch.Tensor
     paths: tuple[str, ...]
+    texts: tuple[str | None, ...] = ()  # per-image descriptions (MedCLIPSeg layout), else empty
 
     def unlabelled(self) -> ImageBatch:
-        return ImageBatch(self.images, self.keys)
+        return ImageBatch(self.images, self.keys, self.texts)
 
     def pin_memory(self) -> LabelledBatch:
         """Page-locked copies of the tensors (a DataLoader calls this with ``pin_memory=True``)."""
         return LabelledBatch(self.images.pin_memory(), self.keys, self.labels.pin_memory(),
-                             self.masks.pin_memory(), self.paths)  # fmt: skip
+                             self.masks.pin_memory(), self.paths, self.texts)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -161,7 +164,7 @@ def load_mask(sample: Sample, size: int, image_size: tuple[int, int] | None = No
             f"{image_size[0]}x{image_size[1]}"
         )
     binary = binarize_mask(mask_values(img), sample.mask, sample.mask_threshold)
-    if sample.label and not binary.any():
+    if sample.label and not sample.segmentation_only and not binary.any():
         raise BenchmarkError(f"mask '{sample.mask}' of the anomalous image '{sample.path}' is empty")
     resized = Image.fromarray(binary.astype(np.uint8)).resize((size, size), Image.NEAREST)
     return torch.from_numpy(np.asarray(resized) > 0)
@@ -184,6 +187,7 @@ def _collate(loaded: list[tuple[torch.Tensor, str, torch.Tensor]], samples: Sequ
         labels=torch.tensor([s.label for s in samples], dtype=torch.long),
         masks=torch.stack([mask for _, _, mask in loaded]),
         paths=tuple(s.path for s in samples),
+        texts=tuple(s.text for s in samples) if any(s.text for s in samples) else (),
     )
 
 

@@ -12,6 +12,12 @@ pool (MVFA-AD's convention: its ``fewshot_seed`` files list ``n-i:`` and ``a-i:`
 ``few_normal`` K draws K normal images; ``supervised`` takes the whole labelled pool; ``full_normal`` the
 whole normal pool. Draws use their own seed (the cell's sampling seed), apart from the model seed.
 
+MedCLIPSeg's settings, on datasets of its layout: ``data_fraction`` p trains on the images its
+``Train_text_{p}.xlsx`` lists and keeps those of ``Val_text_{p}.xlsx`` as validation (100: all);
+``domain_generalization`` trains on the labelled pool of its source dataset and tests on the target (the
+source itself: in-domain), never reading the target's training or validation images. A prompt design
+(protocol axis) picks the test images' descriptions, ``Test_text_{design}.xlsx``.
+
 Auxiliary data: a method that declares a setting in its ``auxiliary_settings`` (April-GAN's few-normal-shot
 mode: a model trained on other data, plus K normal reference images) also gets, in that setting, the labelled
 pools of the protocol's other datasets, as ``zero_shot_loo`` trains on; never the target's.
@@ -28,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmark.data.catalog import DatasetSpec
-from benchmark.data.layout import Sample, file_hash, has_split, read_split
+from benchmark.data.layout import Sample, file_hash, has_split, read_segmentation_split, read_split
 from benchmark.errors import BenchmarkError
 
 
@@ -136,12 +142,26 @@ def make_split(
     loo_sources: tuple[str, ...] = (),
     manifests: str | None = None,
     need_valid: bool = False,
+    design: str | None = None,
 ) -> Split:
     spec = catalog[dataset]
     root = Path(root)
-    test = read_split(root, spec, "test")
+    if setting == "data_fraction" and spec.layout != "medclipseg":
+        raise BenchmarkError(f"data_fraction: dataset '{dataset}' is not in the medclipseg layout (no subsets)")
+    if design is not None and spec.layout != "medclipseg":
+        raise BenchmarkError(f"prompt_designs: dataset '{dataset}' has no prompt files (not the medclipseg layout)")
+    test = read_segmentation_split(root, spec, "test", design=design) if design else read_split(root, spec, "test")
     source: str
-    if setting == "zero_shot_loo":
+    fraction_valid: list[Sample] | None = None
+    if setting == "data_fraction":
+        train = read_segmentation_split(root, spec, "train", fraction=shots)
+        fraction_valid = read_segmentation_split(root, spec, "valid", fraction=shots) if has_split(
+            root, spec, "valid") else []  # fmt: skip
+        source = f"{shots} % of Train_Folder (Prompts_Folder listing)"
+    elif setting == "domain_generalization":
+        train, where = labelled_pool(root, catalog[loo_sources[0]])
+        source = f"{loo_sources[0]}'s {where} (domain generalisation)"
+    elif setting == "zero_shot_loo":
         if not loo_sources:
             raise BenchmarkError(f"zero_shot_loo on '{dataset}' needs at least one other dataset to train on")
         train: list[Sample] = []
@@ -180,18 +200,20 @@ def make_split(
         raise BenchmarkError(f"unknown setting '{setting}'")
 
     auxiliary: list[Sample] = []
-    if setting != "zero_shot_loo" and loo_sources:
+    if setting not in ("zero_shot_loo", "domain_generalization") and loo_sources:
         for other in loo_sources:
             auxiliary += labelled_pool(root, catalog[other])[0]
         source += f"; auxiliary: labelled pools of {', '.join(loo_sources)} ({len(auxiliary)} images)"
     valid: list[Sample] = []
-    if setting != "zero_shot_loo" and has_split(root, spec, "valid"):
+    if fraction_valid is not None:
+        valid = fraction_valid
+    elif setting not in ("zero_shot_loo", "domain_generalization") and has_split(root, spec, "valid"):
         used = {s.path for s in train}
         valid = [s for s in read_split(root, spec, "valid") if s.path not in used]
     if need_valid:
-        if setting == "zero_shot_loo":
+        if setting in ("zero_shot_loo", "domain_generalization"):
             raise BenchmarkError(
-                "threshold.mode: validation is not available with zero_shot_loo "
+                f"threshold.mode: validation is not available with {setting} "
                 "(the target's valid/ is never read); use mode: fixed"
             )
         if not valid or len({s.label for s in valid}) < 2:

@@ -143,13 +143,17 @@ def render(modality: str, seed: int, split: str, index: int, anomalous: bool, si
     return np.clip(img, 0.0, 1.0), mask
 
 
+def _complete(out: Path, config: SyntheticConfig) -> bool:
+    """Whether ``out`` holds a complete copy written with ``config`` (its marker is written last)."""
+    marker = out / COMPLETE_MARKER
+    return marker.is_file() and marker.read_text() == repr(config)
+
+
 def write_dataset(root: Path, spec: DatasetSpec, config: SyntheticConfig) -> Path:
     """Write one synthetic data set under ``root/spec.folder`` unless a complete copy is there already."""
     modality = MODALITIES[spec.name]
     out = Path(root) / spec.folder
-    marker = out / COMPLETE_MARKER
-    stamp = repr(config)
-    if marker.is_file() and marker.read_text() == stamp:
+    if _complete(out, config):
         return out
     for split, (n_good, n_bad) in config.counts().items():
         for state, count in (("good", n_good), ("Ungood", n_bad)):
@@ -167,5 +171,81 @@ def write_dataset(root: Path, spec: DatasetSpec, config: SyntheticConfig) -> Pat
                 Image.fromarray((img * 255).round().astype(np.uint8)).save(img_dir / name)
                 if state == "Ungood":
                     Image.fromarray(mask.astype(np.uint8) * 255).save(out / split / state / "anomaly_mask" / name)
-    marker.write_text(stamp)
+    (out / COMPLETE_MARKER).write_text(repr(config))
     return out
+
+
+SEGMENTATION_SETS = {"SynthBrainSeg": "brain", "SynthLiverSeg": "liver"}  # MedCLIPSeg layout: a lesion in every image
+FRACTION_FILES = (10, 25, 50)
+DESIGNS = ("original", "contradictory", "missing_location", "overdescriptive", "underdescriptive")
+
+
+def describe_lesion(mask: np.ndarray, organ: str, design: str = "original") -> str:
+    """A MedCLIPSeg-style description of a mask: its size and where it lies, in one of the prompt designs."""
+    ys, xs = np.nonzero(mask)
+    share = mask.mean()
+    size = "small" if share < 0.02 else "medium" if share < 0.06 else "large"
+    rows, cols = ys.mean() / mask.shape[0], xs.mean() / mask.shape[1]
+    vertical = "top" if rows < 1 / 3 else "bottom" if rows > 2 / 3 else ""
+    horizontal = "left" if cols < 1 / 3 else "right" if cols > 2 / 3 else ""
+    where = " ".join(w for w in (vertical, horizontal) if w) or "center"
+    return {
+        "original": f"One {size} lesion at the {where} of the {organ} image.",
+        "contradictory": f"The {organ} appears normal, yet one {size} lesion is seen at the {where}.",
+        "missing_location": f"One {size} lesion in the {organ} image.",
+        "overdescriptive": f"One {size} irregular bright lesion with a rough edge at the {where} of the {organ} image, "
+        "seen clearly against the surrounding tissue.",
+        "underdescriptive": "A lesion.",
+    }[design]
+
+
+def write_segmentation_dataset(root: Path, spec: DatasetSpec, config: SyntheticConfig) -> Path:
+    """Write a synthetic set in MedCLIPSeg's layout: ``{Train,Val,Test}_Folder/{img,label}`` (a lesion in every
+    image) and ``Prompts_Folder`` with the full and 10/25/50 % listings and the five test prompt designs."""
+    import pandas as pd
+
+    modality = SEGMENTATION_SETS[spec.name]
+    out = Path(root) / spec.folder
+    if _complete(out, config):
+        return out
+    prompts = out / "Prompts_Folder"
+    prompts.mkdir(parents=True, exist_ok=True)
+    folders = {"train": "Train_Folder", "valid": "Val_Folder", "test": "Test_Folder"}
+    for split, (n_good, n_bad) in config.counts().items():
+        base = out / folders[split]
+        for sub in ("img", "label"):
+            (base / sub).mkdir(parents=True, exist_ok=True)
+            for old in (base / sub).glob("*.png"):
+                old.unlink()
+        rows = {design: [] for design in DESIGNS}
+        for i in range(n_good + n_bad):
+            img, mask = render(modality, config.seed, split, i + ANOMALOUS_OFFSET, True, config.image_size)
+            name = f"{split}_{i:04d}.png"
+            Image.fromarray((img * 255).round().astype(np.uint8)).save(base / "img" / name)
+            Image.fromarray(mask.astype(np.uint8) * 255).save(base / "label" / name)
+            for design in DESIGNS:
+                rows[design].append({"Image": name, "Description": describe_lesion(mask, spec.organ, design),
+                                     "Ground Truth": name})  # fmt: skip
+        if split == "test":
+            for design in DESIGNS:
+                pd.DataFrame(rows[design]).to_excel(prompts / f"Test_text_{design}.xlsx", index=False)
+            continue
+        stem = "Train_text" if split == "train" else "Val_text"
+        full = pd.DataFrame(rows["original"])
+        full.to_excel(prompts / f"{stem}.xlsx", index=False)
+        order = np.random.default_rng([config.seed, len(split)]).permutation(len(full))
+        for p in FRACTION_FILES:
+            keep = sorted(order[: max(1, round(len(full) * p / 100))])
+            full.iloc[keep].to_excel(prompts / f"{stem}_{p}.xlsx", index=False)
+    (out / COMPLETE_MARKER).write_text(repr(config))
+    return out
+
+
+def write_synthetic(root: Path, spec: DatasetSpec, config: SyntheticConfig) -> Path:
+    """The synthetic set named by ``spec``, in its card's layout."""
+    if spec.name in SEGMENTATION_SETS:
+        return write_segmentation_dataset(root, spec, config)
+    return write_dataset(root, spec, config)
+
+
+SYNTHETIC_SETS = (*MODALITIES, *SEGMENTATION_SETS)

@@ -162,7 +162,10 @@ def compare(
     Friedman/Nemenyi rank test across datasets."""
     if metric not in TESTED:
         raise BenchmarkError(f"--metric: '{metric}' has no per-image evidence to resample (one of {', '.join(TESTED)})")
-    entries = [e for e in entries if metric != "dice" or e.evidence[0].has_masks]
+    if metric == "dice":
+        entries = [e for e in entries if e.evidence[0].has_masks]
+    else:  # image metrics need both classes: segmentation-only sets have none
+        entries = [e for e in entries if len(set(np.asarray(e.labels).tolist())) == 2]
     if not entries:
         raise BenchmarkError(f"--metric {metric}: no cell of the experiment has it")
     if baseline is not None and baseline not in {e.method for e in entries}:

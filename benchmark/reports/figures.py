@@ -33,6 +33,7 @@ class SampleView:
     amap: np.ndarray
     score: float
     label: int
+    uncertainty: np.ndarray | None = None  # the method's uncertainty map, where it gives one
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,8 @@ def draw_prediction(ax, sample: SampleView, threshold: float) -> None:
 
 def samples_figure(samples: Sequence[SampleView], title: str, threshold: float):
     """One row per sample (labelled normal/anomalous with its image score): the image with the ground truth
-    outlined (green), the map over it with a shared colour bar, and the predicted mask at ``threshold``."""
+    outlined (green), the map over it with a shared colour bar, the predicted mask at ``threshold`` and, for
+    methods that give one, the uncertainty map."""
     plt = pyplot()
     rows = max(len(samples), 1)
     # one colour scale for every map of the figure, so that rows compare
@@ -79,13 +81,14 @@ def samples_figure(samples: Sequence[SampleView], title: str, threshold: float):
     hi = max((float(s.amap.max()) for s in samples), default=1.0)
     hi = hi if hi > lo else lo + 1e-6
     # a fixed layout (a layout engine costs more than the drawing), the colour bar in its own column
+    columns = 4 if any(s.uncertainty is not None for s in samples) else 3
     fig, axes = plt.subplots(
-        rows, 3, figsize=(8.4, 2.5 * rows + 0.5), squeeze=False, subplot_kw={"xticks": [], "yticks": []}
+        rows, columns, figsize=(2.8 * columns, 2.5 * rows + 0.5), squeeze=False, subplot_kw={"xticks": [], "yticks": []}
     )
     fig.subplots_adjust(left=0.08, right=0.88, top=1 - 0.6 / (2.5 * rows + 0.5), bottom=0.02, wspace=0.05, hspace=0.15)
     shown = None
     for row, sample in enumerate(samples):
-        left, middle, right = axes[row]
+        left, middle, right = axes[row][:3]
         left.imshow(sample.image)
         _outline(left, sample.mask)
         left.set_title(sample.name, fontsize=7)
@@ -97,7 +100,11 @@ def samples_figure(samples: Sequence[SampleView], title: str, threshold: float):
         middle.set_title("anomaly map", fontsize=7)
         draw_prediction(right, sample, threshold)
         right.set_title(f"map >= {threshold:g} (red), truth (green)", fontsize=7)
-    for ax in axes.ravel()[len(samples) * 3 :]:
+        if columns == 4:
+            axes[row][3].imshow(sample.uncertainty if sample.uncertainty is not None else np.zeros((1, 1)),
+                                cmap="nipy_spectral", vmin=0, vmax=float(np.log(2)))  # fmt: skip
+            axes[row][3].set_title("uncertainty (entropy, nats)", fontsize=7)
+    for ax in axes.ravel()[len(samples) * columns :]:
         ax.axis("off")
     if shown is not None:
         fig.colorbar(shown, cax=fig.add_axes((0.9, 0.25, 0.02, 0.5)), label="anomaly map (shared scale)")
@@ -118,7 +125,7 @@ def draw_sweep(
     prefix = f"{label}: " if label else ""
     if "dice" in what and all("dice" in r for r in rows):
         ax.plot(thresholds, [r["dice"] for r in rows], marker="o", label=f"{prefix}Dice")
-    if "image_accuracy" in what:
+    if "image_accuracy" in what and all("image_accuracy" in r for r in rows):
         ax.plot(thresholds, [r["image_accuracy"] for r in rows], marker="s", linestyle="--", label=f"{prefix}accuracy")
     if marked is not None:
         ax.axvline(marked, color="grey", linewidth=0.8, linestyle=":")

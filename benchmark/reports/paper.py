@@ -19,7 +19,15 @@ from tabulate import tabulate
 from benchmark.errors import BenchmarkError
 from benchmark.method import METHODS
 from benchmark.metrics import METRICS
-from benchmark.reports.published import PUBLISHED_CSV, canonical, load_published
+from benchmark.reports.published import (
+    AGGREGATES,
+    DOMAIN_SOURCES,
+    EFFICIENCY_SETS,
+    PUBLISHED_CSV,
+    average_sets,
+    canonical,
+    load_published,
+)
 from benchmark.reports.tables import HEADERS, _latex_escape, latex_head, published_name, summarize
 from benchmark.store import ResultStore
 
@@ -82,6 +90,12 @@ def _provenance(results_dir: str | Path, experiments: list[str]) -> str:
     return text
 
 
+def aggregate(hits: pd.DataFrame, dataset: str) -> tuple[float, int] | None:
+    """An averaged published "dataset" from our summary rows ``hits`` (one row's cells of one metric)."""
+    means = {d: (float(m), int(n)) for d, m, n in zip(hits["dataset"], hits["mean"], hits["n"], strict=True)}
+    return average_sets(means, dataset)
+
+
 def paper_table(paper: str, table: str, results_dir: str | Path, experiments: list[str]) -> PaperTable:
     pub = load_published()
     part = pub[(pub["paper"] == paper) & (pub["table"] == table)]
@@ -111,6 +125,14 @@ def paper_table(paper: str, table: str, results_dir: str | Path, experiments: li
                 & (ours["shots"] == int(r["our_shots"]))
                 & (ours["dataset"] == r["dataset"])
             )
+            if r["dataset"] in AGGREGATES:
+                row = (ours["name_key"] == r["method_key"]) & (ours["setting"] == r["our_setting"])
+                row &= (ours["shots"] == int(r["our_shots"])) & (ours["metric"] == r["metric"]) & (ours["n"] > 0)
+                found = aggregate(ours[row], r["dataset"])
+                if found is not None:
+                    cell.ours = (found[0] * 100, float("nan"), found[1])
+                cells[(r["setting"], r["label"], r["dataset"], r["metric"])] = cell
+                continue
             hit = ours[row & (ours["metric"] == r["metric"])]
             if r["metric"] == "dice":  # at the run's fixed threshold, else at the same threshold of its sweep
                 t = r["threshold"]
@@ -148,7 +170,7 @@ def _text(cell: Cell | None, delta: bool) -> str:
     if cell.ours is None:
         return f"{cell.published:.2f}{COPIED}"
     mean, std, n = cell.ours
-    text = f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}"
+    text = f"{mean:.2f} ± {std:.2f}" if n > 1 and not math.isnan(std) else f"{mean:.2f}"
     return text + (f" ({mean - cell.published:+.2f})" if delta else "")
 
 
@@ -243,9 +265,10 @@ def reachable_cells(protocols_dir: Path) -> set[tuple[str, str, int, str, str, f
         catalog = load_catalog([Path(p) for p in protocol.dataset_cards])
         fixed = protocol.threshold.value if protocol.threshold.mode == "fixed" else None
         for cell in expand(protocol, catalog):
-            metrics = ["image_auroc", "image_accuracy"]
-            if catalog[cell.dataset].masks:
-                metrics += ["pixel_auroc", "dice"]
+            spec = catalog[cell.dataset]
+            metrics = [] if spec.segmentation_only else ["image_auroc", "image_accuracy"]
+            if spec.masks:
+                metrics += ["pixel_auroc", "dice", "dice_per_image"]
             for metric in metrics:
                 out.add((cell.plugin_name, cell.setting, cell.shots or 0, cell.dataset, metric, fixed))
             if catalog[cell.dataset].masks:  # Dice at every threshold of the sweep, too
@@ -271,6 +294,15 @@ def coverage(protocols_dir: Path) -> list[Coverage]:
                 continue
             threshold = None if math.isnan(r["threshold"]) else float(r["threshold"])
             key = (plugin, r["our_setting"], int(r["our_shots"] or 0), r["dataset"], r["metric"])
+            if r["dataset"] in AGGREGATES:  # averages over sets: every set they average must be reached
+                have = {k[3] for k in reach if k[:3] == key[:3] and k[4] == r["metric"]}
+                sources = have & set(DOMAIN_SOURCES)
+                efficiency = r["dataset"] == "avg_efficiency_sets"
+                if set(EFFICIENCY_SETS) <= have if efficiency else sources and have - sources:
+                    cov.reproducible += 1
+                else:
+                    cov.unreachable.append(f"{r['method']} | {r['setting']} | {r['dataset']} | {r['metric']}")
+                continue
             if r["our_setting"] is not None and any(
                 k[:5] == key and (r["metric"] != "dice" or (k[5] is not None and abs(k[5] - threshold) < 1e-9))
                 for k in reach

@@ -51,6 +51,10 @@ SETTINGS = {
     ("medsad-clip", "few-shot"): OurSetting(
         "few_shot", 4, "MedSAD-CLIP does not state K for its few-shot rows; we run K = 4 (MVFA's main setting)"
     ),
+    **{("medclipseg", f"data_fraction_{p}"): OurSetting("data_fraction", p) for p in (10, 25, 50, 100)},
+    ("medclipseg", "domain_generalization"): OurSetting(
+        "domain_generalization", 0, "MedCLIPSeg trains on the first set of each domain and tests on all of its sets"
+    ),
     ("medsad-clip", "zero-shot"): OurSetting(
         "zero_shot_loo",
         0,
@@ -58,6 +62,41 @@ SETTINGS = {
         "of the table (leave one dataset out)",
     ),
 }
+
+
+# MedCLIPSeg's README prints averages over datasets (``../shared/published/README.md``): ours are the means
+# of our per-dataset means over the same sets (all of them must have been run), and the harmonic mean of the
+# in-domain and out-of-domain averages (in-domain: a domain's source set tested on itself).
+EFFICIENCY_SETS = ("BUSI", "BTMRI", "ISIC", "Kvasir", "Covid19", "EUS")
+DOMAIN_SOURCES = ("BUSI", "Kvasir", "ISIC", "BTMRI")  # its scripts/domain_generalization.sh: BUS, ENDO, DERM, BRAIN
+AGGREGATES = ("avg_efficiency_sets", "avg_in_domain", "avg_out_of_domain", "harmonic_mean_id_ood")
+AGGREGATES_OF = {  # our setting -> the averages its README table prints
+    "data_fraction": ("avg_efficiency_sets",),
+    "domain_generalization": ("avg_in_domain", "avg_out_of_domain", "harmonic_mean_id_ood"),
+}
+
+
+def average_sets(means: dict[str, tuple[float, int]], name: str) -> tuple[float, int] | None:
+    """The averaged "dataset" ``name`` (``AGGREGATES``) from per-dataset (mean, seeds): the mean of the means
+    and the fewest seeds among them; None when a set it needs is missing."""
+
+    def mean_of(sets: list[str]) -> tuple[float, int] | None:
+        if not sets:
+            return None
+        return sum(means[d][0] for d in sets) / len(sets), min(means[d][1] for d in sets)
+
+    inside = [d for d in means if d in DOMAIN_SOURCES]
+    outside = [d for d in means if d not in DOMAIN_SOURCES]
+    if name == "avg_efficiency_sets":
+        return mean_of(list(EFFICIENCY_SETS)) if all(d in means for d in EFFICIENCY_SETS) else None
+    if name == "avg_in_domain":
+        return mean_of(inside)
+    if name == "avg_out_of_domain":
+        return mean_of(outside)
+    ids, ood = mean_of(inside), mean_of(outside)
+    if ids is None or ood is None or ids[0] + ood[0] == 0:
+        return None
+    return 2 * ids[0] * ood[0] / (ids[0] + ood[0]), min(ids[1], ood[1])
 
 
 def canonical(printed: str) -> str:

@@ -82,18 +82,23 @@ def curve_figures(entries: list[compare.Entry]) -> dict[str, object]:
     for (group, dataset), part in by_cell.items():
         masks = part[0].evidence[0].has_masks
         fig, axes = plt.subplots(1, 3 if masks else 1, figsize=(13 if masks else 4.6, 4.4), squeeze=False)
+        image_level = len(set(part[0].evidence[0].labels.tolist())) == 2  # not on a segmentation-only set
         for e in part:
             first = e.evidence[0]
-            fpr, tpr = roc_points(first.scores, first.labels)
-            mean_auroc = float(np.mean([auroc_exact(ev.scores, ev.labels.astype(bool)) for ev in e.evidence]))
-            draw_roc(axes[0][0], Curve(fpr, tpr, mean_auroc), e.name)
+            if image_level:
+                fpr, tpr = roc_points(first.scores, first.labels)
+                mean_auroc = float(np.mean([auroc_exact(ev.scores, ev.labels.astype(bool)) for ev in e.evidence]))
+                draw_roc(axes[0][0], Curve(fpr, tpr, mean_auroc), e.name)
             if masks and first.pixel_roc is not None:
                 draw_roc(axes[0][1], Curve(*first.pixel_roc, float("nan")), e.name)
             if masks:
                 dice = np.mean([[ev.dice(t) for t in ev.thresholds] for ev in e.evidence], axis=0)
                 rows = [{"threshold": t, "dice": d} for t, d in zip(first.thresholds, dice, strict=True)]
                 draw_sweep(axes[0][2], rows, label=e.name, what=("dice",))
-        axes[0][0].set_title("image ROC (first seed; AUROC: mean over seeds)", fontsize=8)
+        title = (
+            "image ROC (first seed; AUROC: mean over seeds)" if image_level else "no image ROC: every image anomalous"
+        )
+        axes[0][0].set_title(title, fontsize=8)
         if masks:
             axes[0][1].set_title("pixel ROC (first seed)", fontsize=8)
             axes[0][2].set_title("Dice against the threshold (mean over seeds)", fontsize=8)
@@ -190,7 +195,7 @@ def build_report(results_dir: str | Path, experiment: str, resamples: int = 1000
             parts += [f'<p class="caption">{html.escape(caption)} ({style} style)</p>', results_table(frame, shown)]
     parts.append("<h2>Which differences are real</h2>")
     for metric in compare.TESTED:
-        if metric == "dice" and not any(e.evidence[0].has_masks for e in entries):
+        if metric not in recorded:  # no mask (dice), or segmentation sets only (image metrics)
             continue
         section, cds = comparison_section(entries, experiment, metric, resamples)
         parts += [f"<h3>{metric}</h3>", section]

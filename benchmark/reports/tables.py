@@ -17,7 +17,7 @@ from tabulate import tabulate
 
 from benchmark.method import METHODS
 from benchmark.metrics import METRICS
-from benchmark.reports.published import load_published, lookup
+from benchmark.reports.published import AGGREGATES, AGGREGATES_OF, average_sets, load_published, lookup
 
 HEADERS = {
     "image_auroc": "AC",
@@ -25,14 +25,24 @@ HEADERS = {
     "dice": "Dice",
     "image_accuracy": "Acc",
     "dice_oracle": "Dice (oracle)",
+    "dice_per_image": "DSC",
+    "nsd": "NSD",
+    "pixel_ece": "ECE",
+    "uncertainty_mean": "Unc.",
 }
-STYLES = {"mvfa": ("image_auroc", "pixel_auroc"), "medsad": ("dice", "image_accuracy")}
+STYLES = {
+    "mvfa": ("image_auroc", "pixel_auroc"),
+    "medsad": ("dice", "image_accuracy"),
+    "segmentation": ("dice_per_image", "nsd"),  # MedCLIPSeg's DSC and NSD; the default without image metrics
+}
 SETTING_NAMES = {
     "zero_shot_loo": "zero-shot LOO",
     "few_shot": "few-shot",
     "few_normal": "few-normal-shot",
     "supervised": "supervised",
     "full_normal": "full-normal",
+    "data_fraction": "data fraction",
+    "domain_generalization": "domain generalisation",
 }
 
 
@@ -78,6 +88,8 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def setting_label(setting: str, shots: int) -> str:
+    if setting == "data_fraction":
+        return f"{SETTING_NAMES[setting]} {shots} %"
     return f"{SETTING_NAMES.get(setting, setting)}" + (f", K={shots}" if shots else "")
 
 
@@ -114,6 +126,7 @@ def build(frame: pd.DataFrame, metrics: tuple[str, ...], published: bool = False
         if not summary[(summary["dataset"] == d) & (summary["metric"] == m)].empty
     ]
     table_rows: list[Row] = []
+    averaged: set[tuple[str, str]] = set()  # MedCLIPSeg's averages over datasets, beside its README's
     pub = load_published() if published else None
     order = {name: i for i, name in enumerate(SETTING_NAMES)}
     summary = summary.assign(_order=summary["setting"].map(order)).sort_values(["_order", "shots", "method", "variant"])
@@ -127,11 +140,17 @@ def build(frame: pd.DataFrame, metrics: tuple[str, ...], published: bool = False
         table_rows.append(Row(name, group, values, key=row_key(key)))
         if pub is None:
             continue
+        for agg in AGGREGATES_OF.get(key["setting"], ()):
+            for m in metrics:
+                means = {d: (v[0], v[2]) for (d, mm), v in values.items() if mm == m and v[2] > 0}
+                if (found := average_sets(means, agg)) is not None:
+                    values[(agg, m)] = (found[0], float("nan"), found[1], found[1])
+                    averaged.add((agg, m))
         paper_name = published_name(key["plugin"], key["published_as"])
         if not paper_name:
             continue
         found, delta, sources = {}, {}, set()
-        for d, m in columns:
+        for d, m in [*columns, *sorted(averaged, key=lambda c: AGGREGATES.index(c[0]))]:
             hit = lookup(pub, paper_name, key["setting"], int(key["shots"]), d, m, key["threshold"])
             if hit is not None:
                 found[(d, m)] = (hit[0] / 100.0, 0.0, 0, 0)
@@ -142,7 +161,7 @@ def build(frame: pd.DataFrame, metrics: tuple[str, ...], published: bool = False
             source = "; ".join(sorted(sources))
             table_rows.append(Row(name, group, found, "published", source))
             table_rows.append(Row(name, group, delta, "difference", source))
-    return table_rows, columns
+    return table_rows, [*columns, *sorted(averaged, key=lambda c: (AGGREGATES.index(c[0]), metrics.index(c[1])))]
 
 
 def has_published(rows: list[Row]) -> bool:
@@ -177,7 +196,7 @@ def _fmt(value: Value | None, signed: bool = False, std: bool = True) -> str:
     if math.isnan(mean):
         return f"-- ({n}/{of} seeds)" if n < of else "--"
     text = f"{mean * 100:+.2f}" if signed else f"{mean * 100:.2f}"
-    text = f"{text} ± {sd * 100:.2f}" if std and n > 1 else text
+    text = f"{text} ± {sd * 100:.2f}" if std and n > 1 and not math.isnan(sd) else text
     return f"{text} ({n}/{of} seeds)" if n < of else text
 
 

@@ -1,0 +1,46 @@
+"""MedCLIPSeg: probabilistic vision-language adaptation for data-efficient and generalizable medical image
+segmentation (Koleilat et al., CVPR 2026; official code HealthX-Lab/MedCLIPSeg).
+
+The plugin's declaration: its parameters (validated on load), settings and defaults, importable without torch.
+The maths, the training and the notes on fidelity to the official code: ``methods/models/medclipseg.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from benchmark.method import METHODS, Method, param
+from benchmark.protocol import BackboneSpec
+
+
+@dataclass(frozen=True)
+class MedCLIPSegParams:
+    layers: tuple[int, ...] = param((1, 2, 3, 4, 5, 6, 7, 8, 9, 10), ge=0)  # its LAYERS: adapter before block i+1
+    adapter_dim: int = param(256, ge=1)
+    beta: float = param(2.35, ge=0)  # weight of the key-uncertainty penalty on the attention scores
+    gate_init: float = 0.0  # sigmoid(0) = 0.5: the adapters' initial residual mix
+    upscale_blocks: int = param(2, ge=0)  # NUM_UPSCALE: transposed-conv scale blocks on the patch features
+    temperature: float = param(0.2, gt=0)  # of the soft patch-level contrastive loss
+    dice_weight: float = param(0.5, ge=0)
+    bce_weight: float = param(0.5, ge=0)
+    contrastive_weight: float = param(0.1, ge=0)
+    epochs: int = param(100, ge=1)
+    lr: float = param(3e-4, gt=0)
+    lr_min: float = param(1e-4, ge=0)  # cosine schedule's floor, stepped once an epoch
+    batch_size: int = param(24, ge=1)
+    rotate: bool = True  # its RandomGenerator: half the training images rotated by a random -20..20 degrees
+    samples: int = param(30, ge=1)  # Monte-Carlo samples at test time (TEST.NUM_SAMPLES)
+    prompt: str = "{organ} lesion."  # text for images without their own description ({organ}: the card's word)
+    progress: bool = True
+
+
+@METHODS.register("medclipseg")
+class MedCLIPSeg(Method):
+    name = "medclipseg"
+    published_name = "MedCLIPSeg"
+    settings = frozenset({"supervised", "few_shot", "data_fraction", "domain_generalization"})
+    requires_masks = True
+    Params = MedCLIPSegParams
+    default_backbone = BackboneSpec("ViT-B-16", "openai")
+    default_image_size = 224
+    implementation = "methods.models.medclipseg:MedCLIPSegImpl"

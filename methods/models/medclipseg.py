@@ -1,0 +1,287 @@
+"""MedCLIPSeg (Koleilat et al., CVPR 2026; official code HealthX-Lab/MedCLIPSeg: ``trainers/layers.py``,
+``trainers/medclipseg_clip.py``, ``trainers/scale_block.py``, ``train.py``, ``test.py``). Only the abstract is
+in ``../shared/papers``; the points below follow the code, the variant its configs call ``clip``.
+
+- PVL adapter (``PVL_Adapter``): bias-free down-projections of the vision and text tokens to 256-d, a
+  two-way probabilistic cross-attention (image -> text, then text -> image with the updated image tokens),
+  bias-free up-projections; both outputs added to the residual streams before the blocks ``i + 1`` of both
+  towers for ``i`` in 1..10 (its ``LAYERS``), the towers run block by block side by side.
+- Probabilistic cross-attention (``ProbCrossAttention``): keys and values each a mean (LayerNorm) and a
+  softplus variance (+1e-6); scores ``Q K_mu^T / sqrt(C) - beta sqrt(Q^2 Var_K^T / C)`` (beta 2.35); values
+  sampled ``V_mu + sqrt(Var_V) eps`` (a fresh ``eps`` at every forward, training included); output
+  ``g W_o(A V) + (1 - g) Q_in`` with ``g = sigmoid(gate)``, gate initialised at 0.
+- Patch features: the *value path* of the last vision block, ``W_o W_v ln_1(x)`` (its
+  ``ResidualAttentionBlock_CMM``; no attention), [CLS] dropped, ``ln_post`` and the projection. Text feature:
+  the EOT output of the text tower, ``ln_final`` and the projection.
+- Head: logits ``<MLP_3(t/|t|), Up(p/|p|)>`` with a 3-layer GELU MLP on the text feature and two scale blocks
+  (transposed conv 2x2 stride 2, GELU, depthwise 3x3, LayerNorm2d) on the patch grid, bilinear to the image.
+- Loss (``train.py``): ``0.5 Dice + 0.5 BCE`` on the logits + ``0.1`` soft contrastive loss (mean normalised
+  patch feature against the *unnormalised* text features of the batch, temperature 0.2; soft targets
+  ``softmax(row-L2-normalised(T T^T / 0.2))``, symmetric). The Dice term is MONAI's ``DiceLoss(sigmoid=True,
+  include_background=False)`` on ``[B, H, W]`` logits, as the code calls it: MONAI reads H as the channel
+  axis, so the Dice is taken per image row, row 0 left out, and averaged; we call it the same way.
+- Training: Adam 3e-4, cosine to 1e-4 over the epochs (stepped each epoch), 100 epochs, batch 24, 224 px, fp32,
+  half the images rotated by a random integer angle in [-20, 20] (nearest neighbour, as PIL's default),
+  ImageNet mean/std normalisation (its ``CLIP_NORMALIZE``), the last epoch (``USE_LATEST``).
+- Test: 30 forward passes with fresh noise; the map is the mean of the sigmoids, the uncertainty map its
+  binary entropy ``-(p log(p + 1e-8) + (1 - p) log(1 - p + 1e-8))`` (nats, at most ln 2).
+- Image score (MedCLIPSeg has none): the maximum of the mean map, the score a pixel-level segmenter implies
+  for "is there a lesion"; reported on datasets with normal images only.
+
+Text: each image's own description where its dataset provides one (MedCLIPSeg layout's ``Prompts_Folder``),
+else ``prompt`` with the dataset card's organ word. Trainable: the adapters, the scale blocks and the mask head.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceLoss
+from timm.layers import LayerNorm2d
+from torch import nn
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from benchmark import training
+from benchmark.backbones.attention import block_values
+from benchmark.backbones.clip import ClipBackbone, shared_clip
+from benchmark.data.loading import ImageBatch
+from benchmark.errors import BenchmarkError
+from benchmark.method import MethodContext, Prediction, TrainSet
+from methods.medclipseg import MedCLIPSeg, MedCLIPSegParams
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ProbabilisticCrossAttention(nn.Module):
+    """Queries attend to a context whose keys and values carry a mean and a variance (``ProbCrossAttention``)."""
+
+    def __init__(self, dim: int, beta: float = 2.35, gate_init: float = 0.0) -> None:
+        super().__init__()
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim * 2)
+        self.v_proj = nn.Linear(dim, dim * 2)
+        self.out_proj = nn.Linear(dim, dim)
+        self.norm_k = nn.LayerNorm(dim)
+        self.norm_v = nn.LayerNorm(dim)
+        self.gate = nn.Parameter(torch.tensor(float(gate_init)))
+        self.beta = beta
+        self.eps = 1e-6
+
+    def forward(self, query: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        dim = query.shape[-1]
+        q = self.q_proj(query)
+        k_mu, k_raw = self.k_proj(context).split(dim, -1)
+        v_mu, v_raw = self.v_proj(context).split(dim, -1)
+        k_mu, v_mu = self.norm_k(k_mu), self.norm_v(v_mu)
+        k_var, v_var = F.softplus(k_raw) + self.eps, F.softplus(v_raw) + self.eps
+        scores = q @ k_mu.transpose(1, 2) / math.sqrt(dim)
+        scores = scores - self.beta * torch.sqrt(q.pow(2) @ k_var.transpose(1, 2) / dim)
+        values = v_mu + torch.sqrt(v_var) * torch.randn_like(v_var)
+        gate = torch.sigmoid(self.gate)
+        return gate * self.out_proj(scores.softmax(-1) @ values) + (1 - gate) * query
+
+
+class PVLAdapter(nn.Module):
+    """Down-project both towers' tokens, attend image -> text then text -> image, up-project (``PVL_Adapter``)."""
+
+    def __init__(self, vision: int, text: int, dim: int = 256, beta: float = 2.35, gate_init: float = 0.0) -> None:
+        super().__init__()
+        self.vision_down = nn.Linear(vision, dim, bias=False)
+        self.text_down = nn.Linear(text, dim, bias=False)
+        self.vision_up = nn.Linear(dim, vision, bias=False)
+        self.text_up = nn.Linear(dim, text, bias=False)
+        self.image_to_text = ProbabilisticCrossAttention(dim, beta, gate_init)
+        self.text_to_image = ProbabilisticCrossAttention(dim, beta, gate_init)
+
+    def forward(self, vision: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        v, t = self.vision_down(vision), self.text_down(text)
+        v = self.image_to_text(v, t)
+        t = self.text_to_image(t, v)
+        return self.vision_up(v), self.text_up(t)
+
+
+class ScaleBlock(nn.Module):
+    """Transposed conv 2x2 stride 2, GELU, depthwise 3x3 (no bias), LayerNorm2d (its ``ScaleBlock``)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.conv1 = nn.ConvTranspose2d(dim, dim, kernel_size=2, stride=2)
+        self.act = nn.GELU()
+        self.conv2 = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim, bias=False)
+        self.norm = LayerNorm2d(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv2(self.act(self.conv1(x))))
+
+
+class MedCLIPSegModel(nn.Module):
+    """The frozen CLIP towers run side by side with PVL adapters, a mask head and scale blocks."""
+
+    def __init__(
+        self,
+        backbone: ClipBackbone,
+        layers=tuple(range(1, 11)),
+        adapter_dim: int = 256,
+        beta: float = 2.35,
+        gate_init: float = 0.0,
+        upscale_blocks: int = 2,
+    ) -> None:
+        super().__init__()
+        depth = backbone.num_layers
+        if len(backbone.text_blocks) != depth:
+            raise BenchmarkError(
+                f"medclipseg: the backbone's towers must be equally deep (vision {depth}, text "
+                f"{len(backbone.text_blocks)} blocks): they run block by block side by side"
+            )
+        bad = [i for i in layers if not 0 <= i < depth]
+        if bad:
+            raise BenchmarkError(f"medclipseg: layers: {bad[0]} out of range 0..{depth - 1}")
+        self.backbone = [backbone]  # frozen, not a submodule: out of state_dict and the optimiser
+        self.layers = tuple(layers)
+        text_width = backbone.model.ln_final.weight.shape[0]
+        dim = backbone.embed_dim
+        self.adapters = nn.ModuleList(
+            PVLAdapter(backbone.width, text_width, adapter_dim, beta, gate_init) for _ in self.layers
+        )
+        self.mask_head = nn.Sequential(
+            nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim)
+        )
+        self.upscale = nn.Sequential(*(ScaleBlock(dim) for _ in range(upscale_blocks)))
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def encode(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images in [0, 1] and their prompts' tokens -> patch features ``[B, N, D]``, text features ``[B, D]``."""
+        backbone = self.backbone[0]
+        x = backbone.embed((images - self.mean) / self.std)
+        t = backbone.embed_text(tokens)
+        depth = backbone.num_layers
+        for index in range(depth):  # 0-based, as its LAYERS
+            if index in self.layers:
+                dv, dt = self.adapters[self.layers.index(index)](x, t)
+                x, t = x + dv, t + dt
+            if index < depth - 1:
+                x = backbone.blocks[index](x)
+            t = backbone.text_block(index + 1, t)
+        values = block_values(backbone.blocks[depth - 1], x)  # the last block's value path
+        patches = backbone.project_tokens(values[:, 1:])
+        return patches, backbone.text_pool(t, tokens.argmax(-1))
+
+    def logits(self, patches: torch.Tensor, text: torch.Tensor, size: int) -> torch.Tensor:
+        """``[B, size, size]`` segmentation logits (``compute_seg_logits``)."""
+        side = round(patches.shape[1] ** 0.5)
+        grid = F.normalize(patches, dim=-1).transpose(1, 2).reshape(patches.shape[0], -1, side, side)
+        query = self.mask_head(F.normalize(text, dim=-1))
+        out = torch.einsum("bc,bchw->bhw", query, self.upscale(grid))
+        return F.interpolate(out.unsqueeze(1), size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def soft_contrastive(patches: torch.Tensor, text: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The code's soft patch-level contrastive loss: mean normalised patch feature against the batch's text
+    features (unnormalised, as the code), soft targets from the row-normalised text-text similarities."""
+    mean = F.normalize(patches, dim=-1).mean(1)
+    per_image = mean @ text.T / temperature
+    per_text = text @ mean.T / temperature
+    with torch.no_grad():
+        similarity = text @ text.T / temperature
+        targets = (similarity / similarity.norm(dim=-1, keepdim=True)).softmax(-1)
+    loss_i = -(targets * per_image.log_softmax(-1)).sum(-1).mean()
+    loss_t = -(targets.T * per_text.log_softmax(-1)).sum(-1).mean()
+    return (loss_i + loss_t) / 2
+
+
+class MedCLIPSegImpl(MedCLIPSeg):
+    def __init__(self, params: MedCLIPSegParams, context: MethodContext) -> None:
+        super().__init__(params, context)
+        self.backbone = shared_clip(context.backbone, context.image_size, context.device)
+        torch.manual_seed(context.seed)
+        self.model = MedCLIPSegModel(
+            self.backbone, params.layers, params.adapter_dim, params.beta, params.gate_init, params.upscale_blocks
+        ).to(context.device)
+        # its call: [B, H, W] logits, so MONAI reads H as channels (a Dice per row, row 0 left out)
+        self.dice = DiceLoss(include_background=False, sigmoid=True, reduction="mean")
+        self.history: list[float] = []
+
+    def prompts(self, texts: tuple[str | None, ...], organs: list[str]) -> list[str]:
+        """Each image's own description, else ``prompt`` with its dataset's organ word."""
+        texts = texts or (None,) * len(organs)
+        return [t or self.params.prompt.format(organ=o) for t, o in zip(texts, organs, strict=True)]
+
+    def tokens(self, texts: list[str]) -> torch.Tensor:
+        return self.backbone.tokenize(texts)
+
+    def loss(self, images: torch.Tensor, masks: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        p = self.params
+        patches, text = self.model.encode(images, self.tokens(texts))
+        logits = self.model.logits(patches, text, images.shape[-1])
+        target = masks.float()
+        seg = p.dice_weight * self.dice(logits, target) + p.bce_weight * F.binary_cross_entropy_with_logits(
+            logits, target
+        )
+        return seg + p.contrastive_weight * soft_contrastive(patches, text, p.temperature)
+
+    def fit(self, train: TrainSet) -> None:
+        p, device = self.params, self.context.device
+        generator = torch.Generator().manual_seed(self.context.seed)
+        organ_of = {s.path: train.datasets[s.dataset].organ for s in train.samples}
+
+        def step(batch) -> torch.Tensor:
+            images, masks = batch.images.to(device), batch.masks.to(device)
+            if p.rotate:
+                images, masks = self._rotate(images, masks, generator)
+            return self.loss(images, masks, self.prompts(batch.texts, [organ_of[path] for path in batch.paths]))
+
+        def lr_at(epoch: int, _index: int, _count: int) -> float:
+            return p.lr_min + (p.lr - p.lr_min) * (1 + math.cos(math.pi * epoch / p.epochs)) / 2
+
+        # its training runs in fp32 (no autocast), so on CUDA too
+        config = training.TrainConfig(epochs=p.epochs, lr=p.lr, amp=False, progress=p.progress)
+        self.model.train()
+        self.history = training.fit(
+            self.model.parameters(),
+            step,
+            lambda _epoch: train.batches(p.batch_size, generator),
+            config,
+            device,
+            desc=f"medclipseg {self.context.dataset.name}",
+            lr_at=lr_at,
+        )
+        self.model.eval()
+
+    @staticmethod
+    def _rotate(images, masks, generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Half the images (and their masks) rotated by a random integer angle in [-20, 20] degrees."""
+        out_i, out_m = [], []
+        for image, mask in zip(images, masks, strict=True):
+            if torch.rand((), generator=generator) > 0.5:
+                angle = float(torch.randint(-20, 21, (), generator=generator))
+                image = TF.rotate(image, angle, InterpolationMode.NEAREST)
+                mask = TF.rotate(mask[None].float(), angle, InterpolationMode.NEAREST)[0] > 0.5
+            out_i.append(image)
+            out_m.append(mask)
+        return torch.stack(out_i), torch.stack(out_m)
+
+    @torch.no_grad()
+    def predict(self, batch: ImageBatch) -> Prediction:
+        images = batch.images.to(self.context.device)
+        tokens = self.tokens(self.prompts(batch.texts, [self.context.dataset.organ] * len(images)))
+        total = torch.zeros(images.shape[0], images.shape[-2], images.shape[-1], device=images.device)
+        for _ in range(self.params.samples):
+            patches, text = self.model.encode(images, tokens)
+            total += torch.sigmoid(self.model.logits(patches, text, images.shape[-1]))
+        mean = total / self.params.samples
+        entropy = -(mean * torch.log(mean + 1e-8) + (1 - mean) * torch.log(1 - mean + 1e-8))
+        return Prediction(mean.flatten(1).amax(-1), mean, uncertainty=entropy)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "variant": "MedCLIPSeg",
+            "trainable_params": sum(q.numel() for q in self.model.parameters()),
+            "backbone": self.context.backbone.label(),
+            "mc_samples": self.params.samples,
+            "final_train_loss": round(self.history[-1], 6) if self.history else float("nan"),
+        }

@@ -1,0 +1,220 @@
+import dataclasses
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import SMALL
+from scipy import ndimage
+
+from benchmark.cli import main
+from benchmark.data.splits import make_split
+from benchmark.data.synthetic import write_segmentation_dataset
+from benchmark.metrics import CalibrationMetrics, SegmentationMetrics
+from benchmark.store import ResultStore
+from methods.models.medclipseg import ProbabilisticCrossAttention, PVLAdapter, ScaleBlock, soft_contrastive
+
+TINY = {"model": "tiny-vit-twin", "weights": "random-init", "seed": 0}
+FAST = {"layers": [1, 2], "adapter_dim": 16, "epochs": 1, "batch_size": 8, "samples": 2, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def seg_root(tmp_path_factory, catalog):
+    root = tmp_path_factory.mktemp("segmentation")
+    for name in ("SynthBrainSeg", "SynthLiverSeg"):
+        write_segmentation_dataset(root, catalog[name], SMALL)
+    return root
+
+
+def test_parameter_count_at_the_default_configuration():
+    # ViT-B-16: vision width 768, text width 512, joint space 512; 10 PVL adapters of width 256
+    adapters = 10 * sum(p.numel() for p in PVLAdapter(768, 512, 256).parameters())
+    head = 3 * (512 * 512 + 512)
+    upscale = 2 * sum(p.numel() for p in ScaleBlock(512).parameters())
+    # per adapter: 4 bias-free projections; 2 attentions of q, out (256 -> 256), k, v (256 -> 512), 2 LayerNorms, gate
+    attention = 2 * (256 * 256 + 256) + 2 * (256 * 512 + 512) + 2 * 2 * 256 + 1
+    assert adapters == 10 * (2 * (768 + 512) * 256 + 2 * attention)
+    assert upscale == 2 * (512 * 512 * 4 + 512 + 512 * 9 + 2 * 512)
+    assert adapters + head + upscale == 17_366_548
+
+
+def test_key_uncertainty_lowers_attention_and_values_are_sampled():
+    torch.manual_seed(0)
+    attn = ProbabilisticCrossAttention(8, beta=2.35)
+    query, context = torch.randn(1, 3, 8), torch.randn(1, 5, 8)
+    torch.manual_seed(1)
+    a = attn(query, context)
+    torch.manual_seed(1)
+    assert torch.equal(a, attn(query, context))  # the same noise, the same output
+    assert (attn(query, context) - a).abs().max() > 1e-4  # fresh noise: another sample
+    with torch.no_grad():  # the gate at 0 mixes half the attention into the query
+        attn.gate.fill_(-30.0)
+    torch.testing.assert_close(attn(query, context), query)
+
+
+def test_soft_contrastive_is_smallest_for_matching_pairs():
+    torch.manual_seed(0)
+    text = torch.nn.functional.normalize(torch.randn(4, 16), dim=-1) * 3
+    matching = text[:, None, :].expand(4, 9, 16)
+    shuffled = text[[1, 2, 3, 0], None, :].expand(4, 9, 16)
+    assert soft_contrastive(matching, text, 0.2) < soft_contrastive(shuffled, text, 0.2)
+
+
+def _direct_nsd(pred: np.ndarray, truth: np.ndarray, tolerance: float) -> float:
+    """Surface Dice computed directly: boundary pixels (the mask minus its erosion) within ``tolerance``."""
+    edges = [m ^ ndimage.binary_erosion(m) for m in (pred, truth)]
+    dist_to = [ndimage.distance_transform_edt(~e) for e in edges]
+    near_p = (dist_to[1][edges[0]] <= tolerance).sum()
+    near_t = (dist_to[0][edges[1]] <= tolerance).sum()
+    return float((near_p + near_t) / (edges[0].sum() + edges[1].sum()))
+
+
+def test_dsc_and_nsd_equal_a_direct_computation_on_known_masks():
+    truth = torch.zeros(4, 32, 32, dtype=torch.bool)
+    maps = torch.zeros(4, 32, 32)
+    truth[0, 8:20, 8:20] = True
+    maps[0, 9:21, 8:20] = 0.9  # shifted by one pixel
+    truth[1, 4:12, 4:12] = True
+    maps[1, 10:26, 12:28] = 0.7  # far off, partly overlapping
+    maps[2, 3, 3] = 0.8  # an empty mask, one false pixel
+    metrics = SegmentationMetrics(0.5, tolerance=2.0)  # image 3: both empty
+    metrics.update(maps, truth)
+    pred = (maps >= 0.5).numpy()
+    for i in (0, 1):
+        inter = (pred[i] & truth[i].numpy()).sum()
+        assert metrics.dice[i] == pytest.approx(2 * inter / (pred[i].sum() + truth[i].sum().item()))
+        assert metrics.nsd[i] == pytest.approx(_direct_nsd(pred[i], truth[i].numpy(), 2.0))
+    assert metrics.nsd[0] == 1.0 and 0 < metrics.nsd[1] < 1
+    assert metrics.dice[2:] == [0.0, 1.0] and metrics.nsd[2:] == [0.0, 1.0]  # MedCLIPSeg's empty-mask rules
+    assert metrics.mean_dice() == pytest.approx(np.mean(metrics.dice))
+
+
+def test_calibration_error_of_a_calibrated_and_a_confident_map():
+    truth = torch.zeros(1, 10, 10, dtype=torch.bool)
+    truth[0, :3] = True  # 30 % positive
+    calibrated, confident = CalibrationMetrics(), CalibrationMetrics()
+    calibrated.update(torch.full((1, 10, 10), 0.3), truth)
+    confident.update(torch.full((1, 10, 10), 0.95), truth, torch.full((1, 10, 10), 0.2))
+    assert calibrated.ece() == pytest.approx(0.0, abs=1e-6) and confident.ece() == pytest.approx(0.65)
+    assert calibrated.uncertainty_mean() is None and confident.uncertainty_mean() == pytest.approx(0.2)
+
+
+def test_data_fraction_uses_exactly_the_listed_images(seg_root, catalog):
+    prompts = seg_root / "SynthBrainSeg" / "Prompts_Folder"
+    for p in (10, 25, 50):
+        split = make_split(seg_root, catalog, "SynthBrainSeg", "data_fraction", p, 0)
+        listed = pd.read_excel(prompts / f"Train_text_{p}.xlsx")
+        assert sorted(s.path.rsplit("/", 1)[1] for s in split.train) == sorted(listed["Image"])
+        assert [s.text for s in sorted(split.train, key=lambda s: s.path)] == [
+            t.strip() for _, t in sorted(zip(listed["Image"], listed["Description"], strict=True))
+        ]
+        valid = pd.read_excel(prompts / f"Val_text_{p}.xlsx")
+        assert sorted(s.path.rsplit("/", 1)[1] for s in split.valid) == sorted(valid["Image"])
+    full = make_split(seg_root, catalog, "SynthBrainSeg", "data_fraction", 100, 0)
+    assert len(full.train) == len(pd.read_excel(prompts / "Train_text.xlsx"))
+    design = make_split(seg_root, catalog, "SynthBrainSeg", "supervised", None, 0, design="contradictory")
+    assert all(s.text.startswith("The brain appears normal, yet") for s in design.test)
+
+
+def test_cells_train_predict_and_log_uncertainty_without_image_metrics(write_protocol, seg_root, tmp_path):
+    """Both MedCLIPSeg settings through ``run`` on segmentation-only sets: pixel metrics, per-image DSC and
+    NSD, calibration and uncertainty are recorded, image metrics are absent (not NaN), the uncertainty map is
+    an artifact, and the out-of-domain cell trained on the source set alone."""
+    path = write_protocol(
+        data_root=str(seg_root),
+        datasets=["SynthBrainSeg", "SynthLiverSeg"],
+        settings=[{"name": "data_fraction", "fractions": [50]},
+                  {"name": "domain_generalization", "source": "SynthBrainSeg"}],
+        backbone=TINY,
+        methods={"medclipseg": FAST},
+    )  # fmt: skip
+    assert main(["run", str(path), "--save-predictions"]) == 0
+    store = ResultStore(tmp_path / "results", "t")
+    latest = store.latest()
+    assert len(latest) == 4 and all(r["status"] == "finished" for r in latest.values())
+    for rec in latest.values():
+        metrics = rec["metrics"]
+        assert not any(k.startswith("image_") for k in metrics)
+        assert {"pixel_auroc", "dice", "dice_per_image", "nsd", "pixel_ece", "uncertainty_mean"} <= set(metrics)
+        assert all(np.isfinite(v) for v in metrics.values())
+        assert 0 < metrics["uncertainty_mean"] <= np.log(2)
+        predictions = np.load(store.dir / rec["cell_id"] / "predictions.npz")
+        assert predictions["uncertainty"].shape == predictions["maps"].shape
+        evidence = np.load(store.dir / rec["cell_id"] / "evidence.npz")  # logged to MLflow with the figures
+        assert evidence["example_uncertainty"].shape == evidence["example_maps"].shape
+    ood = next(
+        r for r in latest.values() if r["setting"] == "domain_generalization" and r["dataset"] == "SynthLiverSeg"
+    )
+    manifest = json.loads((store.dir / ood["cell_id"] / "manifest.json").read_text())
+    assert all(s["path"].startswith("SynthBrainSeg/") for s in manifest["train"])
+    # statistics and the report on sets without normal images: Dice is resampled in one stratum; image
+    # metrics are refused in one line; the report leaves them out
+    results = ["--results-dir", str(tmp_path / "results")]
+    assert main(["compare", "t", "--metric", "dice", "--resamples", "100", *results]) == 0
+    assert main(["compare", "t", *results]) == 2
+    assert main(["report", "t", "--resamples", "100", *results]) == 0
+
+
+def test_paper_table_averages_the_six_efficiency_sets(write_protocol, tmp_path, catalog, capsys):
+    root = tmp_path / "medclipseg"
+    sets = ("BUSI", "BTMRI", "ISIC", "Kvasir", "Covid19", "EUS")
+    for name in sets:  # the synthetic brain set written under each efficiency set's folder
+        write_segmentation_dataset(
+            root, dataclasses.replace(catalog["SynthBrainSeg"], folder=catalog[name].folder), SMALL
+        )
+    path = write_protocol(name="eff", data_root=str(root), datasets=list(sets), backbone=TINY,
+                          settings=[{"name": "data_fraction", "fractions": [10]}],
+                          methods={"medclipseg": {**FAST, "image_size": 32}})  # fmt: skip
+    assert main(["run", str(path)]) == 0
+    ours = [r["metrics"]["dice_per_image"] for r in ResultStore(tmp_path / "results", "eff").latest().values()]
+    capsys.readouterr()
+    args = [
+        "paper-table",
+        "medclipseg",
+        "README: Data-Efficiency",
+        "--from",
+        "eff",
+        "--results-dir",
+        str(tmp_path / "results"),
+    ]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = [c.strip() for c in next(line for line in lines if line.startswith("| Method")).strip("|").split("|")]
+    group = lines.index(next(line for line in lines if line.startswith("| *data_fraction_10*")))
+    row = next(line for line in lines[group:] if "MedCLIPSeg" in line)
+    cells = [c.strip().replace("**", "") for c in row.strip("|").split("|")]
+    assert cells[header.index("avg_efficiency_sets DSC")] == f"{np.mean(ours) * 100:.2f}"  # one seed: no ± std
+    # tables --published: the six sets, their average and the README's number beside it
+    capsys.readouterr()
+    assert main(["tables", "eff", "--published", "--results-dir", str(tmp_path / "results")]) == 0
+    out = capsys.readouterr().out
+    published = next(line for line in out.splitlines() if "published (medclipseg README" in line)
+    assert "81.10" in published  # MedCLIPSeg, 10 % of the data, averaged over the six sets
+    header = next(line for line in out.splitlines() if line.startswith("| Method"))
+    assert "avg_efficiency_sets DSC" in header and f"{np.mean(ours) * 100:.2f}" in out
+
+
+def test_a_bmad_dataset_trains_on_the_organ_prompt_and_scores_images(catalog, synth_root):
+    """On an anomaly-detection set (BMAD layout, normal images with empty masks) the prompt is built from the
+    card's organ word, and the image score is the mean map's maximum."""
+    from benchmark.backbones.cache import FeatureCache
+    from benchmark.method import MethodContext, TrainSet
+    from benchmark.protocol import BackboneSpec
+    from methods.medclipseg import MedCLIPSeg, MedCLIPSegParams
+
+    spec = catalog["SynthBrain"]
+    context = MethodContext(
+        spec, "supervised", None, 0, 32, torch.device("cpu"), BackboneSpec(**TINY), FeatureCache(None)
+    )
+    method = MedCLIPSeg.build(MedCLIPSegParams(**{**FAST, "layers": (1, 2), "epochs": 3}), context)
+    split = make_split(synth_root, catalog, "SynthBrain", "supervised", None, 0)
+    train = TrainSet(split.train, "supervised", None, 32, {"SynthBrain": spec}, split.valid)
+    assert {s.label for s in train.samples} == {0, 1} and not any(s.text for s in train.samples)
+    assert method.prompts((), ["brain"]) == ["brain lesion."]
+    method.fit(train)
+    assert len(method.history) == 3 and all(np.isfinite(method.history))
+    batch = train.subset(split.test[:4]).load()
+    out = method.predict(batch.unlabelled())
+    torch.testing.assert_close(out.image_scores, out.maps.flatten(1).amax(-1))
+    assert out.uncertainty.shape == out.maps.shape and float(out.uncertainty.max()) <= np.log(2) + 1e-6
