@@ -297,8 +297,9 @@ class PixelMetrics:
 class SegmentationMetrics:
     """Per-image segmentation scores at one threshold (MedCLIPSeg's ``utils/eval.py``): the Dice of each
     image, 1 when mask and prediction are both empty; the normalised surface Dice (NSD) at ``tolerance``
-    pixels from MONAI (``compute_surface_dice`` on the 2-D masks), 1 when both are empty and 0 when only the
-    mask is; each averaged over the test images. Holds two numbers an image."""
+    pixels from DeepMind's ``surface-distance`` (the implementation MedCLIPSeg's eval copies), called as it
+    calls it: each 2-D mask as a one-slice volume with 1 mm spacing; 1 when both are empty and 0 when only
+    the mask is; each averaged over the test images. Holds two numbers an image."""
 
     def __init__(self, threshold: float, tolerance: float = 2.0) -> None:
         self.threshold, self.tolerance = threshold, tolerance
@@ -306,22 +307,24 @@ class SegmentationMetrics:
         self.nsd: list[float] = []
 
     def update(self, maps: torch.Tensor, masks: torch.Tensor) -> None:
-        from monai.metrics import compute_surface_dice
+        from surface_distance import compute_surface_dice_at_tolerance, compute_surface_distances
 
         pred = maps.detach().cpu() >= self.threshold
         truth = masks.detach().cpu().bool()
         inter = (pred & truth).flatten(1).sum(1).double()
         total = (pred.flatten(1).sum(1) + truth.flatten(1).sum(1)).double()
         self.dice += torch.where(total > 0, 2 * inter / total.clamp(min=1), 1.0).tolist()
-        for p, t in zip(pred, truth, strict=True):
+        for p, t in zip(pred.numpy(), truth.numpy(), strict=True):
             if not t.any():
                 self.nsd.append(0.0 if p.any() else 1.0)
                 continue
-            with warnings.catch_warnings():  # an empty prediction: MONAI warns, and returns 0
-                warnings.simplefilter("ignore")
-                value = compute_surface_dice(p[None, None].float(), t[None, None].float(), [self.tolerance],
-                                             include_background=True)  # fmt: skip
-            self.nsd.append(float(torch.nan_to_num(value, nan=0.0)))
+            if not p.any():
+                self.nsd.append(0.0)
+                continue
+            with warnings.catch_warnings():  # it imports from scipy.ndimage's deprecated (pre-2.0) namespaces
+                warnings.simplefilter("ignore", DeprecationWarning)
+                distances = compute_surface_distances(t[..., None], p[..., None], (1, 1, 1))
+            self.nsd.append(float(compute_surface_dice_at_tolerance(distances, self.tolerance)))
 
     def mean_dice(self) -> float:
         return float(np.mean(self.dice)) if self.dice else _nan("per-image Dice of no image; reporting NaN")

@@ -38,7 +38,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceLoss
 from timm.layers import LayerNorm2d
 from torch import nn
 from torchvision.transforms import InterpolationMode
@@ -202,6 +201,8 @@ class MedCLIPSegImpl(MedCLIPSeg):
         self.model = MedCLIPSegModel(
             self.backbone, params.layers, params.adapter_dim, params.beta, params.gate_init, params.upscale_blocks
         ).to(context.device)
+        from monai.losses import DiceLoss  # here, not at import: MONAI imports all its subpackages (seconds)
+
         # its call: [B, H, W] logits, so MONAI reads H as channels (a Dice per row, row 0 left out)
         self.dice = DiceLoss(include_background=False, sigmoid=True, reduction="mean")
         self.history: list[float] = []
