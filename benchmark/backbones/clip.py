@@ -186,6 +186,12 @@ class ClipBackbone(nn.Module):
         return out / out.norm(dim=-1, keepdim=True)
 
 
+def to_grid(values: torch.Tensor) -> torch.Tensor:
+    """Per-patch values ``[B, N, C]`` of a square patch grid -> ``[B, C, h, h]``."""
+    side = round(values.shape[1] ** 0.5)
+    return values.transpose(1, 2).reshape(values.shape[0], -1, side, side)
+
+
 def load_clip(
     spec: BackboneSpec, image_size: int, device: torch.device | str = "cpu", pos_interpolation: str = "bicubic"
 ) -> ClipBackbone:

@@ -40,7 +40,6 @@ Positional embeddings are resized bilinearly, as its ``VisionTransformer.forward
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -51,12 +50,12 @@ from torch import nn
 
 from benchmark import training
 from benchmark.backbones.attention import DualPathAttention
-from benchmark.backbones.clip import ClipBackbone, shared_clip
+from benchmark.backbones.cache import FeatureCache, weights_identity
+from benchmark.backbones.clip import ClipBackbone, shared_clip, to_grid
 from benchmark.data.loading import ImageBatch
 from benchmark.errors import BenchmarkError
 from benchmark.method import MethodContext, Prediction, TrainSet
 from methods.anomalyclip import AnomalyCLIP, AnomalyCLIPParams
-from methods.models.april_gan import to_grid
 from methods.models.losses import dice_loss, focal_loss
 
 TEMPERATURE = 0.07
@@ -126,12 +125,11 @@ class AnomalyCLIPImpl(AnomalyCLIP):
         torch.manual_seed(context.seed)
         self.prompts = ObjectAgnosticPrompts(self.backbone, params.prompt_length, params.deep_depth, params.deep_length)
         self.prompts.to(context.device)
-        weights = context.backbone.weights
-        identity = f"{weights}:{os.stat(weights).st_size}" if os.path.isfile(weights) else weights
+        self.cache = context.cache if params.cache_features else FeatureCache(None)
         self.recipe = {
             "features": "anomalyclip-dpam-v1",
             "backbone": context.backbone.label(),
-            "weights_file": identity,
+            "weights_file": weights_identity(context.backbone.weights),
             "image_size": context.image_size,
             "layers": list(params.layers),
             "dpam_blocks": params.dpam_blocks,
@@ -154,10 +152,7 @@ class AnomalyCLIPImpl(AnomalyCLIP):
         return {"image": image, **{f"layer{ly}": backbone.project_tokens(outputs[ly]) for ly in self.params.layers}}
 
     def features(self, images: torch.Tensor, keys: Sequence[str]) -> dict[str, torch.Tensor]:
-        images = images.to(self.context.device)
-        if not self.params.cache_features:
-            return self.encode(images)
-        return self.context.cache.cached(self.recipe, keys, images, self.encode)
+        return self.cache.cached(self.recipe, keys, images.to(self.context.device), self.encode)
 
     # ----- training -----
     def loss(

@@ -41,7 +41,6 @@ open_clip). Frozen tokens are cached on disk (``cache_features``).
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Sequence
 
 import torch
@@ -49,7 +48,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmark import training
-from benchmark.backbones.clip import shared_clip
+from benchmark.backbones.cache import FeatureCache, weights_identity
+from benchmark.backbones.clip import shared_clip, to_grid
 from benchmark.data.loading import ImageBatch
 from benchmark.errors import BenchmarkError
 from benchmark.method import MethodContext, Prediction, TrainSet
@@ -68,12 +68,6 @@ class LinearProjections(nn.Module):
     def forward(self, tokens: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Tokens ``[B, 1 + N, width]`` of each layer -> projected patches ``[B, N, dim]``."""
         return [fc(t[:, 1:]) for fc, t in zip(self.fc, tokens, strict=True)]
-
-
-def to_grid(values: torch.Tensor) -> torch.Tensor:
-    """``[B, N, C]`` patch values on a square grid -> ``[B, C, h, h]``."""
-    side = round(values.shape[1] ** 0.5)
-    return values.transpose(1, 2).reshape(values.shape[0], -1, side, side)
 
 
 def text_logits(projected: torch.Tensor, text: torch.Tensor, size: int) -> torch.Tensor:
@@ -102,12 +96,11 @@ class AprilGANImpl(AprilGAN):
         torch.manual_seed(context.seed)
         self.projections = LinearProjections(self.backbone.width, self.backbone.embed_dim, len(params.layers))
         self.projections.to(context.device)
-        weights = spec.weights
-        identity = f"{weights}:{os.stat(weights).st_size}" if os.path.isfile(weights) else weights
+        self.cache = context.cache if params.cache_features else FeatureCache(None)
         self.recipe = {
             "features": "april-gan-v1",
             "backbone": spec.label(),
-            "weights_file": identity,
+            "weights_file": weights_identity(spec.weights),
             "image_size": context.image_size,
             "layers": list(self.taps),
         }
@@ -125,10 +118,7 @@ class AprilGANImpl(AprilGAN):
         return {"image": pooled, **{f"layer{ly}": outputs[ly] for ly in self.taps}}
 
     def features(self, images: torch.Tensor, keys: Sequence[str]) -> dict[str, torch.Tensor]:
-        images = images.to(self.context.device)
-        if not self.params.cache_features:
-            return self.encode(images)
-        return self.context.cache.cached(self.recipe, keys, images, self.encode)
+        return self.cache.cached(self.recipe, keys, images.to(self.context.device), self.encode)
 
     def text(self, organ: str) -> torch.Tensor:
         """``[2, D]``: normal and anomalous text features of ``organ``."""

@@ -45,7 +45,7 @@ from torchvision.transforms import functional as TF
 
 from benchmark import training
 from benchmark.backbones.attention import block_values
-from benchmark.backbones.clip import ClipBackbone, shared_clip
+from benchmark.backbones.clip import ClipBackbone, shared_clip, to_grid
 from benchmark.data.loading import ImageBatch
 from benchmark.errors import BenchmarkError
 from benchmark.method import MethodContext, Prediction, TrainSet
@@ -172,8 +172,7 @@ class MedCLIPSegModel(nn.Module):
 
     def logits(self, patches: torch.Tensor, text: torch.Tensor, size: int) -> torch.Tensor:
         """``[B, size, size]`` segmentation logits (``compute_seg_logits``)."""
-        side = round(patches.shape[1] ** 0.5)
-        grid = F.normalize(patches, dim=-1).transpose(1, 2).reshape(patches.shape[0], -1, side, side)
+        grid = to_grid(F.normalize(patches, dim=-1))
         query = self.mask_head(F.normalize(text, dim=-1))
         out = torch.einsum("bc,bchw->bhw", query, self.upscale(grid))
         return F.interpolate(out.unsqueeze(1), size=size, mode="bilinear", align_corners=False)[:, 0]
@@ -212,12 +211,9 @@ class MedCLIPSegImpl(MedCLIPSeg):
         texts = texts or (None,) * len(organs)
         return [t or self.params.prompt.format(organ=o) for t, o in zip(texts, organs, strict=True)]
 
-    def tokens(self, texts: list[str]) -> torch.Tensor:
-        return self.backbone.tokenize(texts)
-
     def loss(self, images: torch.Tensor, masks: torch.Tensor, texts: list[str]) -> torch.Tensor:
         p = self.params
-        patches, text = self.model.encode(images, self.tokens(texts))
+        patches, text = self.model.encode(images, self.backbone.tokenize(texts))
         logits = self.model.logits(patches, text, images.shape[-1])
         target = masks.float()
         seg = p.dice_weight * self.dice(logits, target) + p.bce_weight * F.binary_cross_entropy_with_logits(
@@ -269,7 +265,7 @@ class MedCLIPSegImpl(MedCLIPSeg):
     @torch.no_grad()
     def predict(self, batch: ImageBatch) -> Prediction:
         images = batch.images.to(self.context.device)
-        tokens = self.tokens(self.prompts(batch.texts, [self.context.dataset.organ] * len(images)))
+        tokens = self.backbone.tokenize(self.prompts(batch.texts, [self.context.dataset.organ] * len(images)))
         total = torch.zeros(images.shape[0], images.shape[-2], images.shape[-1], device=images.device)
         for _ in range(self.params.samples):
             patches, text = self.model.encode(images, tokens)

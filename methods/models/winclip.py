@@ -24,12 +24,11 @@ The template list is the paper's 22. anomalib's copy has 21: it lacks "a cropped
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmark.backbones.cache import weights_identity
 from benchmark.backbones.clip import ClipBackbone, shared_clip
 from benchmark.data.loading import ImageBatch
 from benchmark.method import MethodContext, Prediction, TrainSet
@@ -189,7 +188,7 @@ class WinCLIPImpl(WinCLIP):
         self.recipe = {
             "features": "winclip-v1",
             "backbone": context.backbone.label(),
-            "weights_file": _file_identity(weights),
+            "weights_file": weights_identity(weights),
             "image_size": context.image_size,
             "scales": list(params.scales),
         }
@@ -216,10 +215,3 @@ class WinCLIPImpl(WinCLIP):
 
     def describe(self) -> dict[str, object]:
         return {"variant": "WinCLIP+" if self.references else "WinCLIP", "reference_images": self.references}
-
-
-def _file_identity(weights: str) -> str:
-    if os.path.isfile(weights):
-        stat = os.stat(weights)
-        return f"{os.path.abspath(weights)}:{stat.st_size}:{int(stat.st_mtime)}"
-    return weights
