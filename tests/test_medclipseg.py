@@ -10,6 +10,7 @@ from conftest import SMALL
 from benchmark.cli import main
 from benchmark.data.splits import make_split
 from benchmark.data.synthetic import write_segmentation_dataset
+from benchmark.errors import BenchmarkError
 from benchmark.metrics import CalibrationMetrics, SegmentationMetrics
 from benchmark.store import ResultStore
 from methods.models.medclipseg import ProbabilisticCrossAttention, PVLAdapter, ScaleBlock, soft_contrastive
@@ -93,6 +94,14 @@ def test_calibration_error_of_a_calibrated_and_a_confident_map():
     confident.update(torch.full((1, 10, 10), 0.95), truth, torch.full((1, 10, 10), 0.2))
     assert calibrated.ece() == pytest.approx(0.0, abs=1e-6) and confident.ece() == pytest.approx(0.65)
     assert calibrated.uncertainty_mean() is None and confident.uncertainty_mean() == pytest.approx(0.2)
+
+
+def test_validation_thresholds_on_a_segmentation_set_need_its_lesions_only(seg_root, catalog):
+    """A segmentation set's validation images all hold lesions: enough to pick a Dice threshold."""
+    split = make_split(seg_root, catalog, "SynthBrainSeg", "data_fraction", 50, 0, need_valid=True)
+    assert split.valid and {s.label for s in split.valid} == {1}
+    with pytest.raises(BenchmarkError, match="validation is not available with domain_generalization"):
+        make_split(seg_root, catalog, "SynthLiverSeg", "domain_generalization", None, 0, ("SynthBrainSeg",), None, True)
 
 
 def test_data_fraction_uses_exactly_the_listed_images(seg_root, catalog):

@@ -48,7 +48,7 @@ class Split:
     train_source: str
     root: Path = Path()
     header: dict = field(default_factory=dict)
-    auxiliary: tuple[Sample, ...] = ()  # other datasets' labelled pools (auxiliary_settings); [] otherwise
+    auxiliary: tuple[Sample, ...] = ()  # other datasets' labelled pools (auxiliary_settings); empty otherwise
 
     def manifest(self) -> dict:
         """The record of what the cell trained on: paths relative to the data root, labels and, but for
@@ -216,7 +216,7 @@ def make_split(
                 f"threshold.mode: validation is not available with {setting} "
                 "(the target's valid/ is never read); use mode: fixed"
             )
-        if not valid or len({s.label for s in valid}) < 2:
+        if not valid or (len({s.label for s in valid}) < 2 and not spec.segmentation_only):
             raise BenchmarkError(
                 f"threshold.mode: validation: dataset '{dataset}' has no normal and anomalous "
                 "valid/ images left that are not training samples"
