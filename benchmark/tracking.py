@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import sys
 import time
@@ -96,20 +97,21 @@ def check_server(uri: str, timeout_s: int = 5) -> str | None:
 
 
 def _server_reason(exc: BaseException, timeout_s: int) -> str:
-    """A short reason for a failed request to a tracking server."""
+    """A short reason for a failed request to a tracking server. A failed connection is recognised first (its
+    message names the address, whose port may hold "401"); status codes only as whole numbers."""
     text = str(exc)
     for needles, reason in (
-        (
-            ("401", "Unauthorized", "403", "Forbidden", "credentials"),
-            "it refused the credentials: set "
-            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN",
-        ),
         (("Connection refused", "NewConnectionError", "Failed to establish"), "connection refused: is the server up?"),
         (("Name or service not known", "nodename nor servname", "getaddrinfo"), "unknown host"),
         (("timed out", "Timeout"), f"no answer within {timeout_s} s"),
     ):
         if any(n in text for n in needles):
             return reason
+    if re.search(r"(?<!\d)(401|403)(?!\d)|Unauthorized|Forbidden|credentials", text):
+        return (
+            "it refused the credentials: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, "
+            "or MLFLOW_TRACKING_TOKEN"
+        )
     return _reason(exc)
 
 

@@ -146,3 +146,18 @@ def test_server_down_mid_grid_then_resume_gives_one_finished_run_per_cell(server
     for child in children:
         if child.info.status == "FINISHED":
             assert "image_auroc" in child.data.metrics
+
+
+def test_a_refused_connection_is_not_read_as_refused_credentials():
+    """The message of a refused connection names the address: a port such as 34011 holds "401"."""
+    from benchmark.tracking import _server_reason
+
+    dead = ConnectionError(
+        "HTTPConnectionPool(host='127.0.0.1', port=34011): Max retries exceeded with url: "
+        "/api/2.0/mlflow/experiments/search (Caused by NewConnectionError('Failed to establish a new "
+        "connection: [Errno 111] Connection refused'))"
+    )
+    assert _server_reason(dead, 5) == "connection refused: is the server up?"
+    denied = RuntimeError("API request to endpoint /api/2.0/mlflow/experiments/search failed with error code 401")
+    assert _server_reason(denied, 5).startswith("it refused the credentials")
+    assert not _server_reason(RuntimeError("error code 4011 at port 1401"), 5).startswith("it refused")
