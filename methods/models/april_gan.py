@@ -55,7 +55,7 @@ from benchmark.errors import BenchmarkError
 from benchmark.method import MethodContext, Prediction, TrainSet
 from methods.april_gan import AprilGAN, AprilGANParams
 from methods.models.losses import dice_loss, focal_loss
-from methods.models.mvfa import text_features
+from methods.models.mvfa import min_cos_distance, text_features
 
 
 class LinearProjections(nn.Module):
@@ -80,7 +80,7 @@ def text_logits(projected: torch.Tensor, text: torch.Tensor, size: int) -> torch
 def reference_distance(tokens: torch.Tensor, memory: torch.Tensor, size: int) -> torch.Tensor:
     """``min_m (1 - cos(p, m))`` of patch tokens ``[B, N, C]`` against a memory ``[M, C]``, upsampled to
     ``[B, size, size]`` (its ``test.py`` few-shot branch)."""
-    distance = (1 - F.normalize(tokens, dim=-1) @ F.normalize(memory, dim=-1).T).amin(-1)
+    distance = min_cos_distance(tokens, memory)
     return F.interpolate(to_grid(distance.unsqueeze(-1)), size=size, mode="bilinear", align_corners=True)[:, 0]
 
 

@@ -176,7 +176,7 @@ def text_features(backbone: ClipBackbone, organ: str, mode: str) -> torch.Tensor
     return torch.stack(rows)
 
 
-def _min_cos_distance(features: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+def min_cos_distance(features: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
     """``min_m (1 - cos(f, m))`` for features ``[B, N, D]`` against memory ``[M, D]``."""
     return (1 - F.normalize(features, dim=-1) @ F.normalize(memory, dim=-1).T).amin(-1)
 
@@ -369,8 +369,8 @@ class MVFAImpl(MVFA):
             det_probs = self.model.text_probs(det_l[:, 1:], text).softmax(-1)[..., 1]
             zero_img.append(det_probs.mean(-1) if self.official else det_probs.amax(-1))
             if self.memory is not None:
-                seg_dist = _min_cos_distance(seg_l[:, 1:], self.memory[0][level]).unsqueeze(-1)
-                det_dist = _min_cos_distance(det_l[:, 1:], self.memory[1][level])
+                seg_dist = min_cos_distance(seg_l[:, 1:], self.memory[0][level]).unsqueeze(-1)
+                det_dist = min_cos_distance(det_l[:, 1:], self.memory[1][level])
                 few_maps.append(up(self.model.to_grid(seg_dist))[:, 0])
                 few_img.append(
                     up(self.model.to_grid(det_dist.unsqueeze(-1)))[:, 0].flatten(1).mean(-1)
