@@ -1,7 +1,11 @@
 """On-disk cache of frozen features, one file per image and recipe.
 
 A recipe names everything the features depend on (backbone, weights, image size, layers, what is
-computed); its hash is the folder, and the image file's content hash is the file name. Writes are atomic
+computed); its hash is the folder, and the image file's content hash is the file name. Features are computed
+in chunks of exactly ``CHUNK`` images (the last one padded with copies of its last image): matrix kernels
+are chosen by batch size, so an image encoded alone differs in its last bits from the same image in a full
+batch; with one shape for every call, an image's features do not depend on which other images were missing
+with it, and a resumed run or a recomputed entry gives the very bits of an uninterrupted run. Writes are atomic
 (a file of the writer's own, then a rename), so concurrent writers of one key and interrupted runs never
 leave a half-written entry; an entry that cannot be read all the same (a disk that filled up, a copy cut
 short) is reported in one line, removed and computed again.
@@ -20,6 +24,7 @@ from pathlib import Path
 import torch
 
 Features = dict[str | int, torch.Tensor]
+CHUNK = 8  # images per feature computation, whatever the batch (see the module docstring)
 
 
 def weights_identity(weights: str) -> str:
@@ -39,6 +44,21 @@ def _atomic(path: Path, write: Callable[[Path], object]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def computed_in_chunks(compute: Callable[[torch.Tensor], Features], images: torch.Tensor) -> Features:
+    """``compute`` over ``images`` in chunks of exactly ``CHUNK`` images, the last padded with copies of its last
+    image (their features dropped): each image's features are the same bits in any batch."""
+    parts: list[Features] = []
+    for start in range(0, len(images), CHUNK):
+        chunk = images[start : start + CHUNK]
+        n = len(chunk)
+        if n < CHUNK:
+            chunk = torch.cat([chunk, chunk[-1:].expand(CHUNK - n, *chunk.shape[1:])])
+        parts.append({name: value[:n] for name, value in compute(chunk).items()})
+    if len(parts) == 1:
+        return parts[0]
+    return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
 
 
 class FeatureCache:
@@ -81,14 +101,14 @@ class FeatureCache:
         """Features of a batch, stacked on dim 0; ``compute`` sees only the images whose entry is missing."""
         if self.root is None:
             self.misses += len(keys)
-            return compute(images)
+            return computed_in_chunks(compute, images)
         ns = self.namespace(recipe)
         found = [self._read(self._path(ns, key)) for key in keys]
         missing = [i for i, f in enumerate(found) if f is None]
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
         if missing:
-            fresh = compute(images[missing])
+            fresh = computed_in_chunks(compute, images[missing])
             for j, i in enumerate(missing):
                 entry = {name: value[j].detach().cpu().clone() for name, value in fresh.items()}
                 found[i] = entry
