@@ -12,7 +12,7 @@ from benchmark import __version__
 from benchmark.data.catalog import DatasetSpec
 from benchmark.errors import BenchmarkError
 from benchmark.method import METHODS
-from benchmark.protocol import BackboneSpec, Protocol, parse_backbone, parse_resources
+from benchmark.protocol import BackboneSpec, Protocol, image_size_problem, parse_backbone, parse_resources
 
 
 @dataclass(frozen=True)
@@ -106,8 +106,9 @@ def expand(protocol: Protocol, catalog: dict[str, DatasetSpec], methods=None, da
             raise BenchmarkError(f"{where}: backbone: method '{m}' has no default backbone; set one")
         # a method entry's own size, else the method's native size, else the protocol's general one
         image_size = raw.get("image_size", cls.default_image_size or protocol.image_size)
-        if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size <= 0:
-            raise BenchmarkError(f"{where}: methods.{m}.image_size: expected a positive integer, got {image_size!r}")
+        problem = image_size_problem(image_size)
+        if problem:
+            raise BenchmarkError(f"{where}: methods.{m}.image_size: {problem}")
         supported = [s for s in protocol.settings if s.name in cls.settings]
         if not supported:
             names = ", ".join(s.name for s in protocol.settings)

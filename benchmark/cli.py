@@ -189,6 +189,8 @@ def _executor(args, protocol):
         raise BenchmarkError(f"--workers: expected a number of processes >= 1, got {args.workers}")
     if args.address and kind != "ray":
         raise BenchmarkError("--address: only with --executor ray")
+    if args.workers and args.workers > 1 and kind != "local":
+        raise BenchmarkError(f"--workers {args.workers}: only with --executor local (not '{kind}', which ignores it)")
     if kind == "serial":
         return executors.SerialExecutor()
     if kind == "ray":

@@ -223,6 +223,17 @@ def parse_backbone(path: str, data: Any, where: str) -> BackboneSpec:
 
 
 RESOURCE_KEYS = ("cpus", "gpus")
+# image sizes a cell may ask for: below, a ViT's patch grid or a CNN's deepest stage has no room; above, one
+# image's activations outgrow any accelerator's memory (100,000 px tried to allocate 80 GB)
+IMAGE_SIZES = (32, 4096)
+
+
+def image_size_problem(value: Any) -> str | None:
+    """Why ``value`` is no image size a cell can run at, or None."""
+    low, high = IMAGE_SIZES
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        return f"expected an integer from {low} to {high} (pixels per side), got {value!r}"
+    return None
 
 
 def parse_resources(path: str, data: Any, where: str) -> dict[str, float]:
@@ -334,11 +345,13 @@ def load_protocol(path: str | Path) -> Protocol:
         prompt_designs=r.get_list("prompt_designs", str, ()),
         raw=data,
     )
+    r.used.add("resources")  # read above from the raw mapping
     r.finish()
-    for key, value in (("image_size", protocol.image_size), ("batch_size", protocol.batch_size)):
-        if value <= 0:
-            r.fail("expected a positive integer", key)
-    r.used.add("resources")
+    if protocol.batch_size <= 0:
+        r.fail("expected a positive integer", "batch_size")
+    problem = image_size_problem(protocol.image_size)
+    if problem:
+        r.fail(problem, "image_size")
     bad = [d for d in protocol.prompt_designs if d not in PROMPT_DESIGNS]
     if bad:
         r.fail(f"unknown prompt design '{bad[0]}' (expected one of {', '.join(PROMPT_DESIGNS)})", "prompt_designs")

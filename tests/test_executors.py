@@ -145,3 +145,22 @@ def test_without_ray_the_executor_is_a_one_line_error(write_protocol, monkeypatc
 def test_resources_are_validated(write_protocol, capsys, resources, expected):
     assert main(["run", str(write_protocol(resources=resources)), "--dry-run"]) == 2
     assert expected in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("resources", [{"gpus": 1}, {"cpus": 1}, {"gpus": 1, "cpus": 4}])
+def test_the_documented_top_level_resources_key_is_read(write_protocol, catalog, resources):
+    # the reader finished before 'resources' was marked used: every top-level resources key was refused
+    from benchmark.cells import cell_resources, expand
+    from benchmark.protocol import load_protocol
+
+    protocol = load_protocol(write_protocol(resources=resources))
+    cells = expand(protocol, catalog)
+    assert protocol.resources == {k: float(v) for k, v in resources.items()}
+    assert cell_resources(protocol, cells[0]) == protocol.resources
+
+
+def test_workers_with_another_executor_is_a_one_line_error(write_protocol, capsys, tmp_path):
+    assert main(["run", str(write_protocol()), "--workers", "2", "--executor", "serial"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--workers" in err and "serial" in err
+    assert not (tmp_path / "results").exists()
