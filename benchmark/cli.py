@@ -196,7 +196,7 @@ def _executor(args, protocol):
     if kind == "ray":
         from benchmark.cells import cell_resources
 
-        return executors.RayExecutor(args.address, lambda job: cell_resources(protocol, job.cell))
+        return executors.RayExecutor(args.address, lambda cell: cell_resources(protocol, cell))
     devices = []
     if protocol.device != "cpu":
         import torch

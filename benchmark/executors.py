@@ -17,6 +17,9 @@ import contextlib
 import multiprocessing
 import os
 import signal
+import socket
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -27,6 +30,7 @@ from benchmark.environment import WORKER_ENV
 from benchmark.errors import BenchmarkError
 
 if TYPE_CHECKING:
+    from benchmark.cells import Cell
     from benchmark.job import CellJob, CellResult
 
 OnStart = Callable[["CellJob"], None]
@@ -38,7 +42,23 @@ def _failed(job: CellJob, reason: str) -> CellResult:
     return CellResult(job.cell.cell_id, "failed", error=reason, traceback=reason)
 
 
-class SerialExecutor:
+class Executor:
+    """Runs jobs, yielding each with its result as it finishes; ``prepare`` checks before anything is recorded
+    that the cells can run at all, ``close`` releases what ``prepare`` took."""
+
+    name = ""
+
+    def prepare(self, cells: list[Cell]) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+    def run(self, jobs: list[CellJob], on_start: OnStart) -> Iterator[tuple[CellJob, CellResult]]:
+        raise NotImplementedError
+
+
+class SerialExecutor(Executor):
     """Every job in this process, in order."""
 
     name = "serial"
@@ -59,8 +79,32 @@ def _set_threads(threads: int) -> None:
         os.environ[name] = str(threads)
 
 
-def _worker_main(conn: Connection, threads: int, device: str | None) -> None:
-    """A local worker: jobs in, results out, until told to stop (None). Ctrl-C is the driver's business."""
+def _die_with_driver(driver: int) -> None:
+    """End this worker when its driver (pid ``driver``) ends, even by SIGKILL (no ``finally`` of the driver runs
+    then): on Linux the kernel sends SIGKILL at the driver's exit; elsewhere a thread watches for a new parent."""
+    if os.getppid() != driver:  # the driver died while this worker started
+        os._exit(1)
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL) == 0:
+            if os.getppid() != driver:  # the driver died before the request took effect
+                os._exit(1)
+            return
+
+    def watch() -> None:
+        while os.getppid() == driver:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="driver-watch", daemon=True).start()
+
+
+def _worker_main(conn: Connection, threads: int, device: str | None, driver: int) -> None:
+    """A local worker: jobs in, results out, until told to stop (None) or its driver ends. Ctrl-C is the
+    driver's business."""
+    _die_with_driver(driver)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _set_threads(threads)
     import torch
@@ -83,7 +127,7 @@ class _Worker:
     job: CellJob | None = None
 
 
-class LocalExecutor:
+class LocalExecutor(Executor):
     """``workers`` processes on this machine, each with ``cpu_count // workers`` torch threads."""
 
     name = "local"
@@ -98,7 +142,7 @@ class LocalExecutor:
         parent, child = ctx.Pipe()
         device = self.devices[slot % len(self.devices)] if self.devices else None
         # not a daemon: a worker starts the image-decoding processes of its cells
-        process = ctx.Process(target=_worker_main, args=(child, self.threads, device), daemon=False)
+        process = ctx.Process(target=_worker_main, args=(child, self.threads, device, os.getpid()), daemon=False)
         process.start()
         child.close()
         return _Worker(process, parent, device)
@@ -164,37 +208,82 @@ def _ray_job(job: CellJob, threads: int) -> CellResult:
     return run_job(job)
 
 
-class RayExecutor:
-    """One Ray task per cell; ``resources(job)`` gives its ``{cpus, gpus}`` (one CPU, no GPU by default)."""
+def _answers(address: str, timeout_s: float = 5.0) -> str | None:
+    """Why ``host:port`` does not take a connection within ``timeout_s``, or None (``auto``: Ray finds it)."""
+    host, _, port = address.rpartition(":")
+    if address == "auto" or not port.isdigit():
+        return None
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
+            return None
+    except OSError as exc:
+        return exc.strerror or str(exc) or type(exc).__name__
+
+
+class RayExecutor(Executor):
+    """One Ray task per cell; ``resources(cell)`` gives its ``{cpus, gpus}`` (one CPU, no GPU by default)."""
 
     name = "ray"
 
-    def __init__(self, address: str | None, resources: Callable[[CellJob], dict[str, float]]) -> None:
+    def __init__(self, address: str | None, resources: Callable[[Cell], dict[str, float]]) -> None:
         try:  # before anything is recorded
             import ray  # noqa: F401
         except ImportError:
             raise BenchmarkError("--executor ray needs Ray: pip install -e '.[ray]'") from None
         self.address, self.resources = address, resources
+        self.started = False  # this executor started Ray (a local instance, or its connection to a cluster)
 
-    def run(self, jobs: list[CellJob], on_start: OnStart) -> Iterator[tuple[CellJob, CellResult]]:
+    def prepare(self, cells: list[Cell]) -> None:
+        """Join the cluster (or start a local Ray) and check that every cell's resources fit some node: an
+        address that does not answer and resources no node has are one line each, before any cell."""
         import ray
 
+        if self.address and (why := _answers(self.address)):
+            raise BenchmarkError(f"--address {self.address}: no Ray cluster answers there ({why})")
         if not ray.is_initialized():
+            handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
             try:
                 ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
             except Exception as exc:
                 raise BenchmarkError(f"--address {self.address}: no Ray cluster could be joined ({exc})") from None
+            finally:
+                for s, handler in handlers.items():  # ray.init installs its own: ours end runs KILLED, exit 143
+                    signal.signal(s, handler)
+            self.started = True
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        for cell in cells:
+            asked = self.resources(cell)
+            cpus, gpus = asked.get("cpus", 1.0), asked.get("gpus", 0.0)
+            if not any(n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= gpus for n in nodes):
+                have = "; ".join(f"{n.get('CPU', 0):g} CPUs, {n.get('GPU', 0):g} GPUs" for n in nodes) or "none"
+                self.close()
+                raise BenchmarkError(
+                    f"resources of '{cell.method}': {cpus:g} CPUs and {gpus:g} GPUs per cell, which no node of the "
+                    f"Ray cluster has (its nodes: {have}); lower them or add such a node"
+                )
+
+    def close(self) -> None:
+        """Leave the cluster (and stop the local Ray) if this executor joined it."""
+        if self.started:
+            import ray
+
+            ray.shutdown()
+            self.started = False
+
+    def run(self, jobs: list[CellJob], on_start: OnStart) -> Iterator[tuple[CellJob, CellResult]]:
+        import ray
+
         task = ray.remote(max_retries=0)(_ray_job)
         refs = {}
         try:
             for job in jobs:
-                asked = self.resources(job)
+                asked = self.resources(job.cell)
                 cpus, gpus = asked.get("cpus", 1.0), asked.get("gpus", 0.0)
                 ref = task.options(num_cpus=cpus, num_gpus=gpus).remote(job, max(1, int(cpus)))
                 on_start(job)  # its MLflow run is RUNNING from submission: Ray decides when it starts
                 refs[ref] = job
             while refs:
-                done, _ = ray.wait(list(refs), num_returns=1)
+                done, _ = ray.wait(list(refs), num_returns=1, timeout=1.0)  # signals are handled between waits
                 for ref in done:
                     job = refs.pop(ref)
                     try:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from benchmark import environment
 from benchmark.cells import Cell
 from benchmark.data.catalog import DatasetSpec
-from benchmark.executors import SerialExecutor
+from benchmark.executors import Executor, SerialExecutor
 from benchmark.killpoints import kill_point
 from benchmark.preflight import preflight, prepare_synthetic
 from benchmark.protocol import Protocol
@@ -141,15 +141,34 @@ def run_protocol(
     resume: bool = False,
     save_predictions: bool = False,
     echo: Callable[[str], None] = print,
-    executor=None,
+    executor: Executor | None = None,
 ) -> RunSummary:
-    from benchmark.job import CellJob
-
-    summary = RunSummary()
     executor = executor or SerialExecutor()
     uri = tracking_uri(protocol)
     prepare_synthetic(protocol, catalog, data_root)
     preflight(protocol, catalog, cells, data_root, uri)
+    executor.prepare(cells)
+    try:
+        return _run(protocol, catalog, cells, data_root, uri, executor, resume, save_predictions, echo)
+    finally:
+        executor.close()
+
+
+def _run(
+    protocol: Protocol,
+    catalog: dict[str, DatasetSpec],
+    cells: list[Cell],
+    data_root: Path,
+    uri: str,
+    executor: Executor,
+    resume: bool,
+    save_predictions: bool,
+    echo: Callable[[str], None],
+) -> RunSummary:
+    """The grid on a prepared executor: records cell by cell as results come back."""
+    from benchmark.job import CellJob
+
+    summary = RunSummary()
     store = ResultStore(protocol.results_dir, protocol.name)
     finished = store.finished_hashes() if resume else set()
     artifacts = Path(protocol.results_dir) / "mlartifacts" / protocol.name

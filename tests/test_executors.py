@@ -164,3 +164,74 @@ def test_workers_with_another_executor_is_a_one_line_error(write_protocol, capsy
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--workers" in err and "serial" in err
     assert not (tmp_path / "results").exists()
+
+
+def _processes_with(marker: str) -> list[int]:
+    """Pids of live processes whose environment holds ``marker`` (read from /proc)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker.encode() in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="processes are found through /proc")
+def test_workers_end_with_a_sigkilled_driver(write_protocol, tmp_path):
+    # they computed on for ~17 s, then each printed a BrokenPipeError traceback (on a GPU node holding GPUs)
+    import os
+    import subprocess
+    import sys
+    import uuid
+
+    marker = f"MEDAD_TEST_DRIVER={uuid.uuid4().hex}"
+    env = {**os.environ, "MEDAD_BENCH_TEST_KILL_AT": "cell_started:2:KILL", marker.split("=")[0]: marker.split("=")[1]}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    path = write_protocol(**GRID)
+    # stderr is a pipe every worker inherits: run() returns once the driver and all its workers are gone
+    proc = subprocess.run([sys.executable, "-m", "benchmark", "run", str(path), "--workers", "2"],
+                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert proc.returncode == -9
+    assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr, proc.stderr
+    assert _processes_with(marker) == []
+
+
+def _run_cli(*args: str, env: dict | None = None):
+    import os
+    import subprocess
+    import sys
+
+    full = {**os.environ, **(env or {})}
+    full.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([sys.executable, "-m", "benchmark", *args], capture_output=True, text=True, env=full,
+                          timeout=300)  # fmt: skip
+
+
+def test_ray_refuses_resources_no_node_has_and_an_address_that_does_not_answer(write_protocol, tmp_path):
+    # both waited: the task forever after 'Started a local Ray instance', the address for minutes
+    pytest.importorskip("ray", reason="the dev extra installs ray")
+    methods = {"winclip": {"scales": [2], "resources": {"gpus": 64}}}
+    refused = _run_cli("run", str(write_protocol(methods=methods)), "--executor", "ray")
+    assert refused.returncode == 2, refused.stderr
+    err = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "resources of 'winclip'" in err[0] and "64 GPUs" in err[0] and "no node" in err[0]
+    assert "Traceback" not in refused.stderr and not ResultStore(tmp_path / "results", "t").path.exists()
+    assert not (tmp_path / "results" / "mlflow.db").exists()  # refused before any run was started
+    nowhere = _run_cli("run", str(write_protocol()), "--executor", "ray", "--address", "127.0.0.1:1")
+    assert nowhere.returncode == 2 and nowhere.stderr.count("\n") == 1
+    assert "--address 127.0.0.1:1: no Ray cluster answers there" in nowhere.stderr
+
+
+def test_sigterm_under_ray_ends_runs_killed_with_the_resume_line(write_protocol, tmp_path):
+    # ray.init replaced our SIGTERM handler: the driver aborted with exit 134 and a stack dump
+    pytest.importorskip("ray", reason="the dev extra installs ray")
+    stopped = _run_cli("run", str(write_protocol(**GRID)), "--executor", "ray",
+                       env={"MEDAD_BENCH_TEST_KILL_AT": "cell_started:2:TERM"})  # fmt: skip
+    assert stopped.returncode == 143, stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1].startswith("interrupted (SIGTERM)")
+    assert "--resume" in stopped.stderr and "Traceback" not in stopped.stderr
+    client = MlflowClient(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    assert runs and not [r for r in runs if r.info.status == "RUNNING"]
