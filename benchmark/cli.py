@@ -155,7 +155,7 @@ def _cmd_run(args) -> int:
     note = skipped_note(skipped_pairs(protocol, catalog, args.methods, args.datasets), catalog)
     if args.dry_run:
         return _dry_run(protocol, catalog, cells, root, note)
-    from benchmark.runner import next_commands, run_protocol, summary_table
+    from benchmark.runner import next_commands, run_protocol, summary_table, sync_command
 
     print(f"{protocol.name} (protocol version {protocol.version}): {len(cells)} cells, data root '{root}'")
     if note:
@@ -174,7 +174,7 @@ def _cmd_run(args) -> int:
         print("next:\n" + "\n".join(f"  {line}" for line in next_commands(protocol)))
     if summary.mlflow_behind:
         print(f"MLflow is behind the local records ({summary.mlflow_behind}); catch it up with: "
-              f"python -m benchmark sync {args.protocol}")  # fmt: skip
+              f"{sync_command(protocol)}")  # fmt: skip
     if summary.failed:
         return 2 if summary.bad_input else 1
     return 0
@@ -226,6 +226,10 @@ def _cmd_sync(args) -> int:
     if problem:
         raise BenchmarkError(problem)
     store = ResultStore(protocol.results_dir, protocol.name)
+    if not store.records():
+        raise BenchmarkError(
+            f"{store.path}: no records of experiment '{protocol.name}' to sync; pass the --results-dir the run used"
+        )
     tracker = Tracker(
         uri, protocol.name, Path(protocol.results_dir) / "mlartifacts" / protocol.name, protocol.description
     )

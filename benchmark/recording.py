@@ -21,7 +21,7 @@ from typing import Any
 from benchmark.errors import BenchmarkError
 from benchmark.killpoints import kill_point
 from benchmark.store import ResultStore
-from benchmark.tracking import DRIVER_TAG, Tracker, driver_is_dead
+from benchmark.tracking import DRIVER_TAG, STORE_TAG, Tracker, driver_is_dead
 
 CELL_FILES = (
     "config.json",
@@ -58,6 +58,11 @@ def cell_tags(record: dict[str, Any]) -> dict[str, str]:
     }
 
 
+def store_tag(store: ResultStore) -> dict[str, str]:
+    """The tag naming the results.jsonl a run's record lives in."""
+    return {STORE_TAG: str(store.path.resolve())}
+
+
 def _abandoned(run) -> bool:
     """A RUNNING run whose invocation is gone (this invocation's own runs are not)."""
     return driver_is_dead(run.data.tags.get(DRIVER_TAG, ""))
@@ -71,7 +76,7 @@ class Recorder:
 
     def start(self, base: dict[str, Any]) -> str | None:
         """The cell's MLflow run, RUNNING while its job runs."""
-        return self.tracker.start(base["cell_id"], cell_tags(base), self.parent)
+        return self.tracker.start(base["cell_id"], {**cell_tags(base), **store_tag(self.store)}, self.parent)
 
     def write(self, record: dict[str, Any], files: dict[str, bytes]) -> None:
         """The cell's folder, then its line: a record never names files that are not there, and a cell's folder
@@ -125,7 +130,7 @@ class Recorder:
             if run is not None and run.info.status == "RUNNING" and not _abandoned(run):
                 continue  # an invocation that is still alive is finishing it
             if run is None:
-                run_id = self.tracker.start(record["cell_id"], cell_tags(record), self.parent)
+                run_id = self.start(record)
                 if run_id is None:
                     break
                 self.store.append({**record, "mlflow_run_id": run_id})
@@ -136,7 +141,10 @@ class Recorder:
             logged = run is not None and run.data.metrics  # a run killed after its metrics: the rest only
             self.log({**record, "metrics": {}, "history": {}} if logged else record, run_id)
         named = {r.get("mlflow_run_id") for r in self.store.latest().values()}
+        ours = store_tag(self.store)[STORE_TAG]
         for run in runs.values():
+            if run.data.tags.get(STORE_TAG) != ours:
+                continue  # its record is in another results folder, which this store cannot see
             if run.info.status == "RUNNING" and run.info.run_id not in named and _abandoned(run):
                 self.tracker.end(run.info.run_id, "KILLED")
                 done["killed"] += 1

@@ -9,6 +9,7 @@ the local records (see ``benchmark.recording``).
 
 from __future__ import annotations
 
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from benchmark.executors import Executor, SerialExecutor
 from benchmark.killpoints import kill_point
 from benchmark.preflight import preflight, prepare_synthetic
 from benchmark.protocol import Protocol
-from benchmark.recording import Recorder, cell_files
+from benchmark.recording import Recorder, cell_files, store_tag
 from benchmark.store import ResultStore, strict_json
 from benchmark.tracking import Tracker, tracking_uri
 
@@ -64,6 +65,12 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
             values = [f"FAILED: {r['error'][:60]}"] + [""] * (len(columns) - 1)
         body.append([r["cell"], *values, f"{r['seconds']:.1f}"])
     return tabulate(body, headers=["cell", *columns, "s"], tablefmt="simple", disable_numparse=True)
+
+
+def sync_command(protocol: Protocol) -> str:
+    """The exact command that catches MLflow up with this run's records (their folder named, whatever the
+    protocol file says: a flag may have changed it)."""
+    return f"python -m benchmark sync {shlex.quote(protocol.path)} --results-dir {shlex.quote(protocol.results_dir)}"
 
 
 def next_commands(protocol: Protocol) -> list[str]:
@@ -176,7 +183,7 @@ def _run(
     env = environment.base()
     parent = tracker.start(
         f"{protocol.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-        {"protocol_version": str(protocol.version), "git_commit": env["git_commit"]},
+        {"protocol_version": str(protocol.version), "git_commit": env["git_commit"], **store_tag(store)},
     )
     tracker.log(parent, params={"protocol": protocol.path, "protocol_version": protocol.version, "cells": len(cells)})
     tracker.log_dict(parent, protocol.raw, "protocol.json")

@@ -25,6 +25,7 @@ from benchmark.protocol import Protocol
 # bounded HTTP retries for a tracking server (MLflow's defaults retry for minutes); a user's values win
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 DRIVER_TAG = "medad.driver"  # host:pid of the invocation that started a run (to find runs of dead drivers)
+STORE_TAG = "medad.results"  # the results.jsonl holding a run's record (sync judges only the runs of its own)
 
 
 def results_uri(results_dir: str | Path) -> str:
@@ -96,7 +97,7 @@ def check_server(uri: str, timeout_s: int = 5) -> str | None:
     return None
 
 
-def _server_reason(exc: BaseException, timeout_s: int) -> str:
+def _server_reason(exc: BaseException, timeout_s: int | str) -> str:
     """A short reason for a failed request to a tracking server. A failed connection is recognised first (its
     message names the address, whose port may hold "401"); status codes only as whole numbers."""
     text = str(exc)
@@ -175,7 +176,7 @@ class Tracker:
         except Exception as exc:
             if self.behind is not None:
                 return None
-            self.behind = _reason(exc)
+            self.behind = _server_reason(exc, os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "?"))
             print(
                 f"warning: MLflow at '{self.uri}' failed ({self.behind}); results go on being recorded in "
                 "results.jsonl, and MLflow catches up with `--resume` or `python -m benchmark sync`",

@@ -116,32 +116,44 @@ def test_refused_credentials_are_one_line(write_protocol):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "refused the credentials" in proc.stderr
 
 
-def test_server_down_mid_grid_then_resume_gives_one_finished_run_per_cell(server, write_protocol, tmp_path):
+def test_server_down_mid_grid_then_the_printed_sync_gives_one_finished_run_per_cell(server, write_protocol, tmp_path):
+    # every cell is recorded locally while the server is down. The hint lacked the run's --results-dir: run as
+    # printed, sync read another folder, said "up to date" and marked the runs of finished cells KILLED; the
+    # hint's reason was cut mid-sentence
     path = write_protocol(**GRID)
+    elsewhere = tmp_path / "elsewhere"
     grid = subprocess.Popen(
-        [sys.executable, "-m", "benchmark", "run", str(path)],
+        [sys.executable, "-m", "benchmark", "run", str(path), "--results-dir", str(elsewhere)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "MLFLOW_TRACKING_URI": server.uri, "MEDAD_BENCH_TEST_KILL_AT": "cell_started:2:STOP"},
     )  # fmt: skip
     deadline = time.time() + 120
-    while Path(f"/proc/{grid.pid}/stat").read_text().split()[2] != "T":  # stopped at the second cell's start
+    while Path(f"/proc/{grid.pid}/stat").read_text().split()[2] != "T":
         assert time.time() < deadline and grid.poll() is None
         time.sleep(0.2)
     server.stop()
     grid.send_signal(signal.SIGCONT)
     out, err = grid.communicate(timeout=300)
     assert grid.returncode == 0, err
-    assert "MLflow is behind the local records" in out and "benchmark sync" in out
-    store = ResultStore(tmp_path / "results", "t")
-    assert [r["status"] for r in store.latest().values()] == ["finished"] * 3  # every cell recorded locally
+    assert [r["status"] for r in ResultStore(elsewhere, "t").latest().values()] == ["finished"] * 3
+    behind = next(line for line in out.splitlines() if "MLflow is behind" in line)
+    assert "(connection refused: is the server up?)" in behind
+    hint = behind.split("catch it up with: ")[1]
+    assert hint == f"python -m benchmark sync {path} --results-dir {elsewhere}"
 
     server.start()
-    resumed = _cli("run", path, "--resume", uri=server.uri)
-    assert resumed.returncode == 0, resumed.stderr
+    _, before = _runs(server.uri)
+    wrong = _cli("sync", path, uri=server.uri)  # the protocol's own folder holds no record of this run
+    assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1 and "no records" in wrong.stderr
+    _, after = _runs(server.uri)
+    assert {r.info.run_id: r.info.status for r in after} == {r.info.run_id: r.info.status for r in before}
+    synced = subprocess.run(hint.split(), capture_output=True, text=True,
+                            env={**os.environ, "MLFLOW_TRACKING_URI": server.uri})  # fmt: skip
+    assert synced.returncode == 0, synced.stderr
     _, runs = _runs(server.uri)
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     finished = sorted(r.data.tags["mlflow.runName"] for r in children if r.info.status == "FINISHED")
-    assert finished == sorted(r["cell_id"] for r in store.latest().values())  # one FINISHED run per cell
+    assert finished == sorted(r["cell_id"] for r in ResultStore(elsewhere, "t").latest().values())  # one per cell
     assert not [r for r in runs if r.info.status == "RUNNING"]
     for child in children:
         if child.info.status == "FINISHED":
