@@ -408,6 +408,12 @@ def _cmd_paper(args) -> int:
     if not args.paper or not args.table or not args.experiments:
         raise BenchmarkError("paper-table: expected PAPER TABLE --from EXPERIMENT[,...] (or --coverage)")
     table = paper.paper_table(args.paper, args.table, args.results_dir, args.experiments)
+    if not any(c.ours is not None for c in table.cells.values()):
+        raise BenchmarkError(
+            f"{args.paper} {args.table}: {', '.join(args.experiments)} reproduce none of its {len(table.cells)} "
+            "numbers (no run matches a row's method, setting, dataset, metric and backbone); "
+            "paper-table --coverage lists the protocols that do"
+        )
     text = paper.render(table, args.format, args.delta)
     return _emit(text, args.out)
 

@@ -88,8 +88,11 @@ class Recorder:
                 (cell_dir / name).unlink(missing_ok=True)
             for name, data in files.items():
                 tmp = cell_dir / f".{name}.partial"
-                tmp.write_bytes(data)
-                tmp.replace(cell_dir / name)
+                try:
+                    tmp.write_bytes(data)
+                    tmp.replace(cell_dir / name)
+                finally:
+                    tmp.unlink(missing_ok=True)  # a full disk leaves no partial file behind
             self.store.append(record)
         except OSError as exc:
             raise RecordingError(f"cannot write the record of '{record['cell_id']}' in '{cell_dir}' ({exc})") from None

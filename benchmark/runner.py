@@ -58,13 +58,14 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
     from tabulate import tabulate
 
     columns = [c for c in (*SHOWN, "dice", "dice_oracle", "image_accuracy") if any(c in r for r in rows)]
+    headers = ["cell", *(columns or ["status"]), "s"]  # every cell failed: their reasons under "status"
     body = []
     for r in rows:
         values = [f"{r[c]:.3f}" if c in r else "" for c in columns]
         if "error" in r:
-            values = [f"FAILED: {r['error'][:60]}"] + [""] * (len(columns) - 1)
+            values = [f"FAILED: {r['error'][:60]}"] + [""] * (len(headers) - 3)
         body.append([r["cell"], *values, f"{r['seconds']:.1f}"])
-    return tabulate(body, headers=["cell", *columns, "s"], tablefmt="simple", disable_numparse=True)
+    return tabulate(body, headers=headers, tablefmt="simple", disable_numparse=True)
 
 
 def sync_command(protocol: Protocol) -> str:

@@ -23,7 +23,12 @@ from typing import Any
 from benchmark.protocol import Protocol
 
 # bounded HTTP retries for a tracking server (MLflow's defaults retry for minutes); a user's values win
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+# and no "View run ... at" lines of MLflow's on our output (two a cell)
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+}
 DRIVER_TAG = "medad.driver"  # host:pid of the invocation that started a run (to find runs of dead drivers)
 STORE_TAG = "medad.results"  # the results.jsonl holding a run's record (sync judges only the runs of its own)
 
@@ -117,8 +122,10 @@ def _server_reason(exc: BaseException, timeout_s: int | str) -> str:
 
 
 def _quiet() -> None:
-    for name in ("alembic", "mlflow", "urllib3"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    """MLflow's own log lines off our output: the tracker says each failure in one line (on a full disk MLflow
+    logged SQLAlchemy's tracebacks at ERROR, some 200 lines)."""
+    for name in ("alembic", "mlflow", "urllib3", "sqlalchemy"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 # MLflow 3 opens an experiment of this kind in its classic view (runs, metric columns, charts), not GenAI's

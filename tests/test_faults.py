@@ -168,3 +168,38 @@ def test_light_commands_import_no_torch_mlflow_or_open_clip(write_protocol, tmp_
     for args in (["--help"], ["list"], ["run", str(good), "--dry-run"], ["run", str(bad)]):
         out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True).stdout
         assert out.strip().splitlines()[-1] == "[]", (args, out)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MB tmpfs (root mounts it, as CI runs); skipped where mounting is not allowed."""
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("a tmpfs cannot be mounted here")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_full_disk_stops_cleanly_in_one_line(write_protocol, small_disk):
+    # MLflow logged 2-5 SQLAlchemy tracebacks (219 lines) and a '.evidence.npz.partial' was left behind
+    grid = {"datasets": ["SynthBrain", "SynthLiver", "SynthRetina"], "settings": ["zero_shot_loo"]}
+    proc = _cli("run", write_protocol(results_dir=str(small_disk), **grid, figure_samples=4))
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "SQLAlchemy" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "No space left on device" in errors[0]
+    assert not [p for p in small_disk.rglob("*") if p.name.endswith(".partial") or ".tmp" in p.name]
+    assert all(r["status"] in ("finished", "failed") for r in ResultStore(small_disk, "t").records())
+
+
+def test_a_feature_cache_write_on_a_full_disk_says_so(small_disk):
+    # torch's writer failed with '[enforce fail at inline_container.cc:672] unexpected pos ...'
+    import torch
+
+    from benchmark.backbones.cache import FeatureCache
+
+    big = {"f": torch.zeros(1, 512, 1024)}  # 2 MB: more than the disk holds
+    with pytest.raises(OSError, match="No space left on device"):
+        FeatureCache(small_disk).cached({"r": 1}, ["k" * 40], torch.zeros(1, 3, 4, 4), lambda x: big)
+    assert not [p for p in small_disk.rglob("*") if p.is_file() and p.suffix != ".json"]

@@ -151,3 +151,15 @@ def test_tables_of_a_run_render(write_protocol, tmp_path, capsys, fmt):
     capsys.readouterr()
     assert main(["tables", "t", "--results-dir", str(tmp_path / "results"), "--format", fmt, "--std"]) == 0
     assert "WinCLIP+" in capsys.readouterr().out
+
+
+def test_the_summary_table_stays_aligned_when_every_cell_failed():
+    from benchmark.runner import summary_table
+
+    failed = [{"cell": f"winclip-SynthBrain-seed{i}", "error": "out of memory", "seconds": 1.5} for i in range(2)]
+    lines = summary_table(failed).splitlines()
+    header, rule = lines[0], lines[1]
+    assert header.split() == ["cell", "status", "s"] and len(rule.split()) == 3
+    assert all(line.split("  ")[-1].strip() == "1.5" for line in lines[2:])  # seconds under "s", not beside it
+    both = summary_table([*failed, {"cell": "mvfa-SynthBrain-seed0", "image_auroc": 0.5, "seconds": 2.0}])
+    assert both.splitlines()[0].split() == ["cell", "image_auroc", "s"]

@@ -80,6 +80,10 @@ def test_paper_table_puts_our_numbers_in_the_papers_layout(bmad_run, capsys):
     assert main(["paper-table", "mvfa", "Table 7", "--from", "k2", "--results-dir", str(bmad_run), "--delta"]) == 0
     published = lookup(load_published(), "BGAD", "few_shot", 2, "BrainMRI", "image_auroc", None)[0]
     assert f"({mean - published:+.2f})" in capsys.readouterr().out
+    # a table the experiment covers nothing of is an error, as tables --published (it printed "0 of N", exit 0)
+    assert main(["paper-table", "medsad-clip", "Table 2", "--from", "k2", "--results-dir", str(bmad_run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "k2 reproduce none of its" in err and "--coverage" in err
 
     out_tex = bmad_run / "t7.tex"
     args = ["paper-table", "mvfa", "Table 7", "--from", "k2", "--results-dir", str(bmad_run), "--format", "latex"]

@@ -14,6 +14,7 @@ short) is reported in one line, removed and computed again.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import sys
@@ -59,6 +60,14 @@ def computed_in_chunks(compute: Callable[[torch.Tensor], Features], images: torc
     if len(parts) == 1:
         return parts[0]
     return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+
+
+def _serialised(entry: Features) -> bytes:
+    """``torch.save`` to memory: a full disk then fails the write with "No space left on device", where torch's
+    own writer said "unexpected pos"."""
+    buffer = io.BytesIO()
+    torch.save(entry, buffer)
+    return buffer.getvalue()
 
 
 class FeatureCache:
@@ -114,7 +123,7 @@ class FeatureCache:
                 found[i] = entry
                 path = self._path(ns, keys[i])
                 path.parent.mkdir(parents=True, exist_ok=True)
-                _atomic(path, lambda tmp, entry=entry: torch.save(entry, tmp))
+                _atomic(path, lambda tmp, entry=entry: tmp.write_bytes(_serialised(entry)))
                 if not (self.root / ns / "recipe.json").exists():
                     text = json.dumps(recipe, indent=1, default=str)
                     _atomic(self.root / ns / "recipe.json", lambda tmp, text=text: tmp.write_text(text))
