@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from benchmark import environment
 from benchmark.cells import Cell
+from benchmark.claims import Claims
 from benchmark.data.catalog import DatasetSpec
 from benchmark.executors import Executor, SerialExecutor
 from benchmark.killpoints import kill_point
@@ -34,6 +35,7 @@ from benchmark.tracking import Tracker, tracking_uri
 class RunSummary:
     finished: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    elsewhere: list[str] = field(default_factory=list)  # skipped: another live invocation runs them
     failed: list[tuple[str, str]] = field(default_factory=list)
     bad_input: bool = False
     mlflow_behind: str | None = None
@@ -156,9 +158,11 @@ def run_protocol(
     prepare_synthetic(protocol, catalog, data_root)
     preflight(protocol, catalog, cells, data_root, uri)
     executor.prepare(cells)
+    claims = Claims(ResultStore(protocol.results_dir, protocol.name))
     try:
-        return _run(protocol, catalog, cells, data_root, uri, executor, resume, save_predictions, echo)
+        return _run(protocol, catalog, cells, data_root, uri, executor, claims, resume, save_predictions, echo)
     finally:
+        claims.release()
         executor.close()
 
 
@@ -169,6 +173,7 @@ def _run(
     data_root: Path,
     uri: str,
     executor: Executor,
+    claims: Claims,
     resume: bool,
     save_predictions: bool,
     echo: Callable[[str], None],
@@ -197,11 +202,18 @@ def _run(
 
     jobs, index, bases, running = [], {}, {}, {}
     cache_dir = str(Path(protocol.results_dir) / "cache")
+    elsewhere = claims.take([h for c in cells if (h := c.config_hash(protocol)) not in finished])
     for position, cell in enumerate(cells, 1):
         base = _base(cell, protocol)
         if base["config_hash"] in finished:
             summary.skipped.append(cell.cell_id)
             echo(f"[{position}/{len(cells)}] {cell.cell_id}: finished earlier, skipped (--resume)")
+            continue
+        if base["config_hash"] in elsewhere:
+            summary.skipped.append(cell.cell_id)
+            summary.elsewhere.append(cell.cell_id)
+            owner = elsewhere[base["config_hash"]]
+            echo(f"[{position}/{len(cells)}] {cell.cell_id}: being run by another invocation ({owner}), skipped")
             continue
         job = CellJob(
             cell, protocol, catalog, str(data_root), cache_dir, str(store.dir / cell.cell_id), save_predictions,

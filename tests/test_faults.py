@@ -203,3 +203,29 @@ def test_a_feature_cache_write_on_a_full_disk_says_so(small_disk):
     with pytest.raises(OSError, match="No space left on device"):
         FeatureCache(small_disk).cached({"r": 1}, ["k" * 40], torch.zeros(1, 3, 4, 4), lambda x: big)
     assert not [p for p in small_disk.rglob("*") if p.is_file() and p.suffix != ".json"]
+
+
+def test_a_second_invocation_skips_the_cells_a_live_one_is_running(write_protocol, tmp_path, capsys):
+    # both computed every cell, and each cell got two FINISHED MLflow runs under two parents
+    path = write_protocol(**TWO_CELLS)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "benchmark", "run", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env={**os.environ, "MEDAD_BENCH_TEST_KILL_AT": "cell_started:1:STOP"},
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while Path(f"/proc/{first.pid}/stat").read_text().split()[2] != "T":  # stopped once it took its cells
+        assert time.time() < deadline and first.poll() is None
+        time.sleep(0.2)
+    try:
+        assert main(["run", str(path)]) == 0
+        out = capsys.readouterr().out
+        assert out.count("being run by another invocation (") == 2 and "finished 0, skipped 2, failed 0" in out
+        assert "2 cells were being run by another invocation" in out
+    finally:
+        first.send_signal(__import__("signal").SIGCONT)
+    assert first.wait(timeout=300) == 0
+    records = ResultStore(tmp_path / "results", "t").records()
+    assert sorted(r["cell_id"] for r in records) == sorted(_metrics(tmp_path / "results"))  # each cell once
+    _, runs = _runs(tmp_path / "results")
+    assert len([r for r in _children(runs) if r.info.status == "FINISHED"]) == 2
+    assert not (tmp_path / "results" / "t" / "running.json").exists()  # claims released at the end
