@@ -222,3 +222,26 @@ def test_a_bmad_dataset_trains_on_the_organ_prompt_and_scores_images(catalog, sy
     out = method.predict(batch.unlabelled())
     torch.testing.assert_close(out.image_scores, out.maps.flatten(1).amax(-1))
     assert out.uncertainty.shape == out.maps.shape and float(out.uncertainty.max()) <= np.log(2) + 1e-6
+
+
+def test_a_prompt_table_without_descriptions_is_said_once(seg_root, catalog, tmp_path, capsys):
+    # every image silently got the default prompt
+    import shutil
+
+    from benchmark.data.layout import prompt_file, read_segmentation_split
+
+    root = tmp_path / "blank"
+    shutil.copytree(seg_root / "SynthBrainSeg", root / "SynthBrainSeg")
+    listing = prompt_file(root, catalog["SynthBrainSeg"], "train")
+    rows = pd.read_excel(listing)
+    rows["Description"] = None
+    rows.to_excel(listing, index=False)
+    capsys.readouterr()
+    for _ in range(2):
+        samples = read_segmentation_split(root, catalog["SynthBrainSeg"], "train")
+    assert all(s.text is None for s in samples)
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"note: {listing}: {len(samples)} of {len(samples)} images have no Description; they are given the "
+        "method's default prompt"
+    ]

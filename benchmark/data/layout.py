@@ -15,6 +15,7 @@ Every image holds a lesion (segmentation sets): label 1, and an empty mask is al
 from __future__ import annotations
 
 import hashlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,7 +126,15 @@ def read_segmentation_split(
         samples = [Sample(str(p), 1, str(masks[p.stem]), spec.name, spec.mask_threshold, None, True) for p in images]
     if not samples:
         raise BenchmarkError(f"dataset '{spec.name}': split '{base}' holds no images")
+    blank = sum(s.text is None for s in samples)
+    if listing.is_file() and blank and listing not in _SAID:
+        _SAID.add(listing)
+        print(f"note: {listing}: {blank} of {len(samples)} images have no Description; they are given the "
+              "method's default prompt", file=sys.stderr)  # fmt: skip
     return sorted(samples, key=lambda s: Path(s.path).name)
+
+
+_SAID: set[Path] = set()  # prompt tables whose blank descriptions were reported (once a process)
 
 
 def read_split(root: Path, spec: DatasetSpec, split: str, states: tuple[str, ...] = ("good", "Ungood")) -> list[Sample]:
