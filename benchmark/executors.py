@@ -71,12 +71,19 @@ class SerialExecutor(Executor):
             yield job, run_job(job)
 
 
-def _set_threads(threads: int) -> None:
-    """Before torch is imported: its thread pools size themselves from these variables; and mark the process a
-    worker (no per-cell progress bars)."""
+def _become_worker(threads: int) -> None:
+    """Mark the process a worker (no progress bars) and give torch ``threads`` threads (the variables count where
+    torch is not imported yet). tqdm's default lock is a multiprocessing one, created by every bar, even a
+    disabled one: a killed worker left its semaphore behind and the resource tracker warned of a leak."""
     os.environ[WORKER_ENV] = "1"
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[name] = str(threads)
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def _die_with_driver(driver: int) -> None:
@@ -106,10 +113,7 @@ def _worker_main(conn: Connection, threads: int, device: str | None, driver: int
     driver's business."""
     _die_with_driver(driver)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _set_threads(threads)
-    import torch
-
-    torch.set_num_threads(threads)
+    _become_worker(threads)
     from benchmark.job import run_job
 
     while True:
@@ -199,10 +203,7 @@ class LocalExecutor(Executor):
 
 
 def _ray_job(job: CellJob, threads: int) -> CellResult:
-    os.environ[WORKER_ENV] = "1"
-    import torch
-
-    torch.set_num_threads(threads)
+    _become_worker(threads)
     from benchmark.job import run_job
 
     return run_job(job)
