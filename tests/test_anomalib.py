@@ -31,6 +31,41 @@ def test_the_family_resolves_in_the_registry_with_anomalibs_parameters():
     assert "anomalib:Padim" in METHODS and "anomalib:Nothing" not in METHODS
 
 
+def test_a_parameter_of_the_wrong_type_is_one_line_naming_the_expected_type():
+    """Each constructor parameter against its default's type, read from anomalib's source; where the default
+    tells nothing (None, or no literal such as PatchCore's precision enum) any value passes."""
+    cls = METHODS.get("anomalib:Patchcore")
+    for key, value, expected in [
+        ("coreset_sampling_ratio", "abc", "float"),
+        ("coreset_sampling_ratio", True, "float"),
+        ("num_neighbors", 2.5, "int"),
+        ("num_neighbors", True, "int"),
+        ("layers", "layer2", "list"),
+    ]:
+        with pytest.raises(BenchmarkError, match=rf"^p: methods.pc.{key}: expected {expected}, got {value!r}$"):
+            cls.parse_params({key: value}, "p: methods.pc")
+    ok = cls.parse_params({"coreset_sampling_ratio": 1, "layers": ["layer3"], "precision": "float16"}, "p")
+    assert ok.coreset_sampling_ratio == 1 and ok.layers == ["layer3"] and ok.precision == "float16"
+    assert METHODS.get("anomalib:Padim").parse_params({"n_features": None}, "p").n_features is None
+
+
+def test_the_declaration_names_the_bridge_by_a_string_and_never_imports_it():
+    """Like every plugin: ``implementation`` names the class and ``Method.build`` imports it when a cell runs;
+    only the bridge imports the declaration."""
+    import subprocess
+    import sys
+
+    cls = METHODS.get("anomalib:Padim")
+    assert cls.implementation == "methods.models.anomalib_bridge:AnomalibImpl"
+    code = (
+        "import sys; from benchmark.method import METHODS; METHODS.get('anomalib:Padim');"
+        "import methods.anomalib_models; print('methods.models.anomalib_bridge' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+    impl = cls.implementation_class()
+    assert impl.model_class == "Padim" and impl.Params is cls.Params and issubclass(impl, cls)
+
+
 def test_models_run_through_the_harness(write_protocol, tmp_path, capfd):
     """Two memory-bank models (no training) and two trained ones, one epoch, in both one-class settings; the
     output holds our lines only (none of Lightning's tips or device lines)."""
