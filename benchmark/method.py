@@ -130,13 +130,17 @@ class Method:
 
     @classmethod
     def build(cls, params: Any, context: MethodContext) -> Method:
-        """An instance ready to fit: the class named by ``implementation``, imported only now (so declaring,
-        listing and validating methods imports no torch), else this class itself."""
-        impl: type[Method] = cls
-        if cls.implementation:
-            module, _, attr = cls.implementation.partition(":")
-            impl = getattr(importlib.import_module(module), attr)
-        return impl(params, context)
+        """An instance of ``implementation_class()`` ready to fit."""
+        return cls.implementation_class()(params, context)
+
+    @classmethod
+    def implementation_class(cls) -> type[Method]:
+        """The class named by ``implementation``, imported only now (so declaring, listing and validating
+        methods imports no torch), else this class itself."""
+        if not cls.implementation:
+            return cls
+        module, _, attr = cls.implementation.partition(":")
+        return getattr(importlib.import_module(module), attr)
 
     def __init__(self, params: Any, context: MethodContext) -> None:
         self.params = params

@@ -57,15 +57,14 @@ class AnomalibMethod(Method):
 
     settings = frozenset({"full_normal", "few_normal", "few_shot", "supervised"})
     default_image_size = 256
+    implementation = "methods.models.anomalib_bridge:AnomalibImpl"
     model_class: ClassVar[str] = ""
     constructor: ClassVar[dict[str, Any]] = {}  # name -> default
 
     @classmethod
-    def build(cls, params: Any, context: Any) -> Method:
+    def implementation_class(cls) -> type[Method]:
         """The bridge (imported only now) specialised to this model's class."""
-        from methods.models.anomalib_bridge import AnomalibImpl
-
-        return type(f"{cls.__name__}Impl", (AnomalibImpl, cls), {})(params, context)
+        return type(f"{cls.__name__}Impl", (super().implementation_class(), cls), {})
 
     @classmethod
     def parse_params(cls, raw: dict[str, Any], where: str) -> Any:
@@ -78,7 +77,24 @@ class AnomalibMethod(Method):
                 raise BenchmarkError(f"{where}.{key}: unknown parameter; {hint}valid: {', '.join(valid)}")
             if key in BRIDGE_PARAMS and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise BenchmarkError(f"{where}.{key}: expected an integer >= 1, got {value!r}")
+            expected = _expected_type(cls.constructor.get(key), value)
+            if expected:
+                raise BenchmarkError(f"{where}.{key}: expected {expected}, got {value!r}")
         return cls.Params(**raw)
+
+
+def _expected_type(default: Any, value: Any) -> str | None:
+    """The type a constructor parameter with this default takes, where ``value`` is not of it; None where it is
+    or the default cannot tell (none, None or not a literal). A float takes an int; a list or tuple either."""
+    if value is None or default in (None, inspect.Parameter.empty, ANOMALIB_DEFAULT):
+        return None
+    if isinstance(default, list | tuple):
+        return None if isinstance(value, list | tuple) else "list"
+    if isinstance(default, bool) or isinstance(value, bool):
+        return None if isinstance(default, bool) and isinstance(value, bool) else type(default).__name__
+    if isinstance(default, float):
+        return None if isinstance(value, int | float) else "float"
+    return None if isinstance(value, type(default)) else type(default).__name__
 
 
 _RESOLVED: dict[str, type[Method]] = {}  # one class per anomalib model, whatever the case it was named in
