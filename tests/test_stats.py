@@ -90,6 +90,16 @@ def test_paired_bootstrap_sees_a_real_difference():
     assert test.difference > 0.3 and test.p < 0.01
 
 
+def test_paired_bootstrap_p_is_never_zero():
+    """No resample crosses zero: p = 2 (1 + 0) / (B + 1), the smallest p B resamples can give, not 0."""
+    a, _, labels = _scores(80, 80, shift=3.0)
+    noise = np.random.default_rng(5).normal(0, 1, len(labels))
+    test = stats.paired_bootstrap(
+        lambda i: auroc_exact(a[i], labels[i]), lambda i: auroc_exact(noise[i], labels[i]), labels, 199
+    )
+    assert test.p == 2 / 200
+
+
 def test_holm_and_friedman_nemenyi():
     np.testing.assert_allclose(stats.holm([0.01, 0.04, 0.03]), [0.03, 0.06, 0.06])
     table = pd.DataFrame({"A": [0.9, 0.8, 0.85, 0.7], "B": [0.6, 0.7, 0.65, 0.6], "C": [0.5, 0.4, 0.6, 0.55]})
