@@ -25,6 +25,20 @@ class Interval:
     value: float
     low: float
     high: float
+    mc_error: float = 0.0  # Monte Carlo standard error of the endpoints (the larger of the two)
+
+
+def quantile_mc_error(distribution: np.ndarray, value: float) -> float:
+    """Monte Carlo standard error of ``value`` read as a sample quantile of ``distribution`` (B resamples): at
+    the level q it sits at, half the distance between the order statistics of ranks B q -/+ sqrt(B q (1 - q)),
+    the binomial (order-statistic) method for a quantile's standard error (Conover, Practical Nonparametric
+    Statistics, 3rd ed., 1999, Sec. 3.2)."""
+    ordered = np.sort(np.asarray(distribution, dtype=np.float64))
+    b = len(ordered)
+    q = (np.searchsorted(ordered, value, "left") + np.searchsorted(ordered, value, "right")) / (2.0 * b)
+    spread = np.sqrt(b * q * (1.0 - q))
+    low, high = (int(np.clip(np.rint(b * q + d), 0, b - 1)) for d in (-spread, spread))
+    return float(ordered[high] - ordered[low]) / 2.0
 
 
 def _strata(labels: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -45,7 +59,8 @@ def bootstrap_ci(
     """``statistic`` on all test images with its ``level`` confidence interval: ``scipy.stats.bootstrap``
     over the normal and the anomalous images as two samples (a stratified bootstrap), BCa by default. Where
     BCa is undefined (every resample gives the same value, e.g. a Dice of 0 throughout) the percentile
-    interval of the same resamples is given."""
+    interval of the same resamples is given. ``mc_error``: the larger Monte Carlo standard error of the two
+    endpoints, each read as a quantile of the bootstrap distribution (``quantile_mc_error``)."""
     strata = _strata(labels)
 
     def run(how: str):
@@ -57,16 +72,17 @@ def bootstrap_ci(
             method=how,
             vectorized=False,
             rng=np.random.default_rng(seed),
-        ).confidence_interval
+        )
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", stats.DegenerateDataWarning)
         warnings.simplefilter("ignore", RuntimeWarning)  # BCa's acceleration of a constant statistic: 0 / 0
-        interval = run(method)
-        if method != "percentile" and not np.isfinite([interval.low, interval.high]).all():
-            interval = run("percentile")
-    value = statistic(np.arange(len(labels)))
-    return Interval(value, float(interval.low), float(interval.high))
+        result = run(method)
+        if method != "percentile" and not np.isfinite(result.confidence_interval).all():
+            result = run("percentile")
+    low, high = (float(x) for x in result.confidence_interval)
+    error = max(quantile_mc_error(result.bootstrap_distribution, x) for x in (low, high))
+    return Interval(statistic(np.arange(len(labels))), low, high, error)
 
 
 @dataclass(frozen=True)

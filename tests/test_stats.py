@@ -16,6 +16,7 @@ from benchmark import stats
 from benchmark.cli import main
 from benchmark.evidence import EvidenceWriter, pixel_counts
 from benchmark.metrics import PixelMetrics, auroc_exact
+from benchmark.reports.tables import interval_text
 from benchmark.store import ResultStore
 
 
@@ -41,6 +42,28 @@ def test_bootstrap_interval_is_scipys_own():
     ).confidence_interval
     assert (got.low, got.high) == (expected.low, expected.high)
     assert got.low < got.value == auroc_exact(a, labels) < got.high
+
+
+def test_monte_carlo_error_of_the_endpoints_is_their_spread_over_bootstrap_seeds():
+    """The MC error read off one bootstrap distribution is the size of the endpoints' spread over reruns with
+    other bootstrap seeds, and shrinks as the resamples grow (about as 1 / sqrt(B))."""
+    a, _, labels = _scores(12, 12)
+
+    def statistic(i):
+        return auroc_exact(a[i], labels[i])
+
+    runs = [stats.bootstrap_ci(statistic, labels, 500, seed=s) for s in range(8)]
+    spread = max(np.std([r.low for r in runs], ddof=1), np.std([r.high for r in runs], ddof=1))
+    assert 0.5 < np.mean([r.mc_error for r in runs]) / spread < 2.0
+    many = stats.bootstrap_ci(statistic, labels, 8000, seed=0)
+    assert 0 < many.mc_error < np.mean([r.mc_error for r in runs]) / 2
+
+
+def test_intervals_are_printed_only_to_the_digits_their_mc_error_supports():
+    assert interval_text(0.71234, 0.86789, 0.012) == "[71, 87]"  # an error of 1.2 points: whole points
+    assert interval_text(0.71234, 0.86789, 0.004) == "[71.2, 86.8]"
+    assert interval_text(0.71234, 0.86789, 0.00004) == "[71.23, 86.79]"  # never more than two decimals
+    assert interval_text(0.71234, 0.86789, 0.0) == "[71.23, 86.79]"  # every resample alike: no error
 
 
 def test_delong_variance_matches_a_direct_computation():
@@ -167,7 +190,10 @@ def test_compare_marks_no_difference_between_twins(twins, capsys):
     twin = frame[frame["entry"] == "winclip_twin"]
     assert (twin["p"] == 1.0).all() and not twin["significant"].any() and (twin["difference"].abs() < 1e-12).all()
     assert (frame["ci_low"] <= frame["mean"]).all() and (frame["mean"] <= frame["ci_high"]).all()
-    assert "(ref.)" in out and "Holm" in out
+    assert "(ref.)" in out and "Holm" in out and "Monte Carlo error" in out
+    assert (frame["mc_error"] > 0).all()  # 10 test images: 200 resamples leave a visible error
+    for row in frame.itertuples():  # every interval printed to the digits its error supports, no more
+        assert f"{row.mean * 100:.2f} {interval_text(row.ci_low, row.ci_high, row.mc_error)}" in out
     for suffix in ("md", "tex", "csv"):
         assert (twins / "t" / "compare" / f"image_auroc.{suffix}").is_file()
     cd = sorted((twins / "t" / "compare").glob("cd_image_auroc_*"))

@@ -19,7 +19,7 @@ from benchmark import stats
 from benchmark.errors import BenchmarkError
 from benchmark.evidence import Evidence
 from benchmark.metrics import METRICS
-from benchmark.reports.tables import ROW_KEYS, row_key, setting_label
+from benchmark.reports.tables import ROW_KEYS, interval_text, mc_note, row_key, setting_label
 from benchmark.store import ResultStore
 
 TESTED = ("image_auroc", "image_accuracy", "dice")
@@ -187,6 +187,7 @@ def compare(
             row = {
                 "group": group, "dataset": dataset, "method": e.name, "entry": e.method, "seeds": len(e.evidence),
                 "images": len(e.labels), "mean": ci.value, "ci_low": ci.low, "ci_high": ci.high,
+                "mc_error": ci.mc_error,
                 "reference": reference.name if reference is not None else "", "difference": math.nan,
                 "p": math.nan, "test": "",
             }  # fmt: skip
@@ -220,8 +221,9 @@ def _pct(x: float) -> str:
 
 
 def cell_text(row, latex: bool = False) -> str:
-    """``mean [low, high]`` in percent, with a dagger when the difference from the reference is significant."""
-    text = f"{_pct(row['mean'])} [{_pct(row['ci_low'])}, {_pct(row['ci_high'])}]"
+    """``mean [low, high]`` in percent (the interval to the digits its Monte Carlo error supports), with a
+    dagger when the difference from the reference is significant."""
+    text = f"{_pct(row['mean'])} {interval_text(row['ci_low'], row['ci_high'], row['mc_error'])}"
     if row["method"] == row["reference"]:
         text += " (ref.)"
     elif row["significant"]:
@@ -234,7 +236,8 @@ def caption(c: Comparison, experiment: str, n_resamples: int) -> str:
     reference = f"the baseline {c.baseline}" if c.baseline else "the best mean of its setting and dataset"
     return (
         f"{experiment}: {c.metric} in %, mean over seeds with its 95% confidence interval (BCa bootstrap over "
-        f"test images, stratified by label, {n_resamples} resamples). (ref.): the reference, {reference}; "
+        f"test images, stratified by label, {n_resamples} resamples). {mc_note(c.frame['mc_error'].max(), n_resamples)}"
+        f" (ref.): the reference, {reference}; "
         f"†: differs from the reference by {test}, p < {c.alpha} after Holm's correction over the "
         f"{int(c.frame['p'].notna().sum())} tests of this table. Seeds: each method's number is its seeds' mean; "
         "a resample draws the same images for every seed."
@@ -307,6 +310,7 @@ class TableIntervals:
     daggers: set[tuple]
     tests: int
     alpha: float
+    resamples: int
 
 
 def table_intervals(
@@ -329,4 +333,4 @@ def table_intervals(
             pvalues.append(test.p)
     adjusted = stats.holm(pvalues)
     daggers = {c for c, p in zip(candidates, adjusted, strict=True) if p < alpha}
-    return TableIntervals(intervals, daggers, len(pvalues), alpha)
+    return TableIntervals(intervals, daggers, len(pvalues), alpha, resamples)

@@ -299,21 +299,41 @@ def render_latex(
     return "\n".join(lines) + "\n"
 
 
+def interval_text(low: float, high: float, mc_error: float) -> str:
+    """``[low, high]`` in percent, rounded at the first significant digit of the endpoints' Monte Carlo error
+    (two decimals at most, none when the error is a point or more): no digit the resampling does not fix."""
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return "[--, --]"
+    error = mc_error * 100
+    decimals = 2 if not error > 0 else min(2, max(0, -math.floor(math.log10(error))))
+    return f"[{low * 100:.{decimals}f}, {high * 100:.{decimals}f}]"
+
+
+def mc_note(largest: float, resamples: int) -> str:
+    """The caption's sentence on the intervals' Monte Carlo error (``largest``: the table's largest)."""
+    return (
+        f"Interval endpoints are rounded at the first significant digit of their Monte Carlo error (from the "
+        f"bootstrap distribution; at most {largest * 100:.2g} points at {resamples} resamples)."
+    )
+
+
 def _interval(ci, row: Row, col: tuple[str, str]) -> tuple[str, bool]:
     """`` [low, high]`` (percent) of a row's cell when ``ci`` (``TableIntervals``) has it, and its dagger."""
     if ci is None or row.kind != "ours":
         return "", False
     key = (row.key, col[0], col[1])
     found = ci.intervals.get(key)
-    text = f" [{found.low * 100:.2f}, {found.high * 100:.2f}]" if found is not None else ""
+    text = f" {interval_text(found.low, found.high, found.mc_error)}" if found is not None else ""
     return text, key in ci.daggers
 
 
 def ci_caption(ci) -> str:
+    largest = max((i.mc_error for i in ci.intervals.values()), default=0.0)
     return (
         f" [low, high]: 95% confidence interval (BCa bootstrap over test images, stratified by label; seeds "
-        f"averaged). †: the best of its setting is better than the second by DeLong's test (AUROC) or a paired "
-        f"bootstrap, p < {ci.alpha} after Holm's correction over the table's {ci.tests} tests."
+        f"averaged). {mc_note(largest, ci.resamples)} †: the best of its setting is better than the second by "
+        f"DeLong's test (AUROC) or a paired bootstrap, p < {ci.alpha} after Holm's correction over the table's "
+        f"{ci.tests} tests."
     )
 
 
