@@ -93,11 +93,32 @@ def test_delong_p_value_agrees_with_a_permutation_test():
         hits += abs(auroc_exact(x, labels) - auroc_exact(y, labels)) >= observed - 1e-12
     permutation = (hits + 1) / (rounds + 1)
     assert 0.05 < delong.p < 0.6 and abs(delong.p - permutation) < 0.03
+    vectorised = stats.permutation_auroc_test([a], [b], labels, rounds, seed=2)  # on ranks, all at once
+    assert vectorised.difference == pytest.approx(delong.difference) and abs(vectorised.p - permutation) < 0.03
+
+
+def test_small_test_sets_get_a_permutation_test_whose_p_few_images_can_support():
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(12), np.ones(12)].astype(bool)
+    a = [rng.normal(0, 1, 24) + 2 * labels for _ in range(2)]  # two seeds each
+    b = [rng.normal(0, 1, 24) - 2 * labels for _ in range(2)]
+    delong = stats.delong_test(a, b, labels)
+    test = stats.auroc_test(a, b, labels, 999)
+    assert delong.p < 1e-12 and test.test == "permutation" and test.p >= 1 / 1000
+    assert test.difference == pytest.approx(delong.difference)
+    assert stats.auroc_test(a, [b[0]], labels).test == "DeLong"  # other seed counts: no paired swap
+
+
+@pytest.mark.parametrize(("normal", "anomalous", "expected"), [(60, 49, "permutation"), (50, 50, "DeLong")])
+def test_the_auroc_test_switches_at_fifty_images_in_a_class(normal, anomalous, expected):
+    a, b, labels = _scores(normal, anomalous)
+    assert stats.auroc_test([a], [b], labels, 200).test == expected
 
 
 def test_identical_methods_give_p_one():
     a, _, labels = _scores()
     assert stats.delong_test([a, a + 0.0], [a], labels).p == 1.0
+    assert stats.permutation_auroc_test([a, a], [a, 2 * a], labels).p == 1.0  # other scale, same ranks
     same = stats.paired_bootstrap(
         lambda i: auroc_exact(a[i], labels[i]), lambda i: auroc_exact(a[i], labels[i]), labels
     )
@@ -189,6 +210,10 @@ def test_compare_marks_no_difference_between_twins(twins, capsys):
     frame = pd.read_csv(twins / "t" / "compare" / "image_auroc.csv")
     twin = frame[frame["entry"] == "winclip_twin"]
     assert (twin["p"] == 1.0).all() and not twin["significant"].any() and (twin["difference"].abs() < 1e-12).all()
+    tested = frame[frame["method"] != frame["reference"]]
+    assert (tested["test"] == "permutation").all()  # 5 + 5 test images: no normal approximation
+    table = "".join(line for line in out.splitlines() if line.startswith("|"))
+    assert table.count("(perm.)") == len(tested) and "(perm.) a paired permutation test of the AUROCs" in out
     assert (frame["ci_low"] <= frame["mean"]).all() and (frame["mean"] <= frame["ci_high"]).all()
     assert "(ref.)" in out and "Holm" in out and "Monte Carlo error" in out
     assert (frame["mc_error"] > 0).all()  # 10 test images: 200 resamples leave a visible error

@@ -129,10 +129,12 @@ def load_entries(results_dir: str | Path, experiment: str) -> list[Entry]:
 
 
 def pair_test(a: Entry, b: Entry, metric: str, n_resamples: int, seed: int) -> stats.PairedTest:
-    """``a`` minus ``b`` on the same images: DeLong's test for image AUROC, a paired bootstrap otherwise."""
+    """``a`` minus ``b`` on the same images: for image AUROC a permutation test on small test sets, else
+    DeLong's test (``stats.auroc_test``); a paired bootstrap otherwise."""
     b = b.aligned_to(a)
     if metric == "image_auroc":
-        return stats.delong_test([e.scores for e in a.evidence], [e.scores for e in b.evidence], a.labels)
+        scores = [e.scores for e in a.evidence], [e.scores for e in b.evidence]
+        return stats.auroc_test(*scores, a.labels, n_resamples, seed)
     return stats.paired_bootstrap(a.statistic(metric), b.statistic(metric), a.labels, n_resamples, seed)
 
 
@@ -226,21 +228,35 @@ def cell_text(row, latex: bool = False) -> str:
     text = f"{_pct(row['mean'])} {interval_text(row['ci_low'], row['ci_high'], row['mc_error'])}"
     if row["method"] == row["reference"]:
         text += " (ref.)"
-    elif row["significant"]:
-        text += r"$^\dagger$" if latex else " †"
+    else:
+        text += (r"$^\dagger$" if latex else " †") if row["significant"] else ""
+        text += f" ({TESTS[row['test']][0]})" if row["test"] else ""
     return text
 
 
+TESTS = {  # a PairedTest's name: its tag in a table cell, and the caption's words for it
+    "DeLong": ("DeLong", "DeLong's test of the AUROCs (DeLong et al. 1988)"),
+    "permutation": (
+        "perm.",
+        f"a paired permutation test of the AUROCs on normalised ranks (Venkatraman & Begg 1996), used where a "
+        f"class has fewer than {stats.SMALL_CLASS} test images",
+    ),
+    "paired bootstrap": ("boot.", "a paired bootstrap over test images"),
+}
+
+
 def caption(c: Comparison, experiment: str, n_resamples: int) -> str:
-    test = "DeLong's test" if c.metric == "image_auroc" else "a paired bootstrap over test images"
     reference = f"the baseline {c.baseline}" if c.baseline else "the best mean of its setting and dataset"
+    used = [t for t in TESTS if (c.frame["test"] == t).any()]
+    tests = "; ".join(f"({TESTS[t][0]}) {TESTS[t][1]}" for t in used)
     return (
         f"{experiment}: {c.metric} in %, mean over seeds with its 95% confidence interval (BCa bootstrap over "
         f"test images, stratified by label, {n_resamples} resamples). {mc_note(c.frame['mc_error'].max(), n_resamples)}"
         f" (ref.): the reference, {reference}; "
-        f"†: differs from the reference by {test}, p < {c.alpha} after Holm's correction over the "
-        f"{int(c.frame['p'].notna().sum())} tests of this table. Seeds: each method's number is its seeds' mean; "
-        "a resample draws the same images for every seed."
+        f"†: differs from the reference, p < {c.alpha} after Holm's correction over the "
+        f"{int(c.frame['p'].notna().sum())} tests of this table, by the test each cell names"
+        + (f": {tests}." if tests else ".")
+        + " Seeds: each method's number is its seeds' mean; a resample draws the same images for every seed."
     )
 
 
@@ -311,13 +327,18 @@ class TableIntervals:
     tests: int
     alpha: float
     resamples: int
+    used: tuple[str, ...] = ()  # the names of the tests that made the daggers (``PairedTest.test``)
+
+    def test_names(self) -> str:
+        """The tests used, in the caption's words."""
+        return "; ".join(TESTS[t][1] for t in self.used) or "no test"
 
 
 def table_intervals(
     entries: list[Entry], metrics: tuple[str, ...], resamples: int = 1000, seed: int = 0, alpha: float = 0.05
 ) -> TableIntervals:
     intervals: dict[tuple, stats.Interval] = {}
-    candidates, pvalues = [], []
+    candidates, pvalues, used = [], [], []
     for metric in (m for m in metrics if m in TESTED):
         usable = [e for e in entries if metric != "dice" or e.evidence[0].has_masks]
         cells: dict[tuple[str, str], list[Entry]] = {}
@@ -331,6 +352,7 @@ def table_intervals(
             test = pair_test(ranked[0], ranked[1], metric, resamples, seed)
             candidates.append((ranked[0].row, ranked[0].dataset, metric))
             pvalues.append(test.p)
+            used.append(test.test)
     adjusted = stats.holm(pvalues)
     daggers = {c for c, p in zip(candidates, adjusted, strict=True) if p < alpha}
-    return TableIntervals(intervals, daggers, len(pvalues), alpha, resamples)
+    return TableIntervals(intervals, daggers, len(pvalues), alpha, resamples, tuple(t for t in TESTS if t in used))

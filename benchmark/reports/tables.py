@@ -331,9 +331,8 @@ def ci_caption(ci) -> str:
     largest = max((i.mc_error for i in ci.intervals.values()), default=0.0)
     return (
         f" [low, high]: 95% confidence interval (BCa bootstrap over test images, stratified by label; seeds "
-        f"averaged). {mc_note(largest, ci.resamples)} †: the best of its setting is better than the second by "
-        f"DeLong's test (AUROC) or a paired bootstrap, p < {ci.alpha} after Holm's correction over the table's "
-        f"{ci.tests} tests."
+        f"averaged). {mc_note(largest, ci.resamples)} †: the best of its setting is better than the second, "
+        f"p < {ci.alpha} after Holm's correction over the table's {ci.tests} tests, by {ci.test_names()}."
     )
 
 
