@@ -133,9 +133,17 @@ def pair_test(a: Entry, b: Entry, metric: str, n_resamples: int, seed: int) -> s
     DeLong's test (``stats.auroc_test``); a paired bootstrap otherwise."""
     b = b.aligned_to(a)
     if metric == "image_auroc":
-        scores = [e.scores for e in a.evidence], [e.scores for e in b.evidence]
+        scores = _seed_scores(a, len(b.evidence)), _seed_scores(b, len(a.evidence))
         return stats.auroc_test(*scores, a.labels, n_resamples, seed)
     return stats.paired_bootstrap(a.statistic(metric), b.statistic(metric), a.labels, n_resamples, seed)
+
+
+def _seed_scores(e: Entry, seeds: int) -> list[np.ndarray]:
+    """An entry's per-seed image scores; a seed-free entry's one run stands for ``seeds`` seeds (each would
+    have given it), so that it pairs seed by seed with an entry that ran them."""
+    scores = [ev.scores for ev in e.evidence]
+    free = len(scores) == 1 and bool(e.records) and all(r.get("seed_free") for r in e.records)
+    return scores * seeds if free else scores
 
 
 def _better(metric: str) -> bool:

@@ -48,7 +48,7 @@ def results_table(frame, metrics: tuple[str, ...]) -> str:
     for i, row in enumerate(rows):
         cells = [html.escape(row.label())]
         for col in columns:
-            text = html.escape(tables._fmt(row.values.get(col)))
+            text = html.escape(tables._fmt(row.values.get(col), seed_free=row.seed_free))
             rank = ranks[col].get(i)
             cells.append(f"<b>{text}</b>" if rank == 0 else f"<u>{text}</u>" if rank == 1 else text)
         body.append(cells)
