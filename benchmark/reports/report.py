@@ -158,7 +158,9 @@ def provenance(records: list[dict]) -> str:
     return _table_html(headers, body)
 
 
-def build_report(results_dir: str | Path, experiment: str, resamples: int = 1000) -> tuple[str, dict[str, bytes]]:
+def build_report(
+    results_dir: str | Path, experiment: str, resamples: int = compare.DEFAULT_RESAMPLES
+) -> tuple[str, dict[str, bytes]]:
     """The page, and its figures as PNG bytes (also logged to MLflow by the caller)."""
     store = ResultStore(results_dir, experiment)
     records = list(store.latest().values())
