@@ -38,6 +38,11 @@ class Cell:
         return self.plugin or self.method
 
     @property
+    def seed_free(self) -> bool:
+        """Whether the cell's result depends on no seed (``seed_free``): it runs once, under the first seed."""
+        return seed_free(METHODS.get(self.plugin_name), self.setting)
+
+    @property
     def cell_id(self) -> str:
         k = (f"-p{self.shots}" if self.setting == "data_fraction" else f"-k{self.shots}") if self.shots else ""
         source = f"-from-{self.loo_sources[0]}" if self.setting == "domain_generalization" else ""
@@ -63,6 +68,15 @@ class Cell:
     def config_hash(self, protocol: Protocol) -> str:
         blob = json.dumps(self.config(protocol), sort_keys=True, default=str)
         return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+SAMPLED_SETTINGS = frozenset({"few_shot", "few_normal"})  # draw K samples per sampling seed (data/splits.py)
+
+
+def seed_free(cls: type, setting: str) -> bool:
+    """A method that declares ``setting`` seed-free, in a setting whose training data are not drawn with the
+    sampling seed: every seed would give the same result."""
+    return setting in cls.seed_free_settings and setting not in SAMPLED_SETTINGS
 
 
 def plugin_of(name: str, raw: dict[str, Any]) -> str:
@@ -125,7 +139,8 @@ def expand(protocol: Protocol, catalog: dict[str, DatasetSpec], methods=None, da
                     loo = (setting.source,)
                 for k in setting.shots or (None,):
                     for design in protocol.prompt_designs or (None,):
-                        for seed, sampling_seed in seed_pairs:
+                        # a seed-free cell runs once, under the first seed picked
+                        for seed, sampling_seed in seed_pairs[:1] if seed_free(cls, setting.name) else seed_pairs:
                             cells.append(
                                 Cell(
                                     m,

@@ -93,7 +93,9 @@ def _parser() -> argparse.ArgumentParser:
         help="the metric to compare (image_auroc)",
     )
     comp.add_argument("--baseline", help="compare every method with this method entry (default: the best mean)")
-    comp.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (1000)")
+    comp.add_argument(
+        "--resamples", type=int, default=4000, help="bootstrap resamples and permutations of the tests (4000)"
+    )
     comp.add_argument("--seed", type=int, default=0, help="bootstrap seed (0)")
     comp.add_argument("--alpha", type=float, default=0.05, help="significance level after Holm's correction (0.05)")
     comp.add_argument(
@@ -103,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="one self-contained HTML page: tables, comparisons, curves, maps")
     rep.add_argument("experiment", help="the protocol's name (its results are in RESULTS_DIR/EXPERIMENT)")
     rep.add_argument("--out", help="the HTML file to write (RESULTS_DIR/EXPERIMENT/report.html)")
-    rep.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the comparisons (1000)")
+    rep.add_argument("--resamples", type=int, default=4000, help="bootstrap resamples of the comparisons (4000)")
     rep.add_argument("--results-dir", default="results", help="the folder runs wrote to (results)")
     paper = sub.add_parser(
         "paper-table", help="a published table in its paper's layout, our numbers where runs cover it"

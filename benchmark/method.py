@@ -123,6 +123,9 @@ class Method:
     requires_masks: ClassVar[bool] = False  # trains on pixel masks: not run on image-label-only datasets
     # settings in which fit() also gets the other datasets' labelled pools (TrainSet.auxiliary)
     auxiliary_settings: ClassVar[frozenset[str]] = frozenset()
+    # settings in which the result does not depend on the model seed (nothing trained or drawn at random):
+    # where the cell's data do not depend on the sampling seed either, the cell runs once, not once per seed
+    seed_free_settings: ClassVar[frozenset[str]] = frozenset()
     Params: ClassVar[type] = NoParams
     default_backbone: ClassVar[BackboneSpec | None] = None
     default_image_size: ClassVar[int | None] = None

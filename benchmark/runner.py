@@ -99,6 +99,7 @@ def _base(cell: Cell, protocol: Protocol) -> dict[str, Any]:
         "shots": cell.shots,
         "seed": cell.seed,
         "sampling_seed": cell.sampling_seed,
+        "seed_free": cell.seed_free,  # run once: no seed changes its result (cells.seed_free)
         "backbone": cell.backbone.label(),
         "backbone_weights": "random-init" if cell.backbone.random_init else f"pretrained:{cell.backbone.weights}",
         "protocol_version": protocol.version,

@@ -25,6 +25,20 @@ class Interval:
     value: float
     low: float
     high: float
+    mc_error: float = 0.0  # Monte Carlo standard error of the endpoints (the larger of the two)
+
+
+def quantile_mc_error(distribution: np.ndarray, value: float) -> float:
+    """Monte Carlo standard error of ``value`` read as a sample quantile of ``distribution`` (B resamples): at
+    the level q it sits at, half the distance between the order statistics of ranks B q -/+ sqrt(B q (1 - q)),
+    the binomial (order-statistic) method for a quantile's standard error (Conover, Practical Nonparametric
+    Statistics, 3rd ed., 1999, Sec. 3.2)."""
+    ordered = np.sort(np.asarray(distribution, dtype=np.float64))
+    b = len(ordered)
+    q = (np.searchsorted(ordered, value, "left") + np.searchsorted(ordered, value, "right")) / (2.0 * b)
+    spread = np.sqrt(b * q * (1.0 - q))
+    low, high = (int(np.clip(np.rint(b * q + d), 0, b - 1)) for d in (-spread, spread))
+    return float(ordered[high] - ordered[low]) / 2.0
 
 
 def _strata(labels: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -45,7 +59,8 @@ def bootstrap_ci(
     """``statistic`` on all test images with its ``level`` confidence interval: ``scipy.stats.bootstrap``
     over the normal and the anomalous images as two samples (a stratified bootstrap), BCa by default. Where
     BCa is undefined (every resample gives the same value, e.g. a Dice of 0 throughout) the percentile
-    interval of the same resamples is given."""
+    interval of the same resamples is given. ``mc_error``: the larger Monte Carlo standard error of the two
+    endpoints, each read as a quantile of the bootstrap distribution (``quantile_mc_error``)."""
     strata = _strata(labels)
 
     def run(how: str):
@@ -57,16 +72,17 @@ def bootstrap_ci(
             method=how,
             vectorized=False,
             rng=np.random.default_rng(seed),
-        ).confidence_interval
+        )
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", stats.DegenerateDataWarning)
         warnings.simplefilter("ignore", RuntimeWarning)  # BCa's acceleration of a constant statistic: 0 / 0
-        interval = run(method)
-        if method != "percentile" and not np.isfinite([interval.low, interval.high]).all():
-            interval = run("percentile")
-    value = statistic(np.arange(len(labels)))
-    return Interval(value, float(interval.low), float(interval.high))
+        result = run(method)
+        if method != "percentile" and not np.isfinite(result.confidence_interval).all():
+            result = run("percentile")
+    low, high = (float(x) for x in result.confidence_interval)
+    error = max(quantile_mc_error(result.bootstrap_distribution, x) for x in (low, high))
+    return Interval(statistic(np.arange(len(labels))), low, high, error)
 
 
 @dataclass(frozen=True)
@@ -79,8 +95,9 @@ class PairedTest:
 def paired_bootstrap(
     a: Statistic, b: Statistic, labels: np.ndarray, n_resamples: int = 1000, seed: int = 0
 ) -> PairedTest:
-    """Two-sided paired bootstrap test of ``a - b`` on the same resampled images: p = twice the smaller share
-    of resampled differences on either side of zero (at most 1); identical methods give p = 1."""
+    """Two-sided paired bootstrap test of ``a - b`` on the same resampled images: with ``k`` the smaller count
+    of resampled differences on either side of zero, p = min(1, 2 (1 + k) / (B + 1)), never 0 (Davison &
+    Hinkley 1997, Sec. 4.2.2; North et al., Am. J. Hum. Genet. 2002); identical methods give p = 1."""
     strata = _strata(labels)
     rng = np.random.default_rng(seed)
     differences = np.empty(n_resamples)
@@ -88,7 +105,8 @@ def paired_bootstrap(
         idx = np.concatenate([rng.choice(s, len(s)) for s in strata])
         differences[r] = a(idx) - b(idx)
     everything = np.arange(len(labels))
-    p = min(1.0, 2.0 * min(np.mean(differences <= 0), np.mean(differences >= 0)))
+    k = min(np.sum(differences <= 0), np.sum(differences >= 0))
+    p = min(1.0, 2.0 * (1 + k) / (n_resamples + 1))
     return PairedTest(a(everything) - b(everything), float(p), "paired bootstrap")
 
 
@@ -124,6 +142,45 @@ def delong_test(a: Sequence[np.ndarray], b: Sequence[np.ndarray], labels: np.nda
         return PairedTest(difference, 1.0 if abs(difference) < 1e-12 else 0.0, "DeLong")
     z = difference / np.sqrt(variance)
     return PairedTest(difference, float(2.0 * stats.norm.sf(abs(z))), "DeLong")
+
+
+SMALL_CLASS = 50  # fewer test images than this in either class: AUROCs are compared by permutation, not DeLong
+
+
+def permutation_auroc_test(
+    a: Sequence[np.ndarray], b: Sequence[np.ndarray], labels: np.ndarray, n_permutations: int = 1000, seed: int = 0
+) -> PairedTest:
+    """Paired permutation test of mean-over-seeds AUROC of ``a`` minus that of ``b`` (as many per-seed score
+    vectors each): every (method, seed) vector becomes its normalised ranks, so that scales match, and each
+    permutation swaps the two methods' ranks on a random half of the images, all seeds of an image together
+    (Venkatraman & Begg, Biometrika 1996); two-sided, p = (1 + #{|D*| >= |D|}) / (B + 1)."""
+    labels = np.asarray(labels).astype(bool)
+    ra, rb = (np.stack([stats.rankdata(s) for s in side]) / len(labels) for side in (a, b))  # [k, N]
+    m, n = int(labels.sum()), int((~labels).sum())
+
+    def mean_auroc(r: np.ndarray) -> np.ndarray:  # Mann-Whitney over the last axis, mean over seeds
+        return ((stats.rankdata(r, axis=-1)[..., labels].sum(-1) - m * (m + 1) / 2.0) / (m * n)).mean(-1)
+
+    observed = float(mean_auroc(ra) - mean_auroc(rb))
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for start in range(0, n_permutations, 256):  # blocks of permutations bound the memory
+        swap = rng.random((min(256, n_permutations - start), 1, len(labels))) < 0.5  # one draw for all seeds
+        d = mean_auroc(np.where(swap, rb, ra)) - mean_auroc(np.where(swap, ra, rb))
+        hits += int(np.sum(np.abs(d) >= abs(observed) - 1e-12))
+    return PairedTest(observed, (1 + hits) / (n_permutations + 1), "permutation")
+
+
+def auroc_test(
+    a: Sequence[np.ndarray], b: Sequence[np.ndarray], labels: np.ndarray, n_permutations: int = 1000, seed: int = 0
+) -> PairedTest:
+    """The paired AUROC test that suits the test set: the permutation test where either class has fewer than
+    ``SMALL_CLASS`` images (DeLong's normal approximation gives p far below what so few images can support)
+    and both sides have as many seeds, else DeLong's test."""
+    labels = np.asarray(labels).astype(bool)
+    if min(labels.sum(), (~labels).sum()) < SMALL_CLASS and len(a) == len(b):
+        return permutation_auroc_test(a, b, labels, n_permutations, seed)
+    return delong_test(a, b, labels)
 
 
 def holm(pvalues: Sequence[float]) -> np.ndarray:

@@ -18,7 +18,9 @@ if TYPE_CHECKING:
     import pandas
 
 
-RECORD_KEYS = ("method", "dataset", "setting", "shots", "seed", "backbone", "threshold", "variant", "published_as")
+RECORD_KEYS = (
+    "method", "dataset", "setting", "shots", "seed", "backbone", "threshold", "variant", "published_as", "seed_free"
+)  # fmt: skip
 
 
 def strict_json(value: Any) -> Any:

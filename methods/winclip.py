@@ -31,6 +31,7 @@ class WinCLIP(Method):
     name = "winclip"
     published_name = "WinCLIP"
     settings = frozenset({"zero_shot_loo", "few_normal", "few_shot", "full_normal", "supervised"})
+    seed_free_settings = settings  # nothing is trained: the scores follow from the backbone and the images
     Params = WinCLIPParams
     default_backbone = BackboneSpec("ViT-B-16-plus-240", "laion400m_e31")
     default_image_size = 240

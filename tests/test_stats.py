@@ -16,6 +16,7 @@ from benchmark import stats
 from benchmark.cli import main
 from benchmark.evidence import EvidenceWriter, pixel_counts
 from benchmark.metrics import PixelMetrics, auroc_exact
+from benchmark.reports.tables import interval_text
 from benchmark.store import ResultStore
 
 
@@ -41,6 +42,28 @@ def test_bootstrap_interval_is_scipys_own():
     ).confidence_interval
     assert (got.low, got.high) == (expected.low, expected.high)
     assert got.low < got.value == auroc_exact(a, labels) < got.high
+
+
+def test_monte_carlo_error_of_the_endpoints_is_their_spread_over_bootstrap_seeds():
+    """The MC error read off one bootstrap distribution is the size of the endpoints' spread over reruns with
+    other bootstrap seeds, and shrinks as the resamples grow (about as 1 / sqrt(B))."""
+    a, _, labels = _scores(12, 12)
+
+    def statistic(i):
+        return auroc_exact(a[i], labels[i])
+
+    runs = [stats.bootstrap_ci(statistic, labels, 500, seed=s) for s in range(8)]
+    spread = max(np.std([r.low for r in runs], ddof=1), np.std([r.high for r in runs], ddof=1))
+    assert 0.5 < np.mean([r.mc_error for r in runs]) / spread < 2.0
+    many = stats.bootstrap_ci(statistic, labels, 8000, seed=0)
+    assert 0 < many.mc_error < np.mean([r.mc_error for r in runs]) / 2
+
+
+def test_intervals_are_printed_only_to_the_digits_their_mc_error_supports():
+    assert interval_text(0.71234, 0.86789, 0.012) == "[71, 87]"  # an error of 1.2 points: whole points
+    assert interval_text(0.71234, 0.86789, 0.004) == "[71.2, 86.8]"
+    assert interval_text(0.71234, 0.86789, 0.00004) == "[71.23, 86.79]"  # never more than two decimals
+    assert interval_text(0.71234, 0.86789, 0.0) == "[71.23, 86.79]"  # every resample alike: no error
 
 
 def test_delong_variance_matches_a_direct_computation():
@@ -70,11 +93,32 @@ def test_delong_p_value_agrees_with_a_permutation_test():
         hits += abs(auroc_exact(x, labels) - auroc_exact(y, labels)) >= observed - 1e-12
     permutation = (hits + 1) / (rounds + 1)
     assert 0.05 < delong.p < 0.6 and abs(delong.p - permutation) < 0.03
+    vectorised = stats.permutation_auroc_test([a], [b], labels, rounds, seed=2)  # on ranks, all at once
+    assert vectorised.difference == pytest.approx(delong.difference) and abs(vectorised.p - permutation) < 0.03
+
+
+def test_small_test_sets_get_a_permutation_test_whose_p_few_images_can_support():
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(12), np.ones(12)].astype(bool)
+    a = [rng.normal(0, 1, 24) + 2 * labels for _ in range(2)]  # two seeds each
+    b = [rng.normal(0, 1, 24) - 2 * labels for _ in range(2)]
+    delong = stats.delong_test(a, b, labels)
+    test = stats.auroc_test(a, b, labels, 999)
+    assert delong.p < 1e-12 and test.test == "permutation" and test.p >= 1 / 1000
+    assert test.difference == pytest.approx(delong.difference)
+    assert stats.auroc_test(a, [b[0]], labels).test == "DeLong"  # other seed counts: no paired swap
+
+
+@pytest.mark.parametrize(("normal", "anomalous", "expected"), [(60, 49, "permutation"), (50, 50, "DeLong")])
+def test_the_auroc_test_switches_at_fifty_images_in_a_class(normal, anomalous, expected):
+    a, b, labels = _scores(normal, anomalous)
+    assert stats.auroc_test([a], [b], labels, 200).test == expected
 
 
 def test_identical_methods_give_p_one():
     a, _, labels = _scores()
     assert stats.delong_test([a, a + 0.0], [a], labels).p == 1.0
+    assert stats.permutation_auroc_test([a, a], [a, 2 * a], labels).p == 1.0  # other scale, same ranks
     same = stats.paired_bootstrap(
         lambda i: auroc_exact(a[i], labels[i]), lambda i: auroc_exact(a[i], labels[i]), labels
     )
@@ -88,6 +132,16 @@ def test_paired_bootstrap_sees_a_real_difference():
         lambda i: auroc_exact(a[i], labels[i]), lambda i: auroc_exact(noise[i], labels[i]), labels, 500
     )
     assert test.difference > 0.3 and test.p < 0.01
+
+
+def test_paired_bootstrap_p_is_never_zero():
+    """No resample crosses zero: p = 2 (1 + 0) / (B + 1), the smallest p B resamples can give, not 0."""
+    a, _, labels = _scores(80, 80, shift=3.0)
+    noise = np.random.default_rng(5).normal(0, 1, len(labels))
+    test = stats.paired_bootstrap(
+        lambda i: auroc_exact(a[i], labels[i]), lambda i: auroc_exact(noise[i], labels[i]), labels, 199
+    )
+    assert test.p == 2 / 200
 
 
 def test_holm_and_friedman_nemenyi():
@@ -156,8 +210,15 @@ def test_compare_marks_no_difference_between_twins(twins, capsys):
     frame = pd.read_csv(twins / "t" / "compare" / "image_auroc.csv")
     twin = frame[frame["entry"] == "winclip_twin"]
     assert (twin["p"] == 1.0).all() and not twin["significant"].any() and (twin["difference"].abs() < 1e-12).all()
+    tested = frame[frame["method"] != frame["reference"]]
+    assert (tested["test"] == "permutation").all()  # 5 + 5 test images: no normal approximation
+    table = "".join(line for line in out.splitlines() if line.startswith("|"))
+    assert table.count("(perm.)") == len(tested) and "(perm.) a paired permutation test of the AUROCs" in out
     assert (frame["ci_low"] <= frame["mean"]).all() and (frame["mean"] <= frame["ci_high"]).all()
-    assert "(ref.)" in out and "Holm" in out
+    assert "(ref.)" in out and "Holm" in out and "Monte Carlo error" in out
+    assert (frame["mc_error"] > 0).all()  # 10 test images: 200 resamples leave a visible error
+    for row in frame.itertuples():  # every interval printed to the digits its error supports, no more
+        assert f"{row.mean * 100:.2f} {interval_text(row.ci_low, row.ci_high, row.mc_error)}" in out
     for suffix in ("md", "tex", "csv"):
         assert (twins / "t" / "compare" / f"image_auroc.{suffix}").is_file()
     cd = sorted((twins / "t" / "compare").glob("cd_image_auroc_*"))

@@ -19,10 +19,13 @@ from benchmark import stats
 from benchmark.errors import BenchmarkError
 from benchmark.evidence import Evidence
 from benchmark.metrics import METRICS
-from benchmark.reports.tables import ROW_KEYS, row_key, setting_label
+from benchmark.reports.tables import ROW_KEYS, interval_text, mc_note, row_key, setting_label
 from benchmark.store import ResultStore
 
 TESTED = ("image_auroc", "image_accuracy", "dice")
+# Resamples and permutations: with Holm over m tests no adjusted p falls below m / (B + 1), so B must exceed
+# m / alpha (4,000: 200 tests at 0.05); the endpoints' Monte Carlo error is half that of 1,000 resamples.
+DEFAULT_RESAMPLES = 4000
 
 
 @dataclass
@@ -129,11 +132,21 @@ def load_entries(results_dir: str | Path, experiment: str) -> list[Entry]:
 
 
 def pair_test(a: Entry, b: Entry, metric: str, n_resamples: int, seed: int) -> stats.PairedTest:
-    """``a`` minus ``b`` on the same images: DeLong's test for image AUROC, a paired bootstrap otherwise."""
+    """``a`` minus ``b`` on the same images: for image AUROC a permutation test on small test sets, else
+    DeLong's test (``stats.auroc_test``); a paired bootstrap otherwise."""
     b = b.aligned_to(a)
     if metric == "image_auroc":
-        return stats.delong_test([e.scores for e in a.evidence], [e.scores for e in b.evidence], a.labels)
+        scores = _seed_scores(a, len(b.evidence)), _seed_scores(b, len(a.evidence))
+        return stats.auroc_test(*scores, a.labels, n_resamples, seed)
     return stats.paired_bootstrap(a.statistic(metric), b.statistic(metric), a.labels, n_resamples, seed)
+
+
+def _seed_scores(e: Entry, seeds: int) -> list[np.ndarray]:
+    """An entry's per-seed image scores; a seed-free entry's one run stands for ``seeds`` seeds (each would
+    have given it), so that it pairs seed by seed with an entry that ran them."""
+    scores = [ev.scores for ev in e.evidence]
+    free = len(scores) == 1 and bool(e.records) and all(r.get("seed_free") for r in e.records)
+    return scores * seeds if free else scores
 
 
 def _better(metric: str) -> bool:
@@ -153,7 +166,7 @@ def compare(
     entries: list[Entry],
     metric: str,
     baseline: str | None = None,
-    n_resamples: int = 1000,
+    n_resamples: int = DEFAULT_RESAMPLES,
     seed: int = 0,
     alpha: float = 0.05,
 ) -> Comparison:
@@ -187,6 +200,7 @@ def compare(
             row = {
                 "group": group, "dataset": dataset, "method": e.name, "entry": e.method, "seeds": len(e.evidence),
                 "images": len(e.labels), "mean": ci.value, "ci_low": ci.low, "ci_high": ci.high,
+                "mc_error": ci.mc_error,
                 "reference": reference.name if reference is not None else "", "difference": math.nan,
                 "p": math.nan, "test": "",
             }  # fmt: skip
@@ -220,24 +234,40 @@ def _pct(x: float) -> str:
 
 
 def cell_text(row, latex: bool = False) -> str:
-    """``mean [low, high]`` in percent, with a dagger when the difference from the reference is significant."""
-    text = f"{_pct(row['mean'])} [{_pct(row['ci_low'])}, {_pct(row['ci_high'])}]"
+    """``mean [low, high]`` in percent (the interval to the digits its Monte Carlo error supports), with a
+    dagger when the difference from the reference is significant."""
+    text = f"{_pct(row['mean'])} {interval_text(row['ci_low'], row['ci_high'], row['mc_error'])}"
     if row["method"] == row["reference"]:
         text += " (ref.)"
-    elif row["significant"]:
-        text += r"$^\dagger$" if latex else " †"
+    else:
+        text += (r"$^\dagger$" if latex else " †") if row["significant"] else ""
+        text += f" ({TESTS[row['test']][0]})" if row["test"] else ""
     return text
 
 
+TESTS = {  # a PairedTest's name: its tag in a table cell, and the caption's words for it
+    "DeLong": ("DeLong", "DeLong's test of the AUROCs (DeLong et al. 1988)"),
+    "permutation": (
+        "perm.",
+        f"a paired permutation test of the AUROCs on normalised ranks (Venkatraman & Begg 1996), used where a "
+        f"class has fewer than {stats.SMALL_CLASS} test images",
+    ),
+    "paired bootstrap": ("boot.", "a paired bootstrap over test images"),
+}
+
+
 def caption(c: Comparison, experiment: str, n_resamples: int) -> str:
-    test = "DeLong's test" if c.metric == "image_auroc" else "a paired bootstrap over test images"
     reference = f"the baseline {c.baseline}" if c.baseline else "the best mean of its setting and dataset"
+    used = [t for t in TESTS if (c.frame["test"] == t).any()]
+    tests = "; ".join(f"({TESTS[t][0]}) {TESTS[t][1]}" for t in used)
     return (
         f"{experiment}: {c.metric} in %, mean over seeds with its 95% confidence interval (BCa bootstrap over "
-        f"test images, stratified by label, {n_resamples} resamples). (ref.): the reference, {reference}; "
-        f"†: differs from the reference by {test}, p < {c.alpha} after Holm's correction over the "
-        f"{int(c.frame['p'].notna().sum())} tests of this table. Seeds: each method's number is its seeds' mean; "
-        "a resample draws the same images for every seed."
+        f"test images, stratified by label, {n_resamples} resamples). {mc_note(c.frame['mc_error'].max(), n_resamples)}"
+        f" (ref.): the reference, {reference}; "
+        f"†: differs from the reference, p < {c.alpha} after Holm's correction over the "
+        f"{int(c.frame['p'].notna().sum())} tests of this table, by the test each cell names"
+        + (f": {tests}." if tests else ".")
+        + " Seeds: each method's number is its seeds' mean; a resample draws the same images for every seed."
     )
 
 
@@ -307,13 +337,23 @@ class TableIntervals:
     daggers: set[tuple]
     tests: int
     alpha: float
+    resamples: int
+    used: tuple[str, ...] = ()  # the names of the tests that made the daggers (``PairedTest.test``)
+
+    def test_names(self) -> str:
+        """The tests used, in the caption's words."""
+        return "; ".join(TESTS[t][1] for t in self.used) or "no test"
 
 
 def table_intervals(
-    entries: list[Entry], metrics: tuple[str, ...], resamples: int = 1000, seed: int = 0, alpha: float = 0.05
+    entries: list[Entry],
+    metrics: tuple[str, ...],
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    alpha: float = 0.05,
 ) -> TableIntervals:
     intervals: dict[tuple, stats.Interval] = {}
-    candidates, pvalues = [], []
+    candidates, pvalues, used = [], [], []
     for metric in (m for m in metrics if m in TESTED):
         usable = [e for e in entries if metric != "dice" or e.evidence[0].has_masks]
         cells: dict[tuple[str, str], list[Entry]] = {}
@@ -327,6 +367,7 @@ def table_intervals(
             test = pair_test(ranked[0], ranked[1], metric, resamples, seed)
             candidates.append((ranked[0].row, ranked[0].dataset, metric))
             pvalues.append(test.p)
+            used.append(test.test)
     adjusted = stats.holm(pvalues)
     daggers = {c for c, p in zip(candidates, adjusted, strict=True) if p < alpha}
-    return TableIntervals(intervals, daggers, len(pvalues), alpha)
+    return TableIntervals(intervals, daggers, len(pvalues), alpha, resamples, tuple(t for t in TESTS if t in used))

@@ -48,7 +48,7 @@ def results_table(frame, metrics: tuple[str, ...]) -> str:
     for i, row in enumerate(rows):
         cells = [html.escape(row.label())]
         for col in columns:
-            text = html.escape(tables._fmt(row.values.get(col)))
+            text = html.escape(tables._fmt(row.values.get(col), seed_free=row.seed_free))
             rank = ranks[col].get(i)
             cells.append(f"<b>{text}</b>" if rank == 0 else f"<u>{text}</u>" if rank == 1 else text)
         body.append(cells)
@@ -158,7 +158,9 @@ def provenance(records: list[dict]) -> str:
     return _table_html(headers, body)
 
 
-def build_report(results_dir: str | Path, experiment: str, resamples: int = 1000) -> tuple[str, dict[str, bytes]]:
+def build_report(
+    results_dir: str | Path, experiment: str, resamples: int = compare.DEFAULT_RESAMPLES
+) -> tuple[str, dict[str, bytes]]:
     """The page, and its figures as PNG bytes (also logged to MLflow by the caller)."""
     store = ResultStore(results_dir, experiment)
     records = list(store.latest().values())

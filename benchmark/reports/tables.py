@@ -75,13 +75,15 @@ ATTEMPT_KEYS = ["method", "setting", "shots", "backbone", "dataset"]  # the seed
 
 
 def summarize(frame: pd.DataFrame) -> pd.DataFrame:
-    """Mean, std (ddof 1; 0 for one value) over the seeds that gave a number (``n``), and the seeds the grid
-    ran for that row and dataset, failed cells included (``of``), per row key, dataset and metric."""
+    """Mean, std (ddof 1; 0 for one value) over the seeds that gave a number (``n``), the seeds the grid
+    ran for that row and dataset, failed cells included (``of``), and whether every cell of it is seed-free
+    (``seed_free``: run once, as no seed changes it), per row key, dataset and metric."""
     keys = [*ROW_KEYS, "dataset", "metric"]
-    frame = frame.assign(shots=frame["shots"].fillna(0).astype(int))
+    frame = frame.assign(shots=frame["shots"].fillna(0).astype(int), seed_free=frame["seed_free"].eq(True))
     attempts = frame.groupby(ATTEMPT_KEYS, dropna=False)["seed"].nunique().rename("of").reset_index()
-    grouped = frame[frame["metric"].notna()].groupby(keys, dropna=False)["value"]
-    out = grouped.agg(mean="mean", std=lambda v: float(v.std(ddof=1)) if v.count() > 1 else 0.0, n="count")
+    grouped = frame[frame["metric"].notna()].groupby(keys, dropna=False)
+    out = grouped["value"].agg(mean="mean", std=lambda v: float(v.std(ddof=1)) if v.count() > 1 else 0.0, n="count")
+    out["seed_free"] = grouped["seed_free"].all()
     out = out.reset_index().merge(attempts, on=ATTEMPT_KEYS, how="left")
     out["of"] = out[["of", "n"]].max(axis=1).astype(int)
     return out
@@ -106,6 +108,7 @@ class Row:
     kind: str = "ours"  # ours | published | difference
     source: str = ""  # published: "mvfa Table 2"
     key: tuple = ()  # ``row_key``: where its confidence intervals are found
+    seed_free: bool = False  # every cell ran once, as no seed changes its result: no spread to show
 
     def label(self) -> str:
         """The full label (Markdown): ``name (setting)``; published and difference rows say what they are."""
@@ -137,7 +140,7 @@ def build(frame: pd.DataFrame, metrics: tuple[str, ...], published: bool = False
         }
         name = key["variant"] if isinstance(key["variant"], str) and key["variant"] else key["method"]
         group = setting_label(key["setting"], int(key["shots"]))
-        table_rows.append(Row(name, group, values, key=row_key(key)))
+        table_rows.append(Row(name, group, values, key=row_key(key), seed_free=bool(part["seed_free"].all())))
         if pub is None:
             continue
         for agg in AGGREGATES_OF.get(key["setting"], ()):
@@ -188,15 +191,19 @@ def _ranks(rows: list[Row], columns) -> dict[tuple, dict[int, int]]:
     return ranks
 
 
-def _fmt(value: Value | None, signed: bool = False, std: bool = True) -> str:
-    """``mean ± std`` in percent; ``(n/m seeds)`` when only n of the m seeds run gave a number."""
+def _fmt(value: Value | None, signed: bool = False, std: bool = True, seed_free: bool = False) -> str:
+    """``mean ± std`` in percent (``mean (deterministic)`` for a seed-free row: no seed changes it); ``(n/m
+    seeds)`` when only n of the m seeds run gave a number."""
     if value is None:
         return "--"
     mean, sd, n, of = value
     if math.isnan(mean):
         return f"-- ({n}/{of} seeds)" if n < of else "--"
     text = f"{mean * 100:+.2f}" if signed else f"{mean * 100:.2f}"
-    text = f"{text} ± {sd * 100:.2f}" if std and n > 1 and not math.isnan(sd) else text
+    if std and seed_free:
+        text = f"{text} (deterministic)"
+    elif std and n > 1 and not math.isnan(sd):
+        text = f"{text} ± {sd * 100:.2f}"
     return f"{text} ({n}/{of} seeds)" if n < of else text
 
 
@@ -206,14 +213,17 @@ def _latex_escape(text: str) -> str:
     return text
 
 
-def _latex_number(value: Value | None, signed: bool, std: bool) -> str:
-    """A number cell: true minus signs, the std small after a ± (``std``), the seed count small."""
+def _latex_number(value: Value | None, signed: bool, std: bool, seed_free: bool = False) -> str:
+    """A number cell: true minus signs, the std small after a ± (``std``; "det." for a seed-free row), the
+    seed count small."""
     text = _fmt(value, signed, std=False)
     if value is None or math.isnan(value[0]):
         return text
     number, _, seeds = text.partition(" (")
     number = number.replace("-", "$-$").replace("+", "$+$")
-    if std and value[2] > 1:
+    if std and seed_free:
+        number += r"{\scriptsize ~det.}"
+    elif std and value[2] > 1:
         number += rf"{{\scriptsize $\pm${value[1] * 100:.2f}}}"
     return number + (rf" {{\scriptsize ({seeds}}}" if seeds else "")
 
@@ -288,7 +298,9 @@ def render_latex(
             lines.append(rf"\multicolumn{{{len(columns) + 1}}}{{l}}{{\emph{{{_latex_escape(group)}}}}} \\")
         cells = []
         for col in columns:
-            cell = _latex_number(row.values.get(col), row.kind == "difference", std and row.kind == "ours")
+            cell = _latex_number(
+                row.values.get(col), row.kind == "difference", std and row.kind == "ours", row.seed_free
+            )
             interval, dagger = _interval(ci, row, col)
             cell += (rf"{{\scriptsize{interval}}}" if interval else "") + (r"$^\dagger$" if dagger else "")
             rank = ranks[col].get(i) if row.kind == "ours" else None
@@ -299,21 +311,40 @@ def render_latex(
     return "\n".join(lines) + "\n"
 
 
+def interval_text(low: float, high: float, mc_error: float) -> str:
+    """``[low, high]`` in percent, rounded at the first significant digit of the endpoints' Monte Carlo error
+    (two decimals at most, none when the error is a point or more): no digit the resampling does not fix."""
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return "[--, --]"
+    error = mc_error * 100
+    decimals = 2 if not error > 0 else min(2, max(0, -math.floor(math.log10(error))))
+    return f"[{low * 100:.{decimals}f}, {high * 100:.{decimals}f}]"
+
+
+def mc_note(largest: float, resamples: int) -> str:
+    """The caption's sentence on the intervals' Monte Carlo error (``largest``: the table's largest)."""
+    return (
+        f"Interval endpoints are rounded at the first significant digit of their Monte Carlo error (from the "
+        f"bootstrap distribution; at most {largest * 100:.2g} points at {resamples} resamples)."
+    )
+
+
 def _interval(ci, row: Row, col: tuple[str, str]) -> tuple[str, bool]:
     """`` [low, high]`` (percent) of a row's cell when ``ci`` (``TableIntervals``) has it, and its dagger."""
     if ci is None or row.kind != "ours":
         return "", False
     key = (row.key, col[0], col[1])
     found = ci.intervals.get(key)
-    text = f" [{found.low * 100:.2f}, {found.high * 100:.2f}]" if found is not None else ""
+    text = f" {interval_text(found.low, found.high, found.mc_error)}" if found is not None else ""
     return text, key in ci.daggers
 
 
 def ci_caption(ci) -> str:
+    largest = max((i.mc_error for i in ci.intervals.values()), default=0.0)
     return (
         f" [low, high]: 95% confidence interval (BCa bootstrap over test images, stratified by label; seeds "
-        f"averaged). †: the best of its setting is better than the second by DeLong's test (AUROC) or a paired "
-        f"bootstrap, p < {ci.alpha} after Holm's correction over the table's {ci.tests} tests."
+        f"averaged). {mc_note(largest, ci.resamples)} †: the best of its setting is better than the second, "
+        f"p < {ci.alpha} after Holm's correction over the table's {ci.tests} tests, by {ci.test_names()}."
     )
 
 
@@ -328,7 +359,7 @@ def render_markdown(
     for i, row in enumerate(rows):
         cells = [row.label() if row.kind == "ours" else "↳ " + row.label()]
         for col in columns:
-            text = _fmt(row.values.get(col), signed=row.kind == "difference")
+            text = _fmt(row.values.get(col), signed=row.kind == "difference", seed_free=row.seed_free)
             interval, dagger = _interval(ci, row, col)
             text += interval + (" †" if dagger else "")
             rank = ranks[col].get(i) if row.kind == "ours" else None
@@ -371,6 +402,11 @@ def caption_for(frame: pd.DataFrame, experiment: str, metrics: tuple[str, ...], 
     )
     if "dice_oracle" in metrics:
         text += " Dice (oracle): the best Dice over the threshold sweep, picked on test data; for reference only."
+    if std and frame["seed_free"].eq(True).any():
+        text += (
+            " deterministic (det.): a row whose method depends on no seed in its setting (nothing trained) and whose"
+            " data are not sampled per seed; run once, it has no spread over seeds to show."
+        )
     if any("random-init" in b for b in backbones):
         text += " Random-init backbones: not comparable with published numbers."
     summary = summarize(frame)
