@@ -164,17 +164,21 @@ def _buffered_k_center_greedy() -> type:
 @contextmanager
 def _buffered_coreset(module: torch.nn.Module) -> Iterator[None]:
     """While it lasts, the model's torch module (PatchCore's, AnomalyDINO's) samples its coreset with
-    ``_buffered_k_center_greedy``; other models are left as they are."""
+    ``_buffered_k_center_greedy``, without the sampler's own progress bar (a benchmark's output carries its
+    own lines only); other models are left as they are."""
     home = sys.modules[type(getattr(module, "model", module)).__module__]
     original = getattr(home, "KCenterGreedy", None)
     if original is None:
         yield
         return
+    sampling = sys.modules[original.__module__]
+    bar = sampling.tqdm
     home.KCenterGreedy = _buffered_k_center_greedy()
+    sampling.tqdm = functools.partial(bar, disable=True)
     try:
         yield
     finally:
-        home.KCenterGreedy = original
+        home.KCenterGreedy, sampling.tqdm = original, bar
 
 
 def _quiet_lightning() -> None:
