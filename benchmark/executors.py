@@ -210,12 +210,13 @@ def _ray_job(job: CellJob, threads: int) -> CellResult:
 
 
 def _answers(address: str, timeout_s: float = 5.0) -> str | None:
-    """Why ``host:port`` does not take a connection within ``timeout_s``, or None (``auto``: Ray finds it)."""
+    """Why ``host:port`` (``[v6]:port`` too) does not take a connection within ``timeout_s``, or None; ``auto``
+    and a ``ray://`` client address are Ray's to find."""
     host, _, port = address.rpartition(":")
-    if address == "auto" or not port.isdigit():
+    if address == "auto" or "://" in address or not port.isdigit():
         return None
     try:
-        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
+        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout_s):
             return None
     except OSError as exc:
         return exc.strerror or str(exc) or type(exc).__name__

@@ -10,6 +10,7 @@ the local records (see ``benchmark.recording``).
 from __future__ import annotations
 
 import shlex
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from benchmark import environment
 from benchmark.cells import Cell
 from benchmark.claims import Claims
 from benchmark.data.catalog import DatasetSpec
+from benchmark.errors import BenchmarkError
 from benchmark.executors import Executor, SerialExecutor
 from benchmark.killpoints import kill_point
 from benchmark.preflight import preflight, prepare_synthetic
@@ -159,12 +161,22 @@ def run_protocol(
     prepare_synthetic(protocol, catalog, data_root)
     preflight(protocol, catalog, cells, data_root, uri)
     executor.prepare(cells)
-    claims = Claims(ResultStore(protocol.results_dir, protocol.name))
+    store = ResultStore(protocol.results_dir, protocol.name)
+    claims = Claims(store)
     try:
-        return _run(protocol, catalog, cells, data_root, uri, executor, claims, resume, save_predictions, echo)
+        # claimed before reading which cells are finished: an invocation that ends meanwhile has recorded them
+        elsewhere = claims.take([c.config_hash(protocol) for c in cells])
+        return _run(
+            protocol, catalog, cells, data_root, uri, executor, store, elsewhere, claims.touch, resume,
+            save_predictions, echo,
+        )  # fmt: skip
     finally:
-        claims.release()
-        executor.close()
+        try:
+            claims.release()
+        except BenchmarkError as exc:  # the grid's own outcome (or error) stands; the claims lapse on their own
+            print(f"warning: {exc}", file=sys.stderr)
+        finally:
+            executor.close()
 
 
 def _run(
@@ -174,16 +186,19 @@ def _run(
     data_root: Path,
     uri: str,
     executor: Executor,
-    claims: Claims,
+    store: ResultStore,
+    elsewhere: dict[str, str],
+    alive: Callable[[], None],
     resume: bool,
     save_predictions: bool,
     echo: Callable[[str], None],
 ) -> RunSummary:
-    """The grid on a prepared executor: records cell by cell as results come back."""
+    """The grid on a prepared executor: records cell by cell as results come back. ``elsewhere``: the cells
+    another live invocation runs (config hash -> host:pid); ``alive()`` after each record keeps this
+    invocation's claims fresh."""
     from benchmark.job import CellJob
 
     summary = RunSummary()
-    store = ResultStore(protocol.results_dir, protocol.name)
     finished = store.finished_hashes() if resume else set()
     artifacts = Path(protocol.results_dir) / "mlartifacts" / protocol.name
     tracker = Tracker(uri, protocol.name, artifacts, protocol.description)
@@ -203,7 +218,6 @@ def _run(
 
     jobs, index, bases, running = [], {}, {}, {}
     cache_dir = str(Path(protocol.results_dir) / "cache")
-    elsewhere = claims.take([h for c in cells if (h := c.config_hash(protocol)) not in finished])
     for position, cell in enumerate(cells, 1):
         base = _base(cell, protocol)
         if base["config_hash"] in finished:
@@ -241,6 +255,7 @@ def _run(
             recorder.write(record, cell_files(result, cell.config(protocol), result.environment or env))
             recorder.log(record, run_id)
             running.pop(cell.cell_id, None)
+            alive()
             kill_point("cell_ended")
             bar.update(1)
             tag = f"[{index[cell.cell_id]}/{len(cells)}] {cell.cell_id}"

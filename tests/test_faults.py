@@ -231,3 +231,36 @@ def test_a_second_invocation_skips_the_cells_a_live_one_is_running(write_protoco
     _, runs = _runs(tmp_path / "results")
     assert len([r for r in _children(runs) if r.info.status == "FINISHED"]) == 2
     assert not (tmp_path / "results" / "t" / "running.json").exists()  # claims released at the end
+
+
+def test_claims_of_other_hosts_hold_while_fresh_and_lapse_when_stale(tmp_path):
+    # a claim of an invocation killed on another host (a container that came back under a new name) held
+    # its cells for ever
+    import json
+
+    from benchmark.claims import STALE_S, Claims
+
+    store = ResultStore(tmp_path, "t")
+    store.dir.mkdir(parents=True)
+    now = time.time()
+    (store.dir / "running.json").write_text(json.dumps({
+        "fresh": {"driver": "another-host:4242", "at": now - 60},
+        "stale": {"driver": "another-host:4242", "at": now - STALE_S - 60},
+        "dead": {"driver": f"{__import__('socket').gethostname()}:999999999", "at": now},
+    }))  # fmt: skip
+    claims = Claims(store)
+    assert claims.take(["fresh", "stale", "dead", "new"]) == {"fresh": "another-host:4242"}
+    held = json.loads((store.dir / "running.json").read_text())
+    assert {h for h, c in held.items() if c["driver"] == claims.me} == {"stale", "dead", "new"}
+    claims.touch()
+    assert all(json.loads((store.dir / "running.json").read_text())[h]["at"] >= now for h in ("stale", "new"))
+    claims.release()
+    assert set(json.loads((store.dir / "running.json").read_text())) == {"fresh"}
+    assert not list(store.dir.glob(".running.json.*"))
+
+
+def test_ray_addresses_that_ray_resolves_are_not_probed():
+    from benchmark.executors import _answers
+
+    assert _answers("auto") is None and _answers("ray://localhost:10001") is None
+    assert _answers("[::1]:1") is not None and _answers("127.0.0.1:1") is not None  # nothing listens on port 1

@@ -235,6 +235,7 @@ def test_a_prompt_table_without_descriptions_is_said_once(seg_root, catalog, tmp
     listing = prompt_file(root, catalog["SynthBrainSeg"], "train")
     rows = pd.read_excel(listing)
     rows["Description"] = None
+    rows.loc[0, "Description"] = "   "  # blank too
     rows.to_excel(listing, index=False)
     capsys.readouterr()
     for _ in range(2):

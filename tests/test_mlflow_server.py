@@ -148,7 +148,9 @@ def test_server_down_mid_grid_then_the_printed_sync_gives_one_finished_run_per_c
     assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1 and "no records" in wrong.stderr
     _, after = _runs(server.uri)
     assert {r.info.run_id: r.info.status for r in after} == {r.info.run_id: r.info.status for r in before}
-    synced = subprocess.run(hint.split(), capture_output=True, text=True,
+    command = hint.split()
+    assert command[:4] == ["python", "-m", "benchmark", "sync"]
+    synced = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True,
                             env={**os.environ, "MLFLOW_TRACKING_URI": server.uri})  # fmt: skip
     assert synced.returncode == 0, synced.stderr
     _, runs = _runs(server.uri)

@@ -104,7 +104,8 @@ def test_small_test_sets_get_a_permutation_test_whose_p_few_images_can_support()
     b = [rng.normal(0, 1, 24) - 2 * labels for _ in range(2)]
     delong = stats.delong_test(a, b, labels)
     test = stats.auroc_test(a, b, labels, 999)
-    assert delong.p < 1e-12 and test.test == "permutation" and test.p >= 1 / 1000
+    # no swap of 999 reaches the observed difference: p is the floor (1 + 0) / (999 + 1), never 0 nor 1e-70
+    assert delong.p < 1e-12 and test.test == "permutation" and test.p == 1 / 1000
     assert test.difference == pytest.approx(delong.difference)
     assert stats.auroc_test(a, [b[0]], labels).test == "DeLong"  # other seed counts: no paired swap
 

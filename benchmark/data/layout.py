@@ -111,7 +111,7 @@ def read_segmentation_split(
             for path in (img_dir / str(image), mask_dir / str(mask)):
                 if not path.is_file():
                     raise BenchmarkError(f"{listing}: lists '{path.name}', which is not in '{path.parent}'")
-            description = str(text).strip() if isinstance(text, str) else None
+            description = (text.strip() or None) if isinstance(text, str) else None  # blank: the default prompt
             samples.append(Sample(str(img_dir / str(image)), 1, str(mask_dir / str(mask)), spec.name,
                                   spec.mask_threshold, description, True))  # fmt: skip
     elif fraction not in (None, 100) or design not in (None, "original"):
