@@ -252,7 +252,7 @@ TESTS = {  # a PairedTest's name: its tag in a table cell, and the caption's wor
     "permutation": (
         "perm.",
         f"a paired permutation test of the AUROCs on normalised ranks (Venkatraman & Begg 1996), used where a "
-        f"class has fewer than {stats.SMALL_CLASS} test images",
+        f"class has fewer than {stats.SMALL_CLASS} test images and both entries have as many seeds (else DeLong)",
     ),
     "paired bootstrap": ("boot.", "a paired bootstrap over test images"),
 }
