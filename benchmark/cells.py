@@ -12,7 +12,14 @@ from benchmark import __version__
 from benchmark.data.catalog import DatasetSpec
 from benchmark.errors import BenchmarkError
 from benchmark.method import METHODS
-from benchmark.protocol import BackboneSpec, Protocol, image_size_problem, parse_backbone, parse_resources
+from benchmark.protocol import (
+    SHOT_SETTINGS,
+    BackboneSpec,
+    Protocol,
+    image_size_problem,
+    parse_backbone,
+    parse_resources,
+)
 
 
 @dataclass(frozen=True)
@@ -70,13 +77,11 @@ class Cell:
         return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
-SAMPLED_SETTINGS = frozenset({"few_shot", "few_normal"})  # draw K samples per sampling seed (data/splits.py)
-
-
 def seed_free(cls: type, setting: str) -> bool:
     """A method that declares ``setting`` seed-free, in a setting whose training data are not drawn with the
-    sampling seed: every seed would give the same result."""
-    return setting in cls.seed_free_settings and setting not in SAMPLED_SETTINGS
+    sampling seed (the K-shot settings draw K samples per sampling seed): every seed would give the same
+    result."""
+    return setting in cls.seed_free_settings and setting not in SHOT_SETTINGS
 
 
 def plugin_of(name: str, raw: dict[str, Any]) -> str:
