@@ -27,9 +27,14 @@ STALE_S = 24 * 3600  # a claim without a sign of life for this long is void
 Held = dict[str, dict]  # config hash -> {"driver": host:pid, "at": seconds since the epoch}
 
 
+def claims_file(store: ResultStore) -> Path:
+    """Where the claims of an experiment's invocations are kept."""
+    return store.dir / "running.json"
+
+
 class Claims:
     def __init__(self, store: ResultStore) -> None:
-        self.path = store.dir / "running.json"
+        self.path = claims_file(store)
         self.me = driver_id()
 
     def _change(self, change: Callable[[Held], dict[str, str]]) -> dict[str, str]:

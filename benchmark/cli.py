@@ -175,7 +175,10 @@ def _cmd_run(args) -> int:
     if summary.finished or summary.skipped:
         print("next:\n" + "\n".join(f"  {line}" for line in next_commands(protocol)))
     if summary.elsewhere:
-        claims = Path(protocol.results_dir) / protocol.name / "running.json"
+        from benchmark.claims import claims_file
+        from benchmark.store import ResultStore
+
+        claims = claims_file(ResultStore(protocol.results_dir, protocol.name))
         print(f"{len(summary.elsewhere)} cells were being run by another invocation of '{protocol.name}'; once it "
               f"has ended, run the same command with --resume for any it did not finish (its claims are in "
               f"{claims}, void once it has died on this host or shown no life for a day)")  # fmt: skip
