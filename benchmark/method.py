@@ -215,13 +215,13 @@ def check_param(f: dataclasses.Field, value: Any) -> str | None:
     if value is None:
         return None if default is None else f"expected {type(default).__name__}, got null"
     expected = meta.get("kind") or (type(default) if default is not None else None)
-    if expected is not None and not _same_type(expected, value):
+    if expected is not None and not same_type(expected, value):
         return f"expected {expected.__name__}, got {value!r}"
     if meta.get("choices") is not None and value not in meta["choices"]:
         return f"expected one of {', '.join(map(str, meta['choices']))}, got {value!r}"
     numbers = value if isinstance(value, list | tuple) else [value]
     if isinstance(default, tuple) and default and isinstance(value, list | tuple):
-        wrong = [v for v in value if not _same_type(type(default[0]), v)]
+        wrong = [v for v in value if not same_type(type(default[0]), v)]
         if wrong:
             return f"expected a list of {type(default[0]).__name__}, got {wrong[0]!r}"
     for number in numbers:
@@ -236,7 +236,9 @@ def check_param(f: dataclasses.Field, value: Any) -> str | None:
     return None
 
 
-def _same_type(expected: type, value: Any) -> bool:
+def same_type(expected: type, value: Any) -> bool:
+    """Whether ``value`` is of the ``expected`` type of a parameter: a bool only for bool, an int also for float,
+    a list or tuple for tuple."""
     if expected is bool or isinstance(value, bool):
         return expected is bool and isinstance(value, bool)
     if expected is float:

@@ -21,7 +21,7 @@ import warnings
 from typing import Any, ClassVar
 
 from benchmark.errors import BenchmarkError
-from benchmark.method import HARNESS_KEYS, METHODS, Method
+from benchmark.method import HARNESS_KEYS, METHODS, Method, same_type
 from benchmark.protocol import BackboneSpec
 
 # anomalib class -> the name the papers print (MVFA Table 1, MCMIAD Table 1)
@@ -84,17 +84,13 @@ class AnomalibMethod(Method):
 
 
 def _expected_type(default: Any, value: Any) -> str | None:
-    """The type a constructor parameter with this default takes, where ``value`` is not of it; None where it is
-    or the default cannot tell (none, None or not a literal). A float takes an int; a list or tuple either."""
+    """The type a constructor parameter with this default takes, where ``value`` is not of it (the harness's
+    ``same_type``: a float takes an int, a list a tuple); None where it is or the default cannot tell (none,
+    None or not a literal)."""
     if value is None or default in (None, inspect.Parameter.empty, ANOMALIB_DEFAULT):
         return None
-    if isinstance(default, list | tuple):
-        return None if isinstance(value, list | tuple) else "list"
-    if isinstance(default, bool) or isinstance(value, bool):
-        return None if isinstance(default, bool) and isinstance(value, bool) else type(default).__name__
-    if isinstance(default, float):
-        return None if isinstance(value, int | float) else "float"
-    return None if isinstance(value, type(default)) else type(default).__name__
+    expected = tuple if isinstance(default, list | tuple) else type(default)
+    return None if same_type(expected, value) else "list" if expected is tuple else expected.__name__
 
 
 _RESOLVED: dict[str, type[Method]] = {}  # one class per anomalib model, whatever the case it was named in
