@@ -12,6 +12,7 @@ from benchmark import __version__
 from benchmark.data.catalog import DatasetSpec
 from benchmark.errors import BenchmarkError
 from benchmark.method import METHODS
+from benchmark.precision import problem as precision_problem
 from benchmark.protocol import (
     SHOT_SETTINGS,
     BackboneSpec,
@@ -39,6 +40,7 @@ class Cell:
     loo_sources: tuple[str, ...] = ()
     plugin: str = ""
     prompt_design: str | None = None  # MedCLIPSeg's test prompts (protocol axis); None: not an axis
+    precision: str | None = None  # set by the protocol or method entry; None: the method's default on the device
 
     @property
     def plugin_name(self) -> str:
@@ -54,14 +56,16 @@ class Cell:
         k = (f"-p{self.shots}" if self.setting == "data_fraction" else f"-k{self.shots}") if self.shots else ""
         source = f"-from-{self.loo_sources[0]}" if self.setting == "domain_generalization" else ""
         design = f"-prompt-{self.prompt_design}" if self.prompt_design else ""
-        return f"{self.method}-{self.dataset}-{self.setting}{k}{source}{design}-seed{self.seed}"
+        precision = f"-{self.precision}" if self.precision not in (None, "fp32") else ""
+        return f"{self.method}-{self.dataset}-{self.setting}{k}{source}{design}-seed{self.seed}{precision}"
 
     def config(self, protocol: Protocol) -> dict[str, Any]:
         """Everything the cell's result depends on, as recorded and hashed (an unused axis left out, so that
         adding an axis kept earlier cells' hashes)."""
         cell = {**asdict(self), "backbone": asdict(self.backbone)}
-        if cell["prompt_design"] is None:
-            del cell["prompt_design"]
+        for axis in ("prompt_design", "precision"):
+            if cell[axis] is None:
+                del cell[axis]
         return {
             "harness_version": __version__,
             "protocol": {"name": protocol.name, "version": protocol.version},
@@ -128,6 +132,9 @@ def expand(protocol: Protocol, catalog: dict[str, DatasetSpec], methods=None, da
         problem = image_size_problem(image_size)
         if problem:
             raise BenchmarkError(f"{where}: methods.{m}.image_size: {problem}")
+        precision = raw.get("precision", protocol.precision)
+        if precision is not None and precision_problem(precision):
+            raise BenchmarkError(f"{where}: methods.{m}.precision: {precision_problem(precision)}")
         supported = [s for s in protocol.settings if s.name in cls.settings]
         if not supported:
             names = ", ".join(s.name for s in protocol.settings)
@@ -160,6 +167,7 @@ def expand(protocol: Protocol, catalog: dict[str, DatasetSpec], methods=None, da
                                     loo,
                                     plugin if plugin != m else "",
                                     design,
+                                    precision,
                                 )
                             )
     return cells

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import time
@@ -44,12 +43,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--workers",
         type=int,
-        help="run cells in N local worker processes (one GPU each, round robin, where there are GPUs)",
+        help="run cells in N local worker processes (one GPU each, round robin, where there are GPUs); default: one "
+        "per GPU, else one per CPU core ($MEDAD_BENCH_WORKERS where set); 1: one cell after another in this process",
     )
     run.add_argument(
         "--executor",
         choices=("serial", "local", "ray"),
-        help="where cells run: serial (default), local (--workers processes) or ray (a Ray cluster)",
+        help="where cells run: local (--workers processes; the default), serial (this process) or ray (a Ray cluster)",
     )
     run.add_argument("--address", help="with --executor ray: the cluster to join (e.g. auto); none: a local Ray")
     tables = sub.add_parser("tables", help="render an experiment's results as tables")
@@ -78,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     tables.add_argument(
         "--efficiency",
         action="store_true",
-        help="trainable parameters and head FLOPs beside average AUROC (MCMIAD Table 2)",
+        help="per method: parameters, GFLOPs, fit time, ms per image, images/s and peak memory, with the precision "
+        "and device, beside average AUROC (MCMIAD Table 2's layout)",
     )
     tables.add_argument("--results-dir", default="results", help="the folder runs wrote to (results)")
     tables.add_argument("--out", help="write the table to this file instead of printing it")
@@ -163,6 +164,7 @@ def _cmd_run(args) -> int:
     if note:
         print(f"note: {note}")
     executor = _executor(args, protocol)
+    print(f"cells run on: {executor.describe()}")
     summary = run_protocol(
         protocol, catalog, cells, root, resume=args.resume, save_predictions=args.save_predictions, executor=executor
     )
@@ -191,22 +193,24 @@ def _cmd_run(args) -> int:
 
 
 def _executor(args, protocol):
-    """The executor the flags ask for: serial by default, local with --workers, or ray."""
+    """The executor the flags ask for: by default local workers that use the machine (``default_workers``), in
+    this process where that is one; serial, local with --workers, or ray when asked."""
     from benchmark import executors
 
-    kind = args.executor or ("local" if args.workers and args.workers > 1 else "serial")
     if args.workers is not None and args.workers < 1:
         raise BenchmarkError(f"--workers: expected a number of processes >= 1, got {args.workers}")
-    if args.address and kind != "ray":
+    if args.address and args.executor != "ray":
         raise BenchmarkError("--address: only with --executor ray")
-    if args.workers and args.workers > 1 and kind != "local":
-        raise BenchmarkError(f"--workers {args.workers}: only with --executor local (not '{kind}', which ignores it)")
-    if kind == "serial":
-        return executors.SerialExecutor()
-    if kind == "ray":
+    if args.workers and args.workers > 1 and args.executor not in (None, "local"):
+        raise BenchmarkError(
+            f"--workers {args.workers}: only with --executor local (not '{args.executor}', which ignores it)"
+        )
+    if args.executor == "ray":
         from benchmark.cells import cell_resources
 
         return executors.RayExecutor(args.address, lambda cell: cell_resources(protocol, cell))
+    if args.executor == "serial":
+        return executors.SerialExecutor()
     devices = []
     if protocol.device != "cpu":
         import torch
@@ -215,7 +219,9 @@ def _executor(args, protocol):
             devices = [protocol.device]
         elif torch.cuda.is_available():
             devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    workers = args.workers or len(devices) or (os.cpu_count() or 1)
+    workers = args.workers or executors.default_workers(devices)
+    if workers == 1 and args.executor is None:
+        return executors.SerialExecutor()
     return executors.LocalExecutor(workers, devices)
 
 
@@ -331,8 +337,8 @@ def _cmd_tables(args) -> int:
 
         ci = table_intervals(load_entries(args.results_dir, args.experiment), metrics)
     if args.efficiency:
-        caption = f"{args.experiment}: trainable parameters of each method's head beside its mean AUROC (%)."
-        text = tables.render_efficiency(list(store.latest().values()), args.format, caption)
+        records = list(store.latest().values())
+        text = tables.render_efficiency(records, args.format, tables.efficiency_caption(args.experiment, records))
     elif args.format == "latex":
         text = tables.render_latex(frame, metrics, caption, f"tab:{args.experiment}", args.published, args.std, ci)
     elif args.format == "markdown":

@@ -1,9 +1,9 @@
 """Executors run cell jobs and hand their results back to the driver as they finish.
 
-- ``serial``: one after another in the driver's process (the default).
-- ``local`` (``--workers N``): N worker processes started once; each sets its torch threads to its share of
-  the cores and, on a machine with GPUs, takes one device (round robin). A worker that dies (killed, out of
-  memory) fails its cell with that reason and is replaced; the grid goes on.
+- ``serial`` (``--workers 1``): one after another in the driver's process.
+- ``local`` (``--workers N``; by default ``default_workers()``): N worker processes started once; each sets its
+  torch threads to its share of the cores and, on a machine with GPUs, takes one device (round robin). A worker
+  that dies (killed, out of memory) fails its cell with that reason and is replaced; the grid goes on.
 - ``ray`` (``--executor ray [--address ADDR]``): one Ray task per cell with the resources the protocol asks
   (``resources: {cpus, gpus}``), results collected with ``ray.wait`` as they finish; Ray schedules.
 
@@ -36,6 +36,38 @@ if TYPE_CHECKING:
 OnStart = Callable[["CellJob"], None]
 
 
+WORKERS_ENV = "MEDAD_BENCH_WORKERS"  # the default number of workers, where set (the test suite sets 1)
+WORKER_MEMORY = 2 * 2**30  # bytes of available memory per default CPU worker: a demo worker peaks at about 1.4 GB
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, where the system tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _available_memory() -> int | None:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def default_workers(devices: list[str]) -> int:
+    """How many cells run at once when ``--workers`` is not given: ``$MEDAD_BENCH_WORKERS`` where set; else one
+    worker per GPU; else one per core with one torch thread each (on 2 cores, 2 workers of one thread ran the demo
+    in 0.6 of the time one process of two threads took: ``tests/perf/readme_times.py``), at most one per
+    ``WORKER_MEMORY`` of available memory."""
+    if (value := os.environ.get(WORKERS_ENV)) is not None:
+        if not value.isdigit() or int(value) < 1:
+            raise BenchmarkError(f"{WORKERS_ENV}: expected a number of processes >= 1, got '{value}'")
+        return int(value)
+    if devices:
+        return len(devices)
+    memory = _available_memory()
+    by_memory = max(1, memory // WORKER_MEMORY) if memory else usable_cores()
+    return max(1, min(usable_cores(), by_memory))
+
+
 def _failed(job: CellJob, reason: str) -> CellResult:
     from benchmark.job import CellResult
 
@@ -47,6 +79,10 @@ class Executor:
     that the cells can run at all, ``close`` releases what ``prepare`` took."""
 
     name = ""
+
+    def describe(self) -> str:
+        """Where the cells run, in a few words for the run's first lines."""
+        return self.name
 
     def prepare(self, cells: list[Cell]) -> None:
         return None
@@ -62,6 +98,9 @@ class SerialExecutor(Executor):
     """Every job in this process, in order."""
 
     name = "serial"
+
+    def describe(self) -> str:
+        return "one cell after another in this process"
 
     def run(self, jobs: list[CellJob], on_start: OnStart) -> Iterator[tuple[CellJob, CellResult]]:
         from benchmark.job import run_job
@@ -132,14 +171,20 @@ class _Worker:
 
 
 class LocalExecutor(Executor):
-    """``workers`` processes on this machine, each with ``cpu_count // workers`` torch threads."""
+    """``workers`` processes on this machine, each with ``usable_cores() // workers`` torch threads (fixed for the
+    run, whatever is left to do: a cell's numbers never depend on how many others were pending)."""
 
     name = "local"
 
     def __init__(self, workers: int, devices: list[str] | None = None) -> None:
         self.workers = workers
         self.devices = devices or []
-        self.threads = max(1, (os.cpu_count() or 1) // workers)
+        self.threads = max(1, usable_cores() // workers)
+
+    def describe(self) -> str:
+        where = f", on {', '.join(self.devices)}" if self.devices else ""
+        each = f"{self.threads} torch thread(s) each{where}"
+        return f"{self.workers} local worker processes of {each} (--workers 1: one cell after another here)"
 
     def _spawn(self, slot: int) -> _Worker:
         ctx = multiprocessing.get_context("spawn")
@@ -226,6 +271,9 @@ class RayExecutor(Executor):
     """One Ray task per cell; ``resources(cell)`` gives its ``{cpus, gpus}`` (one CPU, no GPU by default)."""
 
     name = "ray"
+
+    def describe(self) -> str:
+        return f"Ray ({self.address or 'a local cluster'}), one task per cell"
 
     def __init__(self, address: str | None, resources: Callable[[Cell], dict[str, float]]) -> None:
         try:  # before anything is recorded

@@ -18,13 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmark import environment
+from benchmark import efficiency, environment, precision
 from benchmark.backbones.cache import FeatureCache
 from benchmark.cells import Cell
 from benchmark.data.catalog import DatasetSpec
 from benchmark.data.layout import Sample
 from benchmark.data.loading import LoaderConfig, iterate_batches
 from benchmark.data.splits import content_hash
+from benchmark.efficiency import LoadTimer
 from benchmark.errors import BenchmarkError
 from benchmark.evidence import Evidence, EvidenceWriter
 from benchmark.killpoints import kill_point
@@ -62,6 +63,7 @@ class CellResult:
     manifest: dict = field(default_factory=dict)
     figures: dict[str, bytes] = field(default_factory=dict)  # file name -> PNG
     evidence: bytes = b""  # evidence.npz: per-image scores, labels and pixel counts
+    efficiency: dict[str, float] = field(default_factory=dict)  # benchmark.efficiency: times, memory, size, FLOPs
     history: dict[str, list[float]] = field(default_factory=dict)  # per-epoch training curves
     test_hash: str = ""
     environment: dict = field(default_factory=dict)
@@ -137,12 +139,14 @@ def evaluate(
     loader: LoaderConfig | None = None,
     keep_evidence: bool = True,
     image_level: bool = True,
+    timer: LoadTimer | None = None,
 ) -> Evaluation:
     """Predict ``samples`` batch by batch into streaming accumulators; maps are never all held at once.
 
     A metric that would be undefined (one class only, no anomalous pixel left at ``size``) is an error, so
     that no NaN is ever recorded as a result. ``image_level`` False (a segmentation-only dataset: every image
-    holds a lesion) leaves the image metrics out: not applicable, so absent."""
+    holds a lesion) leaves the image metrics out: not applicable, so absent. A ``timer`` times the loading of
+    batches."""
     images = ImageMetrics()
     pixels = PixelMetrics((*sweep, thresholds["dice"])) if has_masks else None
     segments = SegmentationMetrics(thresholds["dice"]) if has_masks else None
@@ -151,12 +155,14 @@ def evaluate(
     keys: list[str] = []
     evidence = EvidenceWriter((*sweep, thresholds["dice"]), has_masks) if keep_evidence else None
     want = {0: (figure_samples + 1) // 2, 1: figure_samples // 2}
-    for batch in iterate_batches(samples, size, batch_size, loader):
+    batches = iterate_batches(samples, size, batch_size, loader)
+    for batch in timer.timed(batches) if timer is not None else batches:
         with torch.no_grad():
             pred = method.predict(batch.unlabelled())
-        uncertainty = pred.uncertainty.cpu() if pred.uncertainty is not None else None
+        # float32 whatever the precision the method computed in (benchmark.precision)
+        uncertainty = pred.uncertainty.float().cpu() if pred.uncertainty is not None else None
         scores, maps = _check_prediction(
-            method, pred.image_scores.cpu(), pred.maps.cpu(), len(batch.keys), size, uncertainty
+            method, pred.image_scores.float().cpu(), pred.maps.float().cpu(), len(batch.keys), size, uncertainty
         )
         images.update(scores, batch.labels)
         if pixels is not None:
@@ -290,34 +296,60 @@ def run_job(job: CellJob) -> CellResult:
         context = MethodContext(
             spec, cell.setting, cell.shots, cell.seed, cell.image_size, device, cell.backbone, cache
         )
-        method = cls.build(cls.Params(**cell.params), context)
         specs = {name: catalog[name] for name in {s.dataset for s in (*split.train, *split.auxiliary)} | {cell.dataset}}
         loader = loader_config(protocol, device)
         train = TrainSet(
             split.train, cell.setting, cell.shots, cell.image_size, specs, split.valid, loader, split.auxiliary
         )
-        method.fit(train)
         image_level = not spec.segmentation_only
-        thresholds = choose_thresholds(method, split.valid, spec.masks, protocol, cell.image_size, loader, image_level)
         writer = None
         if job.save_predictions:
             Path(job.cell_dir).mkdir(parents=True, exist_ok=True)
             writer = PredictionWriter(Path(job.cell_dir) / "predictions.npz", len(split.test), cell.image_size)
-        ev = evaluate(
-            method,
-            split.test,
-            spec.masks,
-            thresholds,
-            protocol.sweep,
-            cell.image_size,
-            protocol.batch_size,
-            protocol.figure_samples,
-            writer,
-            loader=loader,
-            image_level=image_level,
-        )
+        timer = LoadTimer()
+        efficiency.reset_peak_memory(device)
+        computing = precision.resolve(cell.precision, cls.reference_precision, device.type)
+        with precision.running(computing, device.type) as policy:
+            method = cls.build(cls.Params(**cell.params), context)
+            fit_started = time.perf_counter()
+            method.fit(train)
+            efficiency.synchronise(device)
+            fit_s = time.perf_counter() - fit_started
+            thresholds = choose_thresholds(
+                method, split.valid, spec.masks, protocol, cell.image_size, loader, image_level
+            )
+            ev = evaluate(
+                method,
+                split.test,
+                spec.masks,
+                thresholds,
+                protocol.sweep,
+                cell.image_size,
+                protocol.batch_size,
+                protocol.figure_samples,
+                writer,
+                loader=loader,
+                image_level=image_level,
+                timer=timer,
+            )
+            # the model's cost without the feature cache: a batch timed, then one image's FLOPs counted
+            batch = next(iterate_batches(split.test, cell.image_size, protocol.batch_size)).unlabelled()
+            with cache.bypassed():
+                model_s = efficiency.time_forward(lambda: method.predict(batch), device)
+                peak_mb = efficiency.peak_memory_mb(device)
+                gflops = efficiency.count_flops(lambda: method.predict(batch.first(1)), 1)
+            described = method.describe()  # a method may compute here (a head's FLOPs): in the cell's precision
         if writer is not None:
             writer.close()
+        result.efficiency = {
+            "fit_s": fit_s,
+            **efficiency.speed(timer, model_s, len(batch.keys)),
+            "peak_memory_mb": peak_mb,
+            **efficiency.parameter_counts(method),
+            # the method's own count where it gives one (the head it trains, not every module left trainable)
+            **({"trainable_params": float(described["trainable_params"])} if "trainable_params" in described else {}),
+            "gflops_per_image": gflops,
+        }
         result.figures = cell_figures(ev, f"{cell.cell_id} | backbone {cell.backbone.label()}", thresholds)
         result.metrics, result.sweep, result.test_hash = ev.metrics, ev.sweep, ev.test_hash
         result.evidence = ev.evidence.to_bytes()
@@ -330,8 +362,12 @@ def run_job(job: CellJob) -> CellResult:
             "threshold_dice": thresholds["dice"],
             "threshold_accuracy": thresholds["accuracy"],
             "published_as": method.published_as(),
-            **method.describe(),
+            "precision": computing,
+            **({"training_precision": policy.trained_in} if policy.trained_in else {}),
+            **described,
         }
+        if computing != precision.DEFAULT:  # a row of its own in the tables, never averaged with fp32 seeds
+            result.info["variant"] = f"{result.info.get('variant', cell.method)} ({computing})"
         if cell.prompt_design:  # a row per design; only the original prompts are the published configuration
             result.info["variant"] = f"{result.info.get('variant', cell.method)} (prompts: {cell.prompt_design})"
             result.info["prompt_design"] = cell.prompt_design

@@ -34,7 +34,8 @@ if TYPE_CHECKING:  # declaring, listing and validating methods never imports tor
     from benchmark.backbones.cache import FeatureCache
     from benchmark.data.loading import ImageBatch, LabelledBatch, LoaderConfig
 
-HARNESS_KEYS = ("method", "backbone", "image_size", "resources")  # per-method protocol keys the harness reads
+# per-method protocol keys the harness reads
+HARNESS_KEYS = ("method", "backbone", "image_size", "resources", "precision")
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,9 @@ class Method:
     default_backbone: ClassVar[BackboneSpec | None] = None
     default_image_size: ClassVar[int | None] = None
     implementation: ClassVar[str] = ""  # "module:Class" that fits and predicts; empty: this class itself
+    # the precision its published code runs in on a GPU: a cell's default on CUDA (fp32 on the CPU), unless the
+    # protocol or the method entry sets ``precision`` (``benchmark.precision``)
+    reference_precision: ClassVar[str] = "fp32"
 
     @classmethod
     def build(cls, params: Any, context: MethodContext) -> Method:

@@ -125,7 +125,7 @@ class ImageMetrics:
         self._labels: list[np.ndarray] = []
 
     def update(self, scores: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> None:
-        self._scores.append(np.asarray(torch.as_tensor(scores).detach().cpu(), dtype=np.float64).reshape(-1))
+        self._scores.append(np.asarray(torch.as_tensor(scores).detach().cpu().double()).reshape(-1))
         self._labels.append(np.asarray(torch.as_tensor(labels).cpu()).astype(np.int64).reshape(-1))
 
     @property

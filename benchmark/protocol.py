@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from benchmark.errors import BenchmarkError
+from benchmark.precision import problem as precision_problem
 
 SETTINGS = (
     "zero_shot_loo", "few_shot", "few_normal", "supervised", "full_normal", "data_fraction", "domain_generalization"
@@ -91,6 +92,7 @@ class Protocol:
     resources: dict[str, float] = field(default_factory=dict)  # per cell on a Ray cluster: {cpus, gpus}
     prompt_designs: tuple[str, ...] = ()  # MedCLIPSeg's test-prompt designs: one cell each (empty: its original)
     loader_workers: int | None = None  # image-decoding processes per cell; None: from the CPU count
+    precision: str | None = None  # fp32 | tf32 | bf16 | fp16; None: each method's default (benchmark.precision)
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
 
@@ -343,6 +345,7 @@ def load_protocol(path: str | Path) -> Protocol:
         resources=parse_resources(path, data.get("resources") if isinstance(data, dict) else None, "resources"),
         loader_workers=r.get("loader_workers", int, None),
         prompt_designs=r.get_list("prompt_designs", str, ()),
+        precision=r.get("precision", str, None),
         raw=data,
     )
     r.used.add("resources")  # read above from the raw mapping
@@ -355,6 +358,8 @@ def load_protocol(path: str | Path) -> Protocol:
     bad = [d for d in protocol.prompt_designs if d not in PROMPT_DESIGNS]
     if bad:
         r.fail(f"unknown prompt design '{bad[0]}' (expected one of {', '.join(PROMPT_DESIGNS)})", "prompt_designs")
+    if protocol.precision is not None and precision_problem(protocol.precision):
+        r.fail(precision_problem(protocol.precision), "precision")
     if protocol.figure_samples < 0:
         r.fail("expected 0 or more images", "figure_samples")
     if protocol.loader_workers is not None and protocol.loader_workers < 0:

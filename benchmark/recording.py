@@ -36,9 +36,11 @@ CELL_FILES = (
 )
 
 
-def mlflow_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """The metrics MLflow shows as columns: the sweep's ``dice_t*`` stay in the record and ``sweep.png``."""
-    return {k: v for k, v in metrics.items() if not k.startswith("dice_t")}
+def mlflow_metrics(record: dict[str, Any]) -> dict[str, float]:
+    """The metrics MLflow shows as columns: the record's metrics but the sweep's ``dice_t*`` (they stay in the
+    record and ``sweep.png``), and its efficiency figures as ``efficiency/*``."""
+    metrics = {k: v for k, v in record["metrics"].items() if not k.startswith("dice_t")}
+    return metrics | {f"efficiency/{k}": v for k, v in record.get("efficiency", {}).items()}
 
 
 class RecordingError(BenchmarkError):
@@ -105,7 +107,7 @@ class Recorder:
         finished = record["status"] == "finished"
         if finished:
             self.tracker.log(
-                run_id, params=record["params"], metrics=mlflow_metrics(record["metrics"]), tags=record.get("tags", {})
+                run_id, params=record["params"], metrics=mlflow_metrics(record), tags=record.get("tags", {})
             )
             self.tracker.log_curves(run_id, record.get("history", {}))
         else:
@@ -142,7 +144,7 @@ class Recorder:
                 run_id = run.info.run_id
                 done["completed"] += 1
             logged = run is not None and run.data.metrics  # a run killed after its metrics: the rest only
-            self.log({**record, "metrics": {}, "history": {}} if logged else record, run_id)
+            self.log({**record, "metrics": {}, "efficiency": {}, "history": {}} if logged else record, run_id)
         named = {r.get("mlflow_run_id") for r in self.store.latest().values()}
         ours = store_tag(self.store)[STORE_TAG]
         for run in runs.values():

@@ -128,6 +128,7 @@ def _record(base: dict[str, Any], result, cell: Cell, protocol: Protocol, run_id
     return {
         **record,
         "metrics": result.metrics,
+        "efficiency": result.efficiency,
         "history": result.history,
         "params": params,
         # the protocol's main threshold (None when chosen per cell on validation data; the chosen values are

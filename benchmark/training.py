@@ -1,5 +1,6 @@
 """The training loop shared by every trained method: optimizer, epochs, progress bar, seeding, device
-placement, mixed precision on CUDA, gradient clipping, and a per-epoch hook for model selection.
+placement, mixed precision as the cell's precision says (``benchmark.precision``), gradient clipping, and a
+per-epoch hook for model selection.
 
 A method supplies the parameters to train, a ``step(batch) -> loss`` function and the batches of an epoch;
 the loop owns everything else, so that methods differ only in their maths.
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from benchmark import environment
+from benchmark import environment, precision
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     grad_clip: float | None = None
-    amp: bool = True  # autocast (bf16 where supported, else fp16 with loss scaling); CUDA only
+    amp: bool = True  # the method allows mixed-precision training (the cell's bf16 or fp16); False: fp32 always
     progress: bool = True
 
 
@@ -57,9 +58,10 @@ def fit(
     """
     params = [p for p in params if p.requires_grad]
     optimizer = make_optimizer(params, config)
-    use_amp = config.amp and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    policy = precision.active()
+    amp_dtype = precision.dtype(policy.name) if config.amp else None
+    policy.trained_in = policy.name if config.amp or policy.name == "tf32" else "fp32"
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     history: list[float] = []
     # epochs shown on a terminal in the driver process; never in logs or workers
     quiet = not config.progress or environment.in_worker()
@@ -75,7 +77,7 @@ def fit(
             if lr_at is not None:
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(epoch, index, len(batches))
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss = step(batch)
             if loss is None:
                 continue

@@ -3,9 +3,10 @@
 
 The family is resolved by the registry on first use: the member names an ``anomalib.models`` class. Its
 constructor's parameters are the plugin's parameters (an unknown one is a one-line error listing the valid
-names), beside ``epochs`` and ``batch_size`` of the bridge's training loop. The backbone is the harness's
-``backbone`` (a timm model and its weights, or ``random-init``), defaulting to the model's own backbone with
-timm's default pretrained tag. anomalib's models are one-class: every setting trains on the normal images
+names; one named like a harness key is ``anomalib_<name>``: PatchCore's ``anomalib_precision``), beside
+``epochs`` and ``batch_size`` of the bridge's training loop. The backbone is the harness's ``backbone`` (a timm
+model and its weights, or ``random-init``), defaulting to the model's own backbone with timm's default pretrained
+tag. anomalib's models are one-class: every setting trains on the normal images
 the setting allows (``few_shot``/``supervised`` drop their anomalous images). The maths, training and
 normalisation: ``methods/models/anomalib_bridge.py``.
 
@@ -39,6 +40,19 @@ PUBLISHED = {
 # metrics and visualisation are ours)
 BRIDGE_SET = ("backbone", "pre_trained", "pre_processor", "post_processor", "evaluator", "visualizer")
 BRIDGE_PARAMS = {"epochs": 1, "batch_size": 32}
+# a constructor argument named like a key the harness reads itself (PatchCore's memory-bank ``precision``) is the
+# plugin's ``anomalib_<name>``: the entry's ``precision`` is the cell's (``benchmark.precision``)
+RENAMED_PREFIX = "anomalib_"
+
+
+def plugin_name(anomalib_name: str) -> str:
+    return RENAMED_PREFIX + anomalib_name if anomalib_name in HARNESS_KEYS else anomalib_name
+
+
+def anomalib_name(name: str) -> str:
+    """The constructor argument a plugin parameter sets (``plugin_name``'s inverse)."""
+    bare = name.removeprefix(RENAMED_PREFIX)
+    return bare if bare in HARNESS_KEYS else name
 
 
 def anomalib_models():
@@ -178,7 +192,7 @@ def resolve(member: str) -> type[Method]:
         hint = f"did you mean 'anomalib:{close[0]}'?" if close else f"anomalib's models: {', '.join(names)}"
         raise BenchmarkError(f"unknown method 'anomalib:{member}'; {hint}")
     signature = signatures[found]
-    constructor = {name: default for name, default in signature.items() if name not in BRIDGE_SET}
+    constructor = {plugin_name(name): default for name, default in signature.items() if name not in BRIDGE_SET}
     fields = [
         (name, Any, dataclasses.field(default=_frozen(default)))
         for name, default in {**BRIDGE_PARAMS, **constructor}.items()

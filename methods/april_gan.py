@@ -32,5 +32,6 @@ class AprilGAN(Method):
     auxiliary_settings = frozenset({"few_shot", "few_normal"})  # its few-shot mode: a zero-shot model + references
     Params = AprilGANParams
     default_backbone = BackboneSpec("ViT-L-14-336", "openai")
+    reference_precision = "fp16"  # test.py / train.py: fp32 weights under torch.cuda.amp.autocast()
     default_image_size = 518
     implementation = "methods.models.april_gan:AprilGANImpl"

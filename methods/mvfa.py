@@ -33,5 +33,6 @@ class MVFA(Method):
     settings = frozenset({"zero_shot_loo", "few_shot", "supervised"})
     Params = MVFAParams
     default_backbone = BackboneSpec("ViT-L-14-336", "openai")
+    reference_precision = "fp16"  # test_few.py / train_few.py: fp32 weights under torch.cuda.amp.autocast()
     default_image_size = 240
     implementation = "methods.models.mvfa:MVFAImpl"

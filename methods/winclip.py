@@ -34,5 +34,7 @@ class WinCLIP(Method):
     seed_free_settings = settings  # nothing is trained: the scores follow from the backbone and the images
     Params = WinCLIPParams
     default_backbone = BackboneSpec("ViT-B-16-plus-240", "laion400m_e31")
+    # the common reimplementation (caoyunkang/WinClip, model.py) casts the model to fp16 (open_clip precision='fp16')
+    reference_precision = "fp16"
     default_image_size = 240
     implementation = "methods.models.winclip:WinCLIPImpl"

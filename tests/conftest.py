@@ -24,6 +24,23 @@ SMALL = SyntheticConfig(
 )
 
 
+# the grids tests run go one cell after another in their own process unless a test asks for workers: the test
+# processes already use every core (pyproject's ``-n auto``)
+os.environ["MEDAD_BENCH_WORKERS"] = "1"
+
+
+def pytest_configure(config) -> None:
+    """Each test process gets its share of the cores as torch threads, and so do the processes it starts:
+    oversubscribed threads slow everything down many times over."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def catalog():
     return load_catalog()

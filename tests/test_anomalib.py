@@ -24,7 +24,8 @@ def test_the_family_resolves_in_the_registry_with_anomalibs_parameters():
     assert cls.name == "anomalib:Patchcore" and cls.published_name == "PatchCore"
     assert cls.default_backbone.model == "wide_resnet50_2" and cls.default_backbone.weights == "racm_in1k"
     assert cls.parse_params({"coreset_sampling_ratio": 0.2}, "p").coreset_sampling_ratio == 0.2
-    with pytest.raises(BenchmarkError, match=r"^p: methods.pc.coreset: unknown parameter; valid: batch_size, "):
+    valid = "valid: anomalib_precision, batch_size, "
+    with pytest.raises(BenchmarkError, match=rf"^p: methods.pc.coreset: unknown parameter; {valid}"):
         cls.parse_params({"coreset": 0.2}, "p: methods.pc")
     with pytest.raises(BenchmarkError, match="did you mean 'anomalib:Patchcore'"):
         METHODS.get("anomalib:Patchcorr")
@@ -44,8 +45,9 @@ def test_a_parameter_of_the_wrong_type_is_one_line_naming_the_expected_type():
     ]:
         with pytest.raises(BenchmarkError, match=rf"^p: methods.pc.{key}: expected {expected}, got {value!r}$"):
             cls.parse_params({key: value}, "p: methods.pc")
-    ok = cls.parse_params({"coreset_sampling_ratio": 1, "layers": ["layer3"], "precision": "float16"}, "p")
-    assert ok.coreset_sampling_ratio == 1 and ok.layers == ["layer3"] and ok.precision == "float16"
+    # anomalib's memory-bank precision is anomalib_precision: the entry's own precision is the cell's
+    ok = cls.parse_params({"coreset_sampling_ratio": 1, "layers": ["layer3"], "anomalib_precision": "float16"}, "p")
+    assert ok.coreset_sampling_ratio == 1 and ok.layers == ["layer3"] and ok.anomalib_precision == "float16"
     assert METHODS.get("anomalib:Padim").parse_params({"n_features": None}, "p").n_features is None
 
 

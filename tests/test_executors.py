@@ -10,6 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from benchmark.cli import main
 from benchmark.data.loading import LoaderConfig, iterate_batches
+from benchmark.executors import default_workers, usable_cores
 from benchmark.store import ResultStore
 
 GRID = {
@@ -56,10 +57,30 @@ def _check_like_serial(results, serial):
     assert all(r.info.status == "FINISHED" for r in runs)
 
 
-def test_local_workers_give_the_serial_records(serial, write_protocol, tmp_path):
+def test_by_default_workers_use_every_core_and_give_the_serial_records(serial, write_protocol, tmp_path, monkeypatch,
+                                                                       capsys):  # fmt: skip
+    cores = usable_cores()
+    if cores < 2:
+        pytest.skip("one core: the default runs one cell after another")
+    monkeypatch.delenv("MEDAD_BENCH_WORKERS")  # the test suite's own setting (conftest)
     path = write_protocol(results_dir=str(tmp_path / "local"), **GRID)
-    assert main(["run", str(path), "--workers", "2"]) == 0
+    capsys.readouterr()
+    assert main(["run", str(path)]) == 0
+    workers = default_workers([])  # one per core, unless memory is short
+    said = f"cells run on: {workers} local worker processes of {cores // workers} torch thread(s)"
+    assert said in capsys.readouterr().out
     _check_like_serial(tmp_path / "local", serial)
+
+
+def test_the_default_follows_the_environment_and_refuses_a_bad_value(write_protocol, monkeypatch, capsys):
+    monkeypatch.setenv("MEDAD_BENCH_WORKERS", "0")
+    assert main(["run", str(write_protocol())]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: MEDAD_BENCH_WORKERS: expected a number of processes >= 1, got '0'"
+    monkeypatch.setenv("MEDAD_BENCH_WORKERS", "3")
+    assert default_workers([]) == 3 and default_workers(["cuda:0", "cuda:1"]) == 3  # the environment wins
+    monkeypatch.delenv("MEDAD_BENCH_WORKERS")
+    assert default_workers(["cuda:0", "cuda:1"]) == 2  # one per GPU
 
 
 def test_ray_gives_the_serial_records(serial, write_protocol, tmp_path):

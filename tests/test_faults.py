@@ -1,6 +1,7 @@
 """Faults a lab meets in its first week: interrupts and kills, corrupt caches, unwritable folders, races."""
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,9 +19,12 @@ TWO_CELLS = {"datasets": ["SynthBrain", "SynthLiver"]}
 def _cli(*args, env=None, **kw) -> subprocess.CompletedProcess:
     full = {**os.environ, **(env or {})}
     full.pop("MLFLOW_TRACKING_URI", None)
+    # SIGINT as a terminal gives it: a test process started in the background (pytest-xdist's workers, `&` in a
+    # script) ignores it, and its children inherit that
     return subprocess.run(
-        [sys.executable, "-m", "benchmark", *map(str, args)], capture_output=True, text=True, env=full, **kw
-    )
+        [sys.executable, "-m", "benchmark", *map(str, args)], capture_output=True, text=True, env=full,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kw,
+    )  # fmt: skip
 
 
 def _runs(results: Path, experiment: str = "t"):

@@ -256,13 +256,15 @@ def test_report_is_one_self_contained_page(twins, tmp_path, capsys):
     page = _Images()
     page.feed(out.read_text())
     assert page.sources and all(s.startswith("data:image/png;base64,") for s in page.sources)
-    assert {"Results", "Which differences are real", "Curves", "Provenance of every number"} <= set(page.headings)
+    headings = {"Results", "Which differences are real", "Curves", "Efficiency", "Provenance of every number"}
+    assert headings <= set(page.headings)
     assert "Random-init backbones" in out.read_text()
     client = MlflowClient(f"sqlite:///{twins / 'mlflow.db'}")
     parent = next(r for r in client.search_runs([client.get_experiment_by_name("t").experiment_id])
                   if "mlflow.parentRunId" not in r.data.tags)  # fmt: skip
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert "report/report.html" in logged and any(p.startswith("report/curves_") for p in logged)
+    assert "report/efficiency.png" in logged  # accuracy against time
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium:  # where a browser is installed, it renders the page
         shot = tmp_path / "shot.png"

@@ -120,6 +120,9 @@ def test_efficiency_table_puts_parameters_beside_mean_auroc(tmp_path):
 
     store = ResultStore(tmp_path, "eff")
     for seed, (img, pix) in enumerate([(0.8, 0.9), (0.6, 0.7)]):
+        efficiency = {"trainable_params": 2_970_000.0, "params": 152e6, "gflops_per_image": 40.0 + seed}
+        efficiency |= {"fit_s": 60.0 * (seed + 1), "model_ms_per_image": 10.0, "ms_per_image": 12.5}
+        efficiency |= {"images_per_s": 80.0, "peak_memory_mb": 2048.0}
         store.append(
             {
                 "config_hash": f"h{seed}",
@@ -130,15 +133,26 @@ def test_efficiency_table_puts_parameters_beside_mean_auroc(tmp_path):
                 "shots": None,
                 "seed": seed,
                 "dataset": "RESC",
-                "params": {"trainable_params": 2_970_000, "head_flops": 3.26e9},
+                "params": {"trainable_params": 2_970_000, "head_flops": 3.26e9, "precision": "fp32"},
                 "metrics": {"image_auroc": img, "pixel_auroc": pix},
+                "tags": {"device": "cpu"},
+                "efficiency": efficiency,
             }
         )
     row = efficiency_frame(store.records()).iloc[0]
     assert row["trainable_params_M"] == pytest.approx(2.97) and row["head_gflops"] == pytest.approx(3.26)
     assert row["image_auroc"] == pytest.approx(0.7) and row["average_auroc"] == pytest.approx(0.75)
+    assert row["fit_s"] == pytest.approx(90.0) and row["gflops_per_image"] == pytest.approx(40.5)  # means over seeds
+    assert row["params_M"] == pytest.approx(152.0) and row["precision"] == "fp32" and row["device"] == "cpu"
     md = render_efficiency(store.records(), "markdown", "cap")
-    assert "| MCMIAD   | full-normal |     | 2.97" in md and "75.00" in md
+    header, _, line = (row.strip("|").split("|") for row in md.strip().splitlines()[-3:])
+    cells = dict(zip([h.strip() for h in header], [c.strip() for c in line], strict=True))
+    assert cells["Method"] == "MCMIAD" and cells["Precision"] == "fp32" and cells["Trainable params (M)"] == "2.97"
+    assert cells["Fit (s)"] == "90.0" and cells["GFLOPs / image"] == "40.5" and cells["Avg."] == "75.00"
+    # a record from before efficiency was measured: parameters only, the rest "--"
+    old = ResultStore(tmp_path, "old")
+    old.append({**store.records()[0], "efficiency": {}, "tags": {}})
+    assert "| --" in render_efficiency(old.records(), "markdown", "cap")
 
 
 def test_rows_follow_their_keys_whatever_the_thresholds(tmp_path):

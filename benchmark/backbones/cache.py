@@ -13,6 +13,7 @@ short) is reported in one line, removed and computed again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -23,6 +24,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+
+from benchmark import precision
 
 Features = dict[str | int, torch.Tensor]
 CHUNK = 8  # images per feature computation, whatever the batch (see the module docstring)
@@ -77,10 +80,44 @@ class FeatureCache:
         self.root = Path(root) if root is not None else None
         self.hits = 0
         self.misses = 0
+        self.bypass = False
 
     @staticmethod
-    def namespace(recipe: dict) -> str:
-        return hashlib.sha1(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    def full_recipe(recipe: dict) -> dict:
+        """The recipe with the active precision where it is not fp32 (``benchmark.precision``): features computed
+        in bf16 never stand in for fp32 ones."""
+        name = precision.active().name
+        return recipe if name == precision.DEFAULT else {**recipe, "precision": name}
+
+    @classmethod
+    def namespace(cls, recipe: dict) -> str:
+        return hashlib.sha1(json.dumps(cls.full_recipe(recipe), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    @contextlib.contextmanager
+    def bypassed(self):
+        """Inside, every call computes directly, reading and writing nothing: a forward pass as it costs without
+        the cache (``benchmark.efficiency`` counts its FLOPs)."""
+        self.bypass = True
+        try:
+            yield
+        finally:
+            self.bypass = False
+
+    def entry(self, recipe: dict, key: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """One tensor cached whole under ``key`` (a prompt list's text embeddings), computed when missing (``hits``
+        and ``misses`` count per-image features only)."""
+        if self.root is None or self.bypass:
+            return compute()
+        path = self._path(self.namespace(recipe), key)
+        found = self._read(path)
+        if found is not None:
+            return found["value"]
+        value = compute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        entry = {"value": value.detach().cpu().clone()}
+        _atomic(path, lambda tmp: tmp.write_bytes(_serialised(entry)))
+        self._write_recipe(recipe)
+        return value
 
     def _path(self, ns: str, key: str) -> Path:
         assert self.root is not None
@@ -104,10 +141,20 @@ class FeatureCache:
             path.unlink(missing_ok=True)
             return None
 
+    def _write_recipe(self, recipe: dict) -> None:
+        """``recipe.json`` beside a recipe's entries, once: what they were computed with."""
+        assert self.root is not None
+        path = self.root / self.namespace(recipe) / "recipe.json"
+        if not path.exists():
+            text = json.dumps(self.full_recipe(recipe), indent=1, default=str)
+            _atomic(path, lambda tmp: tmp.write_text(text))
+
     def cached(
         self, recipe: dict, keys: Sequence[str], images: torch.Tensor, compute: Callable[[torch.Tensor], Features]
     ) -> Features:
         """Features of a batch, stacked on dim 0; ``compute`` sees only the images whose entry is missing."""
+        if self.bypass:
+            return compute(images)
         if self.root is None:
             self.misses += len(keys)
             return computed_in_chunks(compute, images)
@@ -124,8 +171,6 @@ class FeatureCache:
                 path = self._path(ns, keys[i])
                 path.parent.mkdir(parents=True, exist_ok=True)
                 _atomic(path, lambda tmp, entry=entry: tmp.write_bytes(_serialised(entry)))
-                if not (self.root / ns / "recipe.json").exists():
-                    text = json.dumps(recipe, indent=1, default=str)
-                    _atomic(self.root / ns / "recipe.json", lambda tmp, text=text: tmp.write_text(text))
+                self._write_recipe(recipe)
         device = images.device
         return {name: torch.stack([f[name] for f in found]).to(device) for name in found[0]}

@@ -13,12 +13,15 @@ open_clip's own ``CLIP`` class with seeded random weights and labelled ``random-
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Mapping, Sequence
 
 import open_clip
 import torch
 from torch import nn
 
+from benchmark.backbones.cache import FeatureCache, weights_identity
 from benchmark.backbones.weights import resolve_clip_weights
 from benchmark.errors import BenchmarkError
 from benchmark.protocol import BackboneSpec
@@ -177,13 +180,30 @@ class ClipBackbone(nn.Module):
         """The text embedding: the EOT token (positions ``eot`` ``[B]``) after ``ln_final`` and the projection."""
         return self.text_project(x[torch.arange(len(eot), device=x.device), eot])
 
+    def text_recipe(self) -> dict:
+        """What the frozen text tower's embeddings depend on: the model and its weights (random-init weights also on
+        the image size: open_clip draws the text tower after the vision tower, whose size depends on it)."""
+        spec = self.spec
+        recipe = {"features": "text", "model": spec.model, "weights": weights_identity(spec.weights)}
+        recipe["quick_gelu"] = spec.quick_gelu
+        if spec.random_init:
+            recipe |= {"seed": spec.seed, "image_size": list(self.visual.image_size)}
+        return recipe
+
     @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """L2-normalised text embeddings of the prompts, ``[len(prompts), embed_dim]``."""
-        device = self.mean.device
-        tokens = self.tokenizer(list(prompts)).to(device)
-        out = self.model.encode_text(tokens)
-        return out / out.norm(dim=-1, keepdim=True)
+    def encode_prompts(self, prompts: Sequence[str], cache: FeatureCache | None = None) -> torch.Tensor:
+        """L2-normalised text embeddings of the prompts, ``[len(prompts), embed_dim]``; with a ``cache``, computed
+        once per text tower and exact prompt list, then read from disk."""
+        prompts = list(prompts)
+
+        def compute() -> torch.Tensor:
+            out = self.model.encode_text(self.tokenizer(prompts).to(self.mean.device))
+            return out / out.norm(dim=-1, keepdim=True)
+
+        if cache is None:
+            return compute()
+        key = hashlib.sha1(json.dumps(prompts).encode()).hexdigest()
+        return cache.entry(self.text_recipe(), key, compute).to(self.mean.device)
 
 
 def to_grid(values: torch.Tensor) -> torch.Tensor:

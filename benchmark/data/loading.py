@@ -43,6 +43,9 @@ class ImageBatch:
     keys: tuple[str, ...]
     texts: tuple[str | None, ...] = ()
 
+    def first(self, n: int) -> ImageBatch:
+        return ImageBatch(self.images[:n], self.keys[:n], self.texts[:n])
+
 
 @dataclass(frozen=True)
 class LabelledBatch:

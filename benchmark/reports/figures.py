@@ -166,6 +166,24 @@ def roc_figure(curves: dict[str, Curve], title: str):
     return fig
 
 
+def efficiency_figure(points: Sequence[tuple[str, float, float]], title: str):
+    """Accuracy against time: one labelled point per (method variant, setting) row, ``(label, ms per image,
+    average AUROC in %)``; time on a log axis (methods differ by orders of magnitude)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, ms, auroc in points:
+        ax.scatter(ms, auroc, s=18)
+        ax.annotate(label, (ms, auroc), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.margins(x=0.3, y=0.1)  # room for the labels right of the points
+    ax.set_xlabel("ms per test image, with loading (log scale)")
+    ax.set_ylabel("average of image and pixel AUROC (%)")
+    ax.set_title(title, fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def to_png(fig) -> bytes:
     """The figure as PNG bytes; the figure is closed."""
     buffer = io.BytesIO()

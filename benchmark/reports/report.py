@@ -17,7 +17,16 @@ import numpy as np
 from benchmark.errors import BenchmarkError
 from benchmark.metrics import auroc_exact, roc_points
 from benchmark.reports import compare, tables
-from benchmark.reports.figures import Curve, SampleView, draw_overlay, draw_roc, draw_sweep, pyplot, to_png
+from benchmark.reports.figures import (
+    Curve,
+    SampleView,
+    draw_overlay,
+    draw_roc,
+    draw_sweep,
+    efficiency_figure,
+    pyplot,
+    to_png,
+)
 from benchmark.store import ResultStore
 
 STYLE = """
@@ -144,6 +153,25 @@ def examples_figures(entries: list[compare.Entry]) -> dict[str, object]:
     return figures
 
 
+def efficiency_section(records: list[dict], experiment: str) -> tuple[str, object | None]:
+    """The efficiency table (``tables --efficiency``) as HTML, and accuracy against time as a scatter plot
+    (None when no cell measured its time: records from before efficiency was measured)."""
+    frame = tables.efficiency_frame(records)
+    headers, body = tables.efficiency_rows(frame)
+    section = f'<p class="caption">{html.escape(tables.efficiency_caption(experiment, records))}</p>'
+    section += _table_html(headers, [[html.escape(c) for c in row] for row in body])
+    timed = frame.dropna(subset=["ms_per_image"])
+    if timed.empty:
+        return section, None
+    points = [
+        (f"{r.method} ({tables.setting_label(r.setting, int(r.shots))})", r.ms_per_image, 100 * r.average_auroc)
+        for r in timed.itertuples()
+        if r.average_auroc == r.average_auroc  # a row with an AUROC (not NaN)
+    ]
+    devices = ", ".join(sorted(set(timed["device"]) - {""})) or "device not recorded"
+    return section, efficiency_figure(points, f"{experiment}: accuracy against time ({devices})") if points else None
+
+
 def provenance(records: list[dict]) -> str:
     body = []
     for r in sorted(records, key=lambda r: r["cell_id"]):
@@ -209,6 +237,10 @@ def build_report(
     parts.append("<h2>Example maps: every method on the same images</h2>")
     for name, fig in examples_figures(entries).items():
         add(name, fig)
+    section, scatter = efficiency_section(records, experiment)
+    parts += ["<h2>Efficiency</h2>", section]
+    if scatter is not None:
+        add("efficiency", scatter)
     parts += ["<h2>Provenance of every number</h2>", provenance(records)]
     page = (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(experiment)}</title>"

@@ -418,21 +418,39 @@ def caption_for(frame: pd.DataFrame, experiment: str, metrics: tuple[str, ...], 
     return text
 
 
+EFFICIENCY_COLUMNS = {  # efficiency figure (benchmark.efficiency) -> header; means over the row's cells
+    "trainable_params_M": "Trainable params (M)",
+    "params_M": "Params (M)",
+    "gflops_per_image": "GFLOPs / image",
+    "fit_s": "Fit (s)",
+    "model_ms_per_image": "ms / image (model)",
+    "ms_per_image": "ms / image (with loading)",
+    "images_per_s": "Images / s",
+    "peak_memory_mb": "Peak memory (MB)",
+}
+
+
 def efficiency_frame(records: list[dict]) -> pd.DataFrame:
-    """Trainable parameters (and head FLOPs) beside average image and pixel AUROC, as MCMIAD Table 2."""
+    """Per method variant, setting, K, precision and device: the cells' efficiency figures (means over datasets
+    and seeds; parameters as the first cell has them) beside average image and pixel AUROC, as MCMIAD Table 2.
+    Records written before efficiency was measured have parameters (and head FLOPs) only."""
     rows = []
     for rec in records:
         if rec.get("status") != "finished":
             continue
-        params = rec.get("params", {})
+        params, eff = rec.get("params", {}), rec.get("efficiency", {})
+        trainable = eff.get("trainable_params", params.get("trainable_params", 0))
         rows.append(
             {
                 "method": rec.get("variant") or rec["method"],
                 "setting": rec["setting"],
                 "shots": rec.get("shots") or 0,
-                "dataset": rec["dataset"],
-                "trainable_params_M": params.get("trainable_params", 0) / 1e6,
+                "precision": params.get("precision", "fp32"),
+                "device": rec.get("tags", {}).get("device", ""),
+                "trainable_params_M": trainable / 1e6,
+                "params_M": eff.get("params", float("nan")) / 1e6,
                 "head_gflops": params.get("head_flops", float("nan")) / 1e9,
+                **{k: eff.get(k, float("nan")) for k in EFFICIENCY_COLUMNS if not k.endswith("params_M")},
                 "image_auroc": rec["metrics"].get("image_auroc", float("nan")),
                 "pixel_auroc": rec["metrics"].get("pixel_auroc", float("nan")),
             }
@@ -440,45 +458,76 @@ def efficiency_frame(records: list[dict]) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
-    out = frame.groupby(["method", "setting", "shots"], dropna=False).agg(
-        trainable_params_M=("trainable_params_M", "first"),
-        head_gflops=("head_gflops", "first"),
-        image_auroc=("image_auroc", "mean"),
-        pixel_auroc=("pixel_auroc", "mean"),
+    first = ("trainable_params_M", "params_M", "head_gflops")
+    means = [c for c in frame.columns if c not in (*first, "method", "setting", "shots", "precision", "device")]
+    out = frame.groupby(["method", "setting", "shots", "precision", "device"], dropna=False).agg(
+        **{c: (c, "first") for c in first}, **{c: (c, "mean") for c in means}
     )
     out["average_auroc"] = out[["image_auroc", "pixel_auroc"]].mean(axis=1)
     return out.reset_index()
 
 
-def render_efficiency(records: list[dict], fmt: str, caption: str) -> str:
+def efficiency_caption(experiment: str, records: list[dict]) -> str:
+    """What the efficiency table's numbers are, and where they were measured."""
     frame = efficiency_frame(records)
-    for col in ("image_auroc", "pixel_auroc", "average_auroc"):
-        frame[col] = frame[col] * 100
-    if fmt == "csv":
-        return frame.to_csv(index=False)
-    headers = ["Method", "Setting", "K", "Trainable params (M)", "Head GFLOPs", "Image AUROC", "Pixel AUROC", "Avg."]
+    devices = ", ".join(sorted(set(frame["device"]) - {""})) if not frame.empty else ""
+    return (
+        f"{experiment}: efficiency beside accuracy, means over each row's cells (datasets, seeds). Trainable params:"
+        " the method's trained head (frozen backbones are in Params). GFLOPs: one test image's whole forward pass"
+        " (torch's flop counter, feature cache bypassed). ms / image (model): predict on one test batch, warm, feature"
+        " cache bypassed; with loading: plus the test pass's decoding per image. Peak memory: the process's peak"
+        " resident memory during the cell (CPU), or torch's peak allocation (GPU). Avg.: mean of image and pixel"
+        f" AUROC (%). Device: {devices or 'not recorded'}; precision per row (benchmark.precision)."
+    )
+
+
+def _number(value: float, digits: int | str = 2) -> str:
+    """``value`` with ``digits`` decimals, or a format ("3g": three significant digits); "--" when missing."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "--"
+    return f"{value:.{digits}}" if isinstance(digits, str) else f"{value:.{digits}f}"
+
+
+def efficiency_rows(frame: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """The efficiency table's headers and rows as text, from ``efficiency_frame``."""
+    # sizes and FLOPs over orders of magnitude (a tiny head, a ViT-L): three significant digits
+    digits = {"fit_s": 1, "images_per_s": 1, "peak_memory_mb": 0, "trainable_params_M": "3g", "params_M": "3g"}
+    digits["gflops_per_image"] = "3g"
+    headers = ["Method", "Setting", "K", "Precision", *EFFICIENCY_COLUMNS.values(), "Image AUROC", "Pixel AUROC"]
+    headers.append("Avg.")
     body = [
         [
             r.method,
             SETTING_NAMES.get(r.setting, r.setting),
-            r.shots or "",
-            f"{r.trainable_params_M:.2f}",
-            "--" if math.isnan(r.head_gflops) else f"{r.head_gflops:.2f}",
-            *("--" if math.isnan(v) else f"{v:.2f}" for v in (r.image_auroc, r.pixel_auroc, r.average_auroc)),
+            str(r.shots or ""),
+            r.precision,
+            *(_number(getattr(r, c), digits.get(c, 2)) for c in EFFICIENCY_COLUMNS),
+            *(_number(100 * v) for v in (r.image_auroc, r.pixel_auroc, r.average_auroc)),
         ]
         for r in frame.itertuples()
     ]
+    return headers, body
+
+
+def render_efficiency(records: list[dict], fmt: str, caption: str) -> str:
+    frame = efficiency_frame(records)
+    if fmt == "csv":
+        return frame.assign(**{c: frame[c] * 100 for c in ("image_auroc", "pixel_auroc", "average_auroc")}).to_csv(
+            index=False
+        )
+    headers, body = efficiency_rows(frame)
     if fmt == "markdown":
         return f"{caption}\n\n" + tabulate(body, headers=headers, tablefmt="github", disable_numparse=True) + "\n"
     lines = [
         r"\begin{table}[t]",
         r"\centering",
         rf"\caption{{{_latex_escape(caption)}}}",
-        r"\begin{tabular}{lllrrrrr}",
+        r"\resizebox{\linewidth}{!}{%  needs \usepackage{graphicx}",
+        r"\begin{tabular}{llll" + "r" * (len(headers) - 4) + "}",
         r"\toprule",
-        " & ".join(headers) + r" \\",
+        " & ".join(_latex_escape(h) for h in headers) + r" \\",
         r"\midrule",
     ]
     lines += [" & ".join(_latex_escape(str(c)) for c in row) + r" \\" for row in body]
-    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    lines += [r"\bottomrule", r"\end{tabular}}", r"\end{table}"]
     return "\n".join(lines) + "\n"

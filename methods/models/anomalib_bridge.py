@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from benchmark.data.loading import ImageBatch, iterate_batches, load_sample
 from benchmark.errors import BenchmarkError
 from benchmark.method import Prediction, TrainSet
-from methods.anomalib_models import ANOMALIB_DEFAULT, AnomalibMethod, anomalib_models
+from methods.anomalib_models import ANOMALIB_DEFAULT, AnomalibMethod, anomalib_models, anomalib_name
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -46,8 +46,8 @@ def build_model(cls: type[AnomalibMethod], params, context) -> torch.nn.Module:
     import os
 
     models = anomalib_models()
-    kwargs = {k: v for k, v in dataclasses.asdict(params).items() if k in cls.constructor and v != ANOMALIB_DEFAULT}
-    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+    given = {k: v for k, v in dataclasses.asdict(params).items() if k in cls.constructor and v != ANOMALIB_DEFAULT}
+    kwargs = {anomalib_name(k): list(v) if isinstance(v, tuple) else v for k, v in given.items()}
     spec = context.backbone
     if _accepts(models, cls, "backbone"):
         kwargs["backbone"] = spec.model
@@ -266,7 +266,10 @@ class AnomalibImpl(AnomalibMethod):
         return Prediction(self._map(scores, *self.calibration["score"]), self._map(maps, *self.calibration["map"]))
 
     def describe(self) -> dict[str, object]:
+        # a model without an optimiser (a memory bank: PatchCore, PaDiM) trains nothing
+        trains = self.module.configure_optimizers() is not None
         return {
+            "trainable_params": sum(q.numel() for q in self.module.parameters() if q.requires_grad) if trains else 0,
             "variant": self.published_name or self.model_class,
             "anomalib_model": self.model_class,
             "calibration_map": ",".join(f"{v:.6g}" for v in self.calibration.get("map", ())),

@@ -124,7 +124,7 @@ class AprilGANImpl(AprilGAN):
         """``[2, D]``: normal and anomalous text features of ``organ``."""
         if organ not in self.text_cache:
             with torch.no_grad():
-                self.text_cache[organ] = text_features(self.backbone, organ, "official")
+                self.text_cache[organ] = text_features(self.backbone, organ, "official", self.context.cache)
         return self.text_cache[organ]
 
     # ----- training -----

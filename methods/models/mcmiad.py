@@ -208,7 +208,7 @@ class MCMIADImpl(MCMIAD):
         )
         clip = shared_clip(text_spec, 224 if params.text_weights != "random-init" else 32, device)
         with torch.no_grad():
-            text = F.normalize(clip.encode_prompts(NORMAL_PROMPTS), dim=-1).mean(0)
+            text = F.normalize(clip.encode_prompts(NORMAL_PROMPTS, context.cache), dim=-1).mean(0)
         self.text_spec = text_spec
         self.text = text if params.use_text_fusion else torch.zeros_like(text)
         torch.manual_seed(context.seed)

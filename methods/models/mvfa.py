@@ -50,6 +50,7 @@ from torch import nn
 
 from benchmark import training
 from benchmark.backbones.adapters import DualAdapters
+from benchmark.backbones.cache import FeatureCache
 from benchmark.backbones.clip import ClipBackbone, shared_clip
 from benchmark.data.loading import ImageBatch, LabelledBatch
 from benchmark.method import MethodContext, Prediction, TrainSet
@@ -166,13 +167,14 @@ class MVFAModel(nn.Module):
         return values.transpose(1, 2).reshape(values.shape[0], -1, *self.grid)
 
 
-def text_features(backbone: ClipBackbone, organ: str, mode: str) -> torch.Tensor:
-    """``[2, D]``: normalised mean of the normalised prompt embeddings, normal then anomalous (Fig. 7)."""
+def text_features(backbone: ClipBackbone, organ: str, mode: str, cache: FeatureCache | None = None) -> torch.Tensor:
+    """``[2, D]``: normalised mean of the normalised prompt embeddings, normal then anomalous (Fig. 7); each
+    ensemble encoded once per text tower with a ``cache``."""
     states = (NORMAL_STATES, ANOMALOUS_STATES[mode])
     rows = []
     for group in states:
         prompts = [t.format(s.format(organ)) for s in group for t in TEMPLATES]
-        rows.append(F.normalize(backbone.encode_prompts(prompts).mean(0), dim=-1))
+        rows.append(F.normalize(backbone.encode_prompts(prompts, cache).mean(0), dim=-1))
     return torch.stack(rows)
 
 
@@ -212,7 +214,7 @@ class MVFAImpl(MVFA):
     def text(self, organ: str) -> torch.Tensor:
         if organ not in self.text_cache:
             with torch.no_grad():
-                self.text_cache[organ] = text_features(self.model.backbone, organ, self.params.mode)
+                self.text_cache[organ] = text_features(self.model.backbone, organ, self.params.mode, self.context.cache)
         return self.text_cache[organ]
 
     # ----- training -----

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmark.backbones.cache import weights_identity
+from benchmark.backbones.cache import FeatureCache, weights_identity
 from benchmark.backbones.clip import ClipBackbone, shared_clip
 from benchmark.data.loading import ImageBatch
 from benchmark.method import MethodContext, Prediction, TrainSet
@@ -122,9 +122,10 @@ class WinClipModel(nn.Module):
         return getattr(self, f"windows_{scale}")
 
     @torch.no_grad()
-    def set_text(self, organ: str) -> None:
+    def set_text(self, organ: str, cache: FeatureCache | None = None) -> None:
+        """The normal and anomalous ensembles' mean embeddings (each ensemble encoded once with a ``cache``)."""
         normal, anomalous = prompt_ensemble(organ)
-        states = [self.backbone.encode_prompts(p).mean(0) for p in (normal, anomalous)]
+        states = [self.backbone.encode_prompts(p, cache).mean(0) for p in (normal, anomalous)]
         self.text = F.normalize(torch.stack(states), dim=-1)
 
     @torch.no_grad()
@@ -183,7 +184,7 @@ class WinCLIPImpl(WinCLIP):
         super().__init__(params, context)
         backbone = shared_clip(context.backbone, context.image_size, context.device)
         self.model = WinClipModel(backbone, params.scales, params.temperature).to(context.device)
-        self.model.set_text(context.dataset.organ)
+        self.model.set_text(context.dataset.organ, context.cache)
         weights = context.backbone.weights
         self.recipe = {
             "features": "winclip-v1",
