@@ -180,6 +180,15 @@ class LocalExecutor(Executor):
         self.workers = workers
         self.devices = devices or []
         self.threads = max(1, usable_cores() // workers)
+        self.started: list[_Worker] = []
+
+    def prepare(self, cells: list[Cell]) -> None:
+        """Start the workers now: they import torch and the harness while the driver checks the data."""
+        self.started = [self._spawn(slot) for slot in range(min(self.workers, len(cells)))]
+
+    def close(self) -> None:
+        _stop(self.started)
+        self.started = []
 
     def describe(self) -> str:
         where = f", on {', '.join(self.devices)}" if self.devices else ""
@@ -198,13 +207,15 @@ class LocalExecutor(Executor):
 
     def run(self, jobs: list[CellJob], on_start: OnStart) -> Iterator[tuple[CellJob, CellResult]]:
         pending = deque(jobs)
-        workers = [self._spawn(slot) for slot in range(min(self.workers, len(jobs)))]
+        workers = self.started or [self._spawn(slot) for slot in range(min(self.workers, len(jobs)))]
+        self.started = []
 
         def assign(worker: _Worker) -> None:
             if pending and worker.job is None:
                 worker.job = pending.popleft()
                 on_start(worker.job)
-                worker.conn.send(worker.job)
+                with contextlib.suppress(OSError):  # a worker that died idle: its sentinel fails the job below
+                    worker.conn.send(worker.job)
 
         try:
             for worker in workers:
@@ -236,15 +247,20 @@ class LocalExecutor(Executor):
                         workers[slot] = self._spawn(slot)
                         assign(workers[slot])
         finally:
-            for worker in workers:
-                if worker.process.is_alive():
-                    with contextlib.suppress(OSError):
-                        worker.conn.send(None)
-            for worker in workers:
-                worker.process.join(timeout=5 if worker.job is None else 0)
-                if worker.process.is_alive():
-                    worker.process.kill()
-                    worker.process.join()
+            _stop(workers)
+
+
+def _stop(workers: list[_Worker]) -> None:
+    """Ask idle workers to end, give them 5 s; kill the rest (a busy one at once)."""
+    for worker in workers:
+        if worker.process.is_alive():
+            with contextlib.suppress(OSError):
+                worker.conn.send(None)
+    for worker in workers:
+        worker.process.join(timeout=5 if worker.job is None else 0)
+        if worker.process.is_alive():
+            worker.process.kill()
+            worker.process.join()
 
 
 def _ray_job(job: CellJob, threads: int) -> CellResult:

@@ -159,25 +159,26 @@ def run_protocol(
 ) -> RunSummary:
     executor = executor or SerialExecutor()
     uri = tracking_uri(protocol)
-    prepare_synthetic(protocol, catalog, data_root)
-    preflight(protocol, catalog, cells, data_root, uri)
-    executor.prepare(cells)
-    store = ResultStore(protocol.results_dir, protocol.name)
-    claims = Claims(store)
+    executor.prepare(cells)  # first: local workers start (import torch) while the data are checked
     try:
-        # claimed before reading which cells are finished: an invocation that ends meanwhile has recorded them
-        elsewhere = claims.take([c.config_hash(protocol) for c in cells])
-        return _run(
-            protocol, catalog, cells, data_root, uri, executor, store, elsewhere, claims.touch, resume,
-            save_predictions, echo,
-        )  # fmt: skip
-    finally:
+        prepare_synthetic(protocol, catalog, data_root)
+        preflight(protocol, catalog, cells, data_root, uri)
+        store = ResultStore(protocol.results_dir, protocol.name)
+        claims = Claims(store)
         try:
-            claims.release()
-        except BenchmarkError as exc:  # the grid's own outcome (or error) stands; the claims lapse on their own
-            print(f"warning: {exc}", file=sys.stderr)
+            # claimed before reading which cells are finished: an invocation that ends meanwhile has recorded them
+            elsewhere = claims.take([c.config_hash(protocol) for c in cells])
+            return _run(
+                protocol, catalog, cells, data_root, uri, executor, store, elsewhere, claims.touch, resume,
+                save_predictions, echo,
+            )  # fmt: skip
         finally:
-            executor.close()
+            try:
+                claims.release()
+            except BenchmarkError as exc:  # the grid's own outcome (or error) stands; the claims lapse on their own
+                print(f"warning: {exc}", file=sys.stderr)
+    finally:
+        executor.close()
 
 
 def _run(

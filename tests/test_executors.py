@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import protocol_file
 from mlflow.tracking import MlflowClient
 
 from benchmark.cli import main
@@ -33,17 +34,19 @@ def _metrics(results) -> dict:
     }
 
 
-@pytest.fixture
-def serial(write_protocol, tmp_path):
+@pytest.fixture(scope="module")
+def serial(tmp_path_factory, synth_root, mlflow_template):
     """The grid run serially with one torch thread, as each of two workers on two cores has: reductions run
-    in the same order, so metrics agree bit for bit (across thread counts they differ in the 8th digit)."""
+    in the same order, so metrics agree bit for bit (across thread counts they differ in the 8th digit). Once
+    per test process."""
+    folder = tmp_path_factory.mktemp("serial")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert main(["run", str(write_protocol(results_dir=str(tmp_path / "serial"), **GRID))]) == 0
+        assert main(["run", str(protocol_file(folder, synth_root, mlflow_template, **GRID))]) == 0
     finally:
         torch.set_num_threads(threads)
-    return _metrics(tmp_path / "serial")
+    return _metrics(folder / "results")
 
 
 def _check_like_serial(results, serial):
@@ -153,7 +156,7 @@ def test_without_ray_the_executor_is_a_one_line_error(write_protocol, monkeypatc
     import sys
 
     monkeypatch.setitem(sys.modules, "ray", None)  # as if the extra were not installed
-    assert main(["run", str(write_protocol(datasets=["SynthBrain"])), "--executor", "ray"]) == 2
+    assert main(["run", str(write_protocol(datasets=["SynthBrain"], fresh_results=True)), "--executor", "ray"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install -e '.[ray]'" in err
     assert not (tmp_path / "results").exists()  # refused before anything was recorded
@@ -181,7 +184,7 @@ def test_the_documented_top_level_resources_key_is_read(write_protocol, catalog,
 
 
 def test_workers_with_another_executor_is_a_one_line_error(write_protocol, capsys, tmp_path):
-    assert main(["run", str(write_protocol()), "--workers", "2", "--executor", "serial"]) == 2
+    assert main(["run", str(write_protocol(fresh_results=True)), "--workers", "2", "--executor", "serial"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--workers" in err and "serial" in err
     assert not (tmp_path / "results").exists()
@@ -234,7 +237,7 @@ def test_ray_refuses_resources_no_node_has_and_an_address_that_does_not_answer(w
     # both waited: the task forever after 'Started a local Ray instance', the address for minutes
     pytest.importorskip("ray", reason="the dev extra installs ray")
     methods = {"winclip": {"scales": [2], "resources": {"gpus": 64}}}
-    refused = _run_cli("run", str(write_protocol(methods=methods)), "--executor", "ray")
+    refused = _run_cli("run", str(write_protocol(methods=methods, fresh_results=True)), "--executor", "ray")
     assert refused.returncode == 2, refused.stderr
     err = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "resources of 'winclip'" in err[0] and "64 GPUs" in err[0] and "no node" in err[0]

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import protocol_file
 from mlflow.tracking import MlflowClient
 
 from benchmark.cli import main
@@ -43,15 +44,18 @@ def _metrics(results: Path) -> dict:
     }
 
 
-def _uninterrupted(write_protocol, tmp_path) -> dict:
-    path = write_protocol(results_dir=str(tmp_path / "reference"), **TWO_CELLS)
-    assert main(["run", str(path)]) == 0
-    return _metrics(tmp_path / "reference")
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, synth_root, mlflow_template) -> dict:
+    """The metrics of the two cells run without interruption (once per test process)."""
+    folder = tmp_path_factory.mktemp("reference")
+    assert main(["run", str(protocol_file(folder, synth_root, mlflow_template, **TWO_CELLS))]) == 0
+    return _metrics(folder / "results")
 
 
 @pytest.mark.parametrize("point", ["cell_started", "cell_computed", "local_recorded", "mlflow_logged", "cell_ended"])
-def test_sigkill_at_any_stage_then_resume_gives_one_finished_run_per_cell(write_protocol, tmp_path, point):
-    expected = _uninterrupted(write_protocol, tmp_path)
+def test_sigkill_at_any_stage_then_resume_gives_one_finished_run_per_cell(write_protocol, tmp_path, point,
+                                                                          uninterrupted):  # fmt: skip
+    expected = uninterrupted
     path = write_protocol(**TWO_CELLS)
     killed = _cli("run", path, env={"MEDAD_BENCH_TEST_KILL_AT": f"{point}:2"})
     assert killed.returncode == 137, killed.stderr
@@ -112,7 +116,7 @@ def test_unwritable_folders_fail_fast_in_one_line(write_protocol, tmp_path, wher
     if where == "experiment":
         (tmp_path / "results").mkdir()
         (tmp_path / "results" / "t").write_text("a file where the experiment folder goes")
-    proc = _cli("run", write_protocol(**overrides.get(where, {})))
+    proc = _cli("run", write_protocol(fresh_results=True, **overrides.get(where, {})))
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert {"results": "results folder", "experiment": "experiment folder", "tracking": "tracking store folder"}[
         where

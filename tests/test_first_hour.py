@@ -78,7 +78,17 @@ def test_every_argument_has_help():
 
 
 def test_figures_have_the_expected_panels(tmp_path):
-    from benchmark.reports.figures import Curve, SampleView, roc_figure, samples_figure, sweep_figure, to_png
+    import matplotlib
+
+    from benchmark.reports.figures import (
+        Curve,
+        SampleView,
+        roc_figure,
+        sample_panels,
+        samples_figure,
+        sweep_figure,
+        to_png,
+    )
 
     mask = np.zeros((32, 32), bool)
     mask[8:16, 8:16] = True
@@ -88,14 +98,22 @@ def test_figures_have_the_expected_panels(tmp_path):
         SampleView("b.png", np.zeros((32, 32, 3)), mask, amap, 0.8, 1),
     ]
     fig = samples_figure(samples, "t", 0.5)
-    panels, colorbar = fig.axes[:6], fig.axes[6:]
-    assert len(panels) == 6 and len(colorbar) == 1 and colorbar[0].get_ylabel().startswith("anomaly map")
-    labels = [t.get_text() for ax in panels[::3] for t in ax.texts]
-    assert labels == ["normal\nscore 0.100", "anomalous\nscore 0.800"]
-    assert len(panels[4].images) == 2  # the map over the image
-    assert len(panels[5].images) == 2 and panels[5].images[1].get_array().count() == mask.sum()  # map >= 0.5
-    outlined = [len(ax.collections) for ax in panels[3:]]
-    assert outlined == [1, 1, 1] and all(len(ax.collections) == 0 for ax in panels[:3])  # truth outlined
+    mosaic, colorbar = fig.axes  # the panels composed into one image, and the maps' shared colour bar
+    assert colorbar.get_ylabel().startswith("anomaly map")
+    assert mosaic.images[0].get_array().shape == (2 * (32 + 3 * 2), 3 * (32 + 2) - 2, 3)  # 2 rows, 3 panels
+    texts = [t.get_text() for t in mosaic.texts]
+    assert [t for t in texts if "score" in t] == ["normal\nscore 0.100", "anomalous\nscore 0.800"]
+    assert texts[:3] == ["a.png", "anomaly map", "map >= 0.5 (red), truth (green)"]
+    green = np.array([0.0, 1.0, 0.0])
+    normal = sample_panels(samples[0], 0.5, 0.2, 0.9, uncertainty=False)
+    assert len(normal) == 3 and not any((p == green).all(-1).any() for p in normal)  # no truth to outline
+    image, overlay, predicted = sample_panels(samples[1], 0.5, 0.2, 0.9, uncertainty=False)
+    edge = mask & ~np.pad(mask, 1)[2:, 1:-1] | mask & ~np.pad(mask, 1)[:-2, 1:-1]
+    edge |= mask & ~np.pad(mask, 1)[1:-1, 2:] | mask & ~np.pad(mask, 1)[1:-1, :-2]
+    assert all(((p == green).all(-1) == edge).all() for p in (image, overlay, predicted))  # truth outlined
+    red = (predicted == [0.6, 0.0, 0.0]).all(-1)  # map >= 0.5 in red at alpha 0.6 over the black image
+    assert red.sum() == mask.sum() - edge.sum() and not red[~mask].any()
+    assert np.allclose(overlay[0, 0], 0.5 * np.array(matplotlib.colormaps["jet"](0.0)[:3]))  # map at the scale's low
     png = tmp_path / "s.png"
     png.write_bytes(to_png(fig))
     assert Image.open(png).size[0] > 400

@@ -145,7 +145,8 @@ def test_one_class_test_set_stops_the_run(write_protocol, data, tmp_path, capsys
     folder = data / "SynthBrain_AD" / "test" / emptied
     for path in folder.rglob("*.png"):
         path.unlink()
-    assert main(["run", str(write_protocol(datasets=["SynthBrain", "SynthLiver"], data_root=str(data)))]) == 2
+    path = write_protocol(datasets=["SynthBrain", "SynthLiver"], data_root=str(data), fresh_results=True)
+    assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err
     assert "a test set needs both" in err and err.count("\n") == 1
     assert not (tmp_path / "results" / "t" / "results.jsonl").exists()
@@ -160,6 +161,7 @@ def test_every_data_fault_of_a_grid_is_reported_at_once(write_protocol, data, tm
         datasets=["SynthBrain", "SynthLiver", "SynthRetina"],
         settings=[{"name": "few_normal", "shots": [8]}],  # K above the normal pool of 6
         data_root=str(data),
+        fresh_results=True,
     )
     assert main(["run", str(path)]) == 2
     lines = capsys.readouterr().err.splitlines()

@@ -104,7 +104,7 @@ def test_validation_thresholds_are_recorded(run, tmp_path):
 
 
 def test_dry_run_lists_samples_and_records_nothing(run, tmp_path, capsys):
-    code, _ = run("--dry-run")
+    code, _ = run("--dry-run", fresh_results=True)
     out = capsys.readouterr().out
     assert code == 0 and "train=2 from train/good" in out and "train_good_" in out
     assert not (tmp_path / "results").exists()
@@ -155,7 +155,7 @@ def test_aliases_run_one_method_with_different_switches(run, tmp_path, capsys):
 
 
 def test_bad_data_root_fails_before_anything_is_recorded(run, tmp_path, capsys):
-    code, _ = run(data_root=str(tmp_path / "nowhere"), datasets=["BrainMRI", "LiverCT"])
+    code, _ = run(data_root=str(tmp_path / "nowhere"), datasets=["BrainMRI", "LiverCT"], fresh_results=True)
     assert code == 2
     lines = capsys.readouterr().err.splitlines()  # every missing folder at once, one line each
     assert len(lines) == 2 and all(line.startswith("error: ") and "not found" in line for line in lines)
@@ -165,7 +165,7 @@ def test_bad_data_root_fails_before_anything_is_recorded(run, tmp_path, capsys):
 
 
 def test_missing_weights_fail_before_anything_is_recorded(run, tmp_path, capsys):
-    code, _ = run(backbone={"model": "ViT-B-16-plus-240", "weights": "laion400m_e31"})
+    code, _ = run(backbone={"model": "ViT-B-16-plus-240", "weights": "laion400m_e31"}, fresh_results=True)
     assert code == 2
     assert "fetch-weights ViT-B-16-plus-240 laion400m_e31" in capsys.readouterr().err
     assert not (tmp_path / "results" / "mlflow.db").exists()

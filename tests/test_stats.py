@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import protocol_file
 from mlflow.tracking import MlflowClient
 from scipy import stats as sps
 
@@ -172,10 +173,15 @@ def test_per_image_counts_give_the_dataset_dice_bit_for_bit():
     assert (counts[:, 0] + counts[:, 2] == masks.reshape(7, -1).sum(1, keepdim=True).numpy()).all()
 
 
-@pytest.fixture
-def twins(write_protocol, tmp_path):
-    """A run where a second method entry is the first one again, and a third differs."""
-    path = write_protocol(
+@pytest.fixture(scope="module")
+def twins(tmp_path_factory, synth_root, mlflow_template):
+    """A run where a second method entry is the first one again, and a third differs (once per test process:
+    the tests only read it, each writing files of its own)."""
+    folder = tmp_path_factory.mktemp("twins")
+    path = protocol_file(
+        folder,
+        synth_root,
+        mlflow_template,
         methods={
             "winclip": {"scales": [2]},
             "winclip_twin": {"method": "winclip", "scales": [2]},
@@ -190,7 +196,7 @@ def twins(write_protocol, tmp_path):
         seeds=[0, 1],
     )
     assert main(["run", str(path)]) == 0
-    return tmp_path / "results"
+    return folder / "results"
 
 
 def test_records_carry_evidence_that_reproduces_their_metrics(twins):

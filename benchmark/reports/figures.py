@@ -7,6 +7,7 @@ them; the ``*_figure`` functions compose one cell's figures from them, and ``to_
 from __future__ import annotations
 
 import io
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -59,55 +60,77 @@ def draw_overlay(ax, sample: SampleView, vmin: float, vmax: float, alpha: float 
     return shown
 
 
-def draw_prediction(ax, sample: SampleView, threshold: float) -> None:
-    """The predicted mask ``map >= threshold`` (red) over the image, the ground truth outlined."""
-    ax.imshow(sample.image)
-    from matplotlib.colors import ListedColormap
+def _boundary(mask: np.ndarray) -> np.ndarray:
+    """The mask's boundary pixels: inside, with a 4-neighbour outside (the image's border counts as inside)."""
+    padded = np.pad(mask, 1, mode="edge")
+    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return mask & ~inner
 
-    predicted = np.ma.masked_where(sample.amap < threshold, np.ones_like(sample.amap))
-    ax.imshow(predicted, cmap=ListedColormap(["red"]), alpha=0.6, vmin=0, vmax=1)
-    _outline(ax, sample.mask)
-    ax.axis("off")
+
+def _colour(values: np.ndarray, cmap: str, vmin: float, vmax: float) -> np.ndarray:
+    from matplotlib import colormaps
+
+    return colormaps[cmap](np.clip((values - vmin) / (vmax - vmin), 0, 1))[..., :3]
+
+
+def sample_panels(sample: SampleView, threshold: float, lo: float, hi: float, uncertainty: bool) -> list[np.ndarray]:
+    """A sample's panels as RGB arrays: the image, the map over it (jet, alpha 0.5, on the ``lo``-``hi`` scale),
+    the predicted mask ``map >= threshold`` in red over it (alpha 0.6), each with the ground truth's boundary in
+    green, and the uncertainty map (0 to log 2 nats) where asked."""
+    image = np.clip(sample.image[..., :3], 0, 1).astype(float)
+    overlay = 0.5 * image + 0.5 * _colour(sample.amap, "jet", lo, hi)
+    predicted = image.copy()
+    hit = sample.amap >= threshold
+    predicted[hit] = 0.4 * image[hit] + 0.6 * np.array([1.0, 0.0, 0.0])
+    panels = [image.copy(), overlay, predicted]
+    edge = _boundary(sample.mask.astype(bool))
+    for panel in panels:
+        panel[edge] = (0.0, 1.0, 0.0)
+    if uncertainty:
+        values = sample.uncertainty if sample.uncertainty is not None else np.zeros(sample.amap.shape)
+        panels.append(_colour(values, "nipy_spectral", 0.0, float(np.log(2))))
+    return panels
 
 
 def samples_figure(samples: Sequence[SampleView], title: str, threshold: float):
     """One row per sample (labelled normal/anomalous with its image score): the image with the ground truth
     outlined (green), the map over it with a shared colour bar, the predicted mask at ``threshold`` and, for
-    methods that give one, the uncertainty map."""
+    methods that give one, the uncertainty map.
+
+    The panels are composed into one image drawn on one axes (a dozen axes cost more than the drawing: this
+    figure is rendered for every cell)."""
     plt = pyplot()
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
     rows = max(len(samples), 1)
     # one colour scale for every map of the figure, so that rows compare
     lo = min((float(s.amap.min()) for s in samples), default=0.0)
     hi = max((float(s.amap.max()) for s in samples), default=1.0)
     hi = hi if hi > lo else lo + 1e-6
-    # a fixed layout (a layout engine costs more than the drawing), the colour bar in its own column
-    columns = 4 if any(s.uncertainty is not None for s in samples) else 3
-    fig, axes = plt.subplots(
-        rows, columns, figsize=(2.8 * columns, 2.5 * rows + 0.5), squeeze=False, subplot_kw={"xticks": [], "yticks": []}
-    )
-    fig.subplots_adjust(left=0.08, right=0.88, top=1 - 0.6 / (2.5 * rows + 0.5), bottom=0.02, wspace=0.05, hspace=0.15)
-    shown = None
-    for row, sample in enumerate(samples):
-        left, middle, right = axes[row][:3]
-        left.imshow(sample.image)
-        _outline(left, sample.mask)
-        left.set_title(sample.name, fontsize=7)
-        left.axis("off")
-        kind = "anomalous" if sample.label else "normal"
-        left.text(-0.08, 0.5, f"{kind}\nscore {sample.score:.3f}", transform=left.transAxes, rotation=90,
-                  ha="right", va="center", fontsize=8)  # fmt: skip
-        shown = draw_overlay(middle, sample, lo, hi)
-        middle.set_title("anomaly map", fontsize=7)
-        draw_prediction(right, sample, threshold)
-        right.set_title(f"map >= {threshold:g} (red), truth (green)", fontsize=7)
-        if columns == 4:
-            axes[row][3].imshow(sample.uncertainty if sample.uncertainty is not None else np.zeros((1, 1)),
-                                cmap="nipy_spectral", vmin=0, vmax=float(np.log(2)))  # fmt: skip
-            axes[row][3].set_title("uncertainty (entropy, nats)", fontsize=7)
-    for ax in axes.ravel()[len(samples) * columns :]:
-        ax.axis("off")
-    if shown is not None:
-        fig.colorbar(shown, cax=fig.add_axes((0.9, 0.25, 0.02, 0.5)), label="anomaly map (shared scale)")
+    uncertainty = any(s.uncertainty is not None for s in samples)
+    columns = 4 if uncertainty else 3
+    titles = ["", "anomaly map", f"map >= {threshold:g} (red), truth (green)", "uncertainty (entropy, nats)"]
+    fig = plt.figure(figsize=(2.8 * columns, 2.5 * rows + 0.5))
+    ax = fig.add_axes((0.08, 0.02, 0.8, 1 - 0.6 / (2.5 * rows + 0.5) - 0.02))
+    ax.axis("off")
+    if samples:
+        size = samples[0].amap.shape
+        gap = max(1, size[1] // 16)
+        height, width = size[0] + 3 * gap, size[1] + gap  # room under each row's titles
+        mosaic = np.ones((rows * height, columns * width - gap, 3))
+        for row, sample in enumerate(samples):
+            top = row * height + 3 * gap
+            for col, panel in enumerate(sample_panels(sample, threshold, lo, hi, uncertainty)):
+                mosaic[top : top + size[0], col * width : col * width + size[1]] = panel
+                name = sample.name if col == 0 else titles[col]
+                ax.text(col * width + size[1] / 2, top - gap / 2, name, ha="center", va="bottom", fontsize=7)
+            kind = "anomalous" if sample.label else "normal"
+            ax.text(-gap, top + size[0] / 2, f"{kind}\nscore {sample.score:.3f}", rotation=90, ha="right",
+                    va="center", fontsize=8)  # fmt: skip
+        ax.imshow(mosaic, interpolation="nearest", aspect="equal")
+        scale = ScalarMappable(Normalize(lo, hi), "jet")
+        fig.colorbar(scale, cax=fig.add_axes((0.9, 0.25, 0.02, 0.5)), label="anomaly map (shared scale)")
     fig.suptitle(title, fontsize=8)
     return fig
 
@@ -149,8 +172,8 @@ def sweep_figure(rows: Sequence[dict[str, float]], title: str, marked: float | N
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.8, 3.4))
     draw_sweep(ax, rows, marked=marked)
-    ax.set_title(title, fontsize=8)
-    fig.tight_layout()
+    ax.set_title(textwrap.fill(title, 75), fontsize=7)  # a cell id and a backbone: wider than the plot
+    fig.subplots_adjust(left=0.11, right=0.97, bottom=0.14, top=0.87)  # fixed: rendered for every cell
     return fig
 
 
@@ -162,7 +185,7 @@ def roc_figure(curves: dict[str, Curve], title: str):
         draw_roc(ax, curve, name)
         ax.set_aspect("equal")
     fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.13, top=0.88, wspace=0.3)  # fixed: rendered for every cell
     return fig
 
 
