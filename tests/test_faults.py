@@ -62,8 +62,7 @@ def test_sigkill_at_any_stage_then_resume_gives_one_finished_run_per_cell(write_
     results = tmp_path / "results"
     _, runs = _runs(results)
     assert any(r.info.status == "RUNNING" for r in runs)  # the dead invocation's parent at least
-    resumed = _cli("run", path, "--resume")
-    assert resumed.returncode == 0, resumed.stderr
+    assert main(["run", str(path), "--resume"]) == 0  # in this process: the killed one is gone
     _, runs = _runs(results)
     assert not [r for r in runs if r.info.status == "RUNNING"]
     finished = [r.data.tags["mlflow.runName"] for r in _children(runs) if r.info.status == "FINISHED"]
@@ -84,7 +83,7 @@ def test_interrupt_ends_runs_killed_and_resume_goes_on(write_protocol, tmp_path,
     status = {r.data.tags["mlflow.runName"]: r.info.status for r in runs}
     assert sorted(status.values()) == ["FINISHED", "KILLED", "KILLED"]  # cell 1, cell 2 and the parent
     assert [r["status"] for r in ResultStore(results, "t").records()] == ["finished"]  # nothing half-recorded
-    assert _cli("run", path, "--resume").returncode == 0
+    assert main(["run", str(path), "--resume"]) == 0
     _, runs = _runs(results)
     assert sorted(r.info.status for r in _children(runs)) == ["FINISHED", "FINISHED", "KILLED"]
     assert not [r for r in runs if r.info.status == "RUNNING"]

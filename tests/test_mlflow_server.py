@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from benchmark.cli import main
 from benchmark.store import ResultStore
 
 GRID = {"datasets": ["SynthBrain", "SynthLiver", "SynthRetina"]}
@@ -123,7 +124,8 @@ def test_refused_credentials_are_one_line(write_protocol):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "refused the credentials" in proc.stderr
 
 
-def test_server_down_mid_grid_then_the_printed_sync_gives_one_finished_run_per_cell(server, write_protocol, tmp_path):
+def test_server_down_mid_grid_then_the_printed_sync_gives_one_finished_run_per_cell(server, write_protocol, tmp_path,
+                                                                                   monkeypatch, capsys):  # fmt: skip
     # every cell is recorded locally while the server is down. The hint lacked the run's --results-dir: run as
     # printed, sync read another folder, said "up to date" and marked the runs of finished cells KILLED; the
     # hint's reason was cut mid-sentence
@@ -151,8 +153,11 @@ def test_server_down_mid_grid_then_the_printed_sync_gives_one_finished_run_per_c
 
     server.start()
     _, before = _runs(server.uri)
-    wrong = _cli("sync", path, uri=server.uri)  # the protocol's own folder holds no record of this run
-    assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1 and "no records" in wrong.stderr
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    capsys.readouterr()
+    assert main(["sync", str(path)]) == 2  # the protocol's own folder holds no record of this run
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no records" in err
     _, after = _runs(server.uri)
     assert {r.info.run_id: r.info.status for r in after} == {r.info.run_id: r.info.status for r in before}
     command = hint.split()
