@@ -207,7 +207,9 @@ class LocalExecutor(Executor):
 
     def run(self, jobs: list[CellJob], on_start: OnStart) -> Iterator[tuple[CellJob, CellResult]]:
         pending = deque(jobs)
-        workers = self.started or [self._spawn(slot) for slot in range(min(self.workers, len(jobs)))]
+        wanted = min(self.workers, len(jobs))
+        workers = self.started[:wanted] or [self._spawn(slot) for slot in range(wanted)]
+        _stop(self.started[wanted:])  # started for cells that were finished already (--resume)
         self.started = []
 
         def assign(worker: _Worker) -> None:

@@ -350,7 +350,8 @@ def run_job(job: CellJob) -> CellResult:
             **({"trainable_params": float(described["trainable_params"])} if "trainable_params" in described else {}),
             "gflops_per_image": gflops,
         }
-        result.figures = cell_figures(ev, f"{cell.cell_id} | backbone {cell.backbone.label()}", thresholds)
+        if protocol.cell_figures:
+            result.figures = cell_figures(ev, f"{cell.cell_id} | backbone {cell.backbone.label()}", thresholds)
         result.metrics, result.sweep, result.test_hash = ev.metrics, ev.sweep, ev.test_hash
         result.evidence = ev.evidence.to_bytes()
         result.history = method.curves()

@@ -93,6 +93,9 @@ class Protocol:
     prompt_designs: tuple[str, ...] = ()  # MedCLIPSeg's test-prompt designs: one cell each (empty: its original)
     loader_workers: int | None = None  # image-decoding processes per cell; None: from the CPU count
     precision: str | None = None  # fp32 | tf32 | bf16 | fp16; None: each method's default (benchmark.precision)
+    # each cell's samples.png, sweep.png and roc.png (about 0.3 s a cell on a CPU core); false for large grids:
+    # evidence.npz keeps the examples and curves the report draws
+    cell_figures: bool = True
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
 
@@ -346,6 +349,7 @@ def load_protocol(path: str | Path) -> Protocol:
         loader_workers=r.get("loader_workers", int, None),
         prompt_designs=r.get_list("prompt_designs", str, ()),
         precision=r.get("precision", str, None),
+        cell_figures=r.get("cell_figures", bool, True),
         raw=data,
     )
     r.used.add("resources")  # read above from the raw mapping

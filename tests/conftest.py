@@ -85,6 +85,7 @@ def protocol_file(
         "backbone": {"model": "tiny-vit", "weights": "random-init", "seed": 0},
         "methods": {"winclip": {"scales": [2]}},
         "figure_samples": 2,
+        "cell_figures": False,  # rendered by the tests that look at them (0.3 s a cell)
         "synthetic": dataclasses.asdict(SMALL),
     }
     data.update(overrides)

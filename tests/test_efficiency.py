@@ -29,12 +29,13 @@ def _finished(results) -> list[dict]:
 
 
 def test_every_finished_cell_records_and_logs_its_efficiency(write_protocol, tmp_path, capsys):
-    path = write_protocol(**GRID)
+    path = write_protocol(cell_figures=False, **GRID)
     assert main(["run", str(path)]) == 0
     assert main(["run", str(path)]) == 0  # again, every feature now read from the cache
     results = tmp_path / "results"
     records = _finished(results)
     assert len(records) == 4
+    assert not list(results.glob("t/*/*.png")) and len(list(results.glob("t/*/evidence.npz"))) == 2  # no PNGs
     for record in records:
         figures = record["efficiency"]
         assert set(figures) == FIGURES and all(math.isfinite(v) for v in figures.values())

@@ -131,6 +131,7 @@ def test_mlflow_shows_effective_params_curves_and_one_sweep_plot(write_protocol,
         methods={"mvfa": {"mode": "paper", "layers": [1, 2, 3, 4], "epochs": 3, "progress": False}},
         settings=[{"name": "few_shot", "shots": [2]}],
         datasets=["SynthBrain"],
+        cell_figures=True,
     )
     assert main(["run", str(path)]) == 0
     rec = next(iter(ResultStore(tmp_path / "results", "t").latest().values()))

@@ -83,7 +83,7 @@ def _runs(uri: str):
 
 
 def test_artifacts_travel_through_the_server(server, write_protocol, tmp_path):
-    proc = _cli("run", write_protocol(**GRID), uri=server.uri)
+    proc = _cli("run", write_protocol(cell_figures=True, **GRID), uri=server.uri)
     assert proc.returncode == 0, proc.stderr
     assert "View run" not in proc.stdout and "View experiment" not in proc.stdout  # MLflow's lines, two a cell
     client, runs = _runs(server.uri)

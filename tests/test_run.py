@@ -21,7 +21,10 @@ def run(write_protocol):
 
 
 def test_small_demo_end_to_end(run, tmp_path, capsys):
-    code, _ = run("--save-predictions", settings=["zero_shot_loo", {"name": "few_normal", "shots": [2]}], seeds=[0, 1])
+    code, _ = run(
+        "--save-predictions", settings=["zero_shot_loo", {"name": "few_normal", "shots": [2]}], seeds=[0, 1],
+        cell_figures=True,
+    )  # fmt: skip
     assert code == 0
     store = ResultStore(tmp_path / "results", "t")
     latest = store.latest()
