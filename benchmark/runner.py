@@ -136,6 +136,7 @@ def _record(base: dict[str, Any], result, cell: Cell, protocol: Protocol, run_id
         "threshold": protocol.threshold.value if protocol.threshold.mode == "fixed" else None,
         "variant": result.info.get("variant", cell.method),
         "published_as": result.info["published_as"],
+        "precision": result.info["precision"],
         "test_content_hash": result.test_hash,
         "tags": {
             "test_content_hash": result.test_hash,

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 
 RECORD_KEYS = (
-    "method", "dataset", "setting", "shots", "seed", "backbone", "threshold", "variant", "published_as", "seed_free"
+    "method", "dataset", "setting", "shots", "seed", "backbone", "threshold", "variant", "published_as", "seed_free",
+    "precision",
 )  # fmt: skip
 
 

@@ -33,7 +33,7 @@ def _latest(results: Path) -> dict:
     return {r["cell_id"]: r for r in ResultStore(results, "t").latest().values()}
 
 
-def test_bf16_runs_every_demo_method_on_the_cpu_and_the_cells_say_so(write_protocol, tmp_path):
+def test_bf16_runs_every_demo_method_on_the_cpu_and_the_cells_say_so(write_protocol, tmp_path, capsys):
     settings = [{"name": "few_shot", "shots": [2]}, {"name": "few_normal", "shots": [2]}]
     path = write_protocol(datasets=["SynthBrain"], settings=settings, methods=_demo_methods(), precision="bf16")
     assert main(["run", str(path)]) == 0
@@ -49,6 +49,9 @@ def test_bf16_runs_every_demo_method_on_the_cpu_and_the_cells_say_so(write_proto
     assert trained["winclip"] is None  # nothing trained
     recipes = [json.loads(p.read_text()) for p in (tmp_path / "results" / "cache").glob("*/recipe.json")]
     assert recipes and all(r["precision"] == "bf16" for r in recipes)  # never read by an fp32 cell
+    capsys.readouterr()
+    assert main(["tables", "t", "--results-dir", str(tmp_path / "results")]) == 0
+    assert "Precision: bf16." in capsys.readouterr().out  # the caption names it
 
 
 def test_fp32_is_the_default_and_changes_no_hash_no_id_and_no_number(write_protocol, tmp_path, catalog):
