@@ -37,7 +37,9 @@ OnStart = Callable[["CellJob"], None]
 
 
 WORKERS_ENV = "MEDAD_BENCH_WORKERS"  # the default number of workers, where set (the test suite sets 1)
-WORKER_MEMORY = 2 * 2**30  # bytes of available memory per default CPU worker: a demo worker peaks at about 1.4 GB
+# bytes of available memory per default CPU worker: room for a ViT-L/14 CLIP (1.7 GB of float32 weights) and its
+# activations (a demo worker, with its tiny models, peaks at about 1.4 GB)
+WORKER_MEMORY = 4 * 2**30
 
 
 def usable_cores() -> int:
@@ -55,7 +57,7 @@ def _available_memory() -> int | None:
 def default_workers(devices: list[str]) -> int:
     """How many cells run at once when ``--workers`` is not given: ``$MEDAD_BENCH_WORKERS`` where set; else one
     worker per GPU; else one per core with one torch thread each (on 2 cores, 2 workers of one thread ran the demo
-    in 0.6 of the time one process of two threads took: ``tests/perf/readme_times.py``), at most one per
+    in 0.55 of the time one process of two threads took: ``tests/perf/readme_times.py``), at most one per
     ``WORKER_MEMORY`` of available memory."""
     if (value := os.environ.get(WORKERS_ENV)) is not None:
         if not value.isdigit() or int(value) < 1:

@@ -35,6 +35,13 @@ METHODS = {  # one training epoch each (the figure is the forward pass), layers 
     "mvfa": {"epochs": 1},
     "medsad_clip": {"epochs": 1},
 }
+KEYS = {  # the tower-dependent settings each method declares
+    "winclip": set(),
+    "april_gan": {"layers", "memory_layers"},
+    "anomalyclip": {"layers", "dpam_blocks", "deep_depth"},
+    "mvfa": {"layers"},
+    "medsad_clip": {"layers"},
+}
 
 
 def bare_images_per_s(spec: BackboneSpec, size: int, batch: int, name: str, device: torch.device) -> float:
@@ -66,11 +73,15 @@ def main() -> None:
     device = torch.device(args.device)
     spec = BackboneSpec(args.model, "random-init", 0)
     picked = args.methods.split(",")
-    layers = [3, 6, 9, 12]  # a 12-block tower; ViT-L's 24 blocks: the papers' [6, 12, 18, 24]
-    if args.model.startswith("tiny"):
-        layers = [1, 2, 3, 4]
-    elif "L-14" in args.model:
-        layers = [6, 12, 18, 24]
+    clip = load_clip(spec, args.size).model
+    blocks = clip.visual.transformer.layers  # 24 for ViT-L: the papers' [6, 12, 18, 24]
+    layers = [blocks * i // 4 for i in range(1, 5)]
+    tower = {
+        "layers": layers,
+        "memory_layers": layers,
+        "dpam_blocks": round(blocks * 19 / 24),
+        "deep_depth": min(9, clip.transformer.layers),
+    }  # AnomalyCLIP's DPAM in 19 of 24 blocks, prompts in 9
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; {args.model} at "
           f"{args.size} px, batch {args.batch}, random-init weights")  # fmt: skip
     print(f"{'method':<14}{'precision':<11}{'images/s':>10}{'bare':>10}{'ratio':>8}")
@@ -80,8 +91,12 @@ def main() -> None:
                 "version": 1,
                 "name": f"gpu-{name}",
                 "data_root": f"{tmp}/data",
-                "synthetic": {"seed": 0, "image_size": args.size, "test_normal": args.batch,
-                              "test_anomalous": args.batch},
+                "synthetic": {
+                    "seed": 0,
+                    "image_size": args.size,
+                    "test_normal": args.batch,
+                    "test_anomalous": args.batch,
+                },
                 "datasets": ["SynthBrain", "SynthLiver"],
                 "settings": [{"name": "few_shot", "shots": [2]}],
                 "batch_size": args.batch,
@@ -90,7 +105,7 @@ def main() -> None:
                 "precision": name,
                 "figure_samples": 0,
                 "methods": {
-                    m: {"image_size": args.size, **({"layers": layers} if m != "winclip" else {}), **METHODS[m]}
+                    m: {"image_size": args.size, **METHODS[m], **{k: v for k, v in tower.items() if k in KEYS[m]}}
                     for m in picked
                 },
             }
@@ -99,10 +114,12 @@ def main() -> None:
             run = [sys.executable, "-m", "benchmark", "run", str(path), "--datasets", "SynthBrain", "--results-dir",
                    f"{tmp}/r", "--workers", "1"]  # fmt: skip
             done = subprocess.run(run, cwd=ROOT, capture_output=True, text=True)
-            if done.returncode != 0:
+            results = Path(tmp) / "r" / f"gpu-{name}" / "results.jsonl"
+            if not results.exists():
                 print(f"{name}: the run failed (exit {done.returncode}):\n{done.stdout[-1500:]}{done.stderr[-1500:]}")
+                continue
             bare = bare_images_per_s(spec, args.size, args.batch, name, device)
-            for line in (Path(tmp) / "r" / f"gpu-{name}" / "results.jsonl").read_text().splitlines():
+            for line in results.read_text().splitlines():
                 record = json.loads(line)
                 if record["status"] != "finished":
                     print(f"{record['method']:<14}{name:<11}failed: {record.get('error', '')}")
