@@ -57,7 +57,7 @@ def _available_memory() -> int | None:
 def default_workers(devices: list[str]) -> int:
     """How many cells run at once when ``--workers`` is not given: ``$MEDAD_BENCH_WORKERS`` where set; else one
     worker per GPU; else one per core with one torch thread each (on 2 cores, 2 workers of one thread ran the demo
-    in 0.55 of the time one process of two threads took: ``tests/perf/readme_times.py``), at most one per
+    in 0.55 to 0.67 of the time one process of two threads took: ``tests/perf/readme_times.py``), at most one per
     ``WORKER_MEMORY`` of available memory."""
     if (value := os.environ.get(WORKERS_ENV)) is not None:
         if not value.isdigit() or int(value) < 1:
