@@ -405,7 +405,7 @@ def caption_for(frame: pd.DataFrame, experiment: str, metrics: tuple[str, ...], 
     text += (
         f" Precision: {precisions[0]}."
         if len(precisions) == 1
-        else (f" Precisions: {', '.join(precisions)} (each row's in its name; benchmark.precision).")
+        else f" Precisions: {', '.join(precisions)} (each row's in its name; benchmark.precision)."
     )
     if "dice_oracle" in metrics:
         text += " Dice (oracle): the best Dice over the threshold sweep, picked on test data; for reference only."

@@ -13,18 +13,19 @@ precision, timed here. ``--device cpu`` with ``--model tiny-vit --size 64`` chec
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import yaml
 
-from benchmark import precision
-from benchmark.backbones.clip import load_clip
+from benchmark import efficiency, precision
+from benchmark.backbones.clip import ClipBackbone, load_clip
+from benchmark.method import METHODS as REGISTRY
 from benchmark.protocol import BackboneSpec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,30 +36,17 @@ METHODS = {  # one training epoch each (the figure is the forward pass), layers 
     "mvfa": {"epochs": 1},
     "medsad_clip": {"epochs": 1},
 }
-KEYS = {  # the tower-dependent settings each method declares
-    "winclip": set(),
-    "april_gan": {"layers", "memory_layers"},
-    "anomalyclip": {"layers", "dpam_blocks", "deep_depth"},
-    "mvfa": {"layers"},
-    "medsad_clip": {"layers"},
-}
+TOWER_KEYS = ("layers", "memory_layers", "dpam_blocks", "deep_depth")  # set to the tower's depth where declared
 
 
-def bare_images_per_s(spec: BackboneSpec, size: int, batch: int, name: str, device: torch.device) -> float:
+def bare_images_per_s(backbone: ClipBackbone, size: int, batch: int, name: str, device: torch.device) -> float:
     """``encode_image`` on a batch of ``batch`` images in precision ``name``: warm-up, then the mean of 10 calls."""
-    model = load_clip(spec, size, device)
     images = torch.rand(batch, 3, size, size, device=device)
     with precision.running(name, device.type), torch.no_grad():
         for _ in range(3):
-            model.model.encode_image(images)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        for _ in range(10):
-            model.model.encode_image(images)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    return 10 * batch / (time.perf_counter() - start)
+            backbone.model.encode_image(images)
+        seconds = efficiency.time_forward(lambda: [backbone.model.encode_image(images) for _ in range(10)], device)
+    return 10 * batch / seconds
 
 
 def main() -> None:
@@ -73,7 +61,8 @@ def main() -> None:
     device = torch.device(args.device)
     spec = BackboneSpec(args.model, "random-init", 0)
     picked = args.methods.split(",")
-    clip = load_clip(spec, args.size).model
+    backbone = load_clip(spec, args.size, device)
+    clip = backbone.model
     blocks = clip.visual.transformer.layers  # 24 for ViT-L: the papers' [6, 12, 18, 24]
     layers = [blocks * i // 4 for i in range(1, 5)]
     tower = {
@@ -82,6 +71,7 @@ def main() -> None:
         "dpam_blocks": round(blocks * 19 / 24),
         "deep_depth": min(9, clip.transformer.layers),
     }  # AnomalyCLIP's DPAM in 19 of 24 blocks, prompts in 9
+    declared = {m: {f.name for f in dataclasses.fields(REGISTRY.get(m).Params)} for m in picked}
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; {args.model} at "
           f"{args.size} px, batch {args.batch}, random-init weights")  # fmt: skip
     print(f"{'method':<14}{'precision':<11}{'images/s':>10}{'bare':>10}{'ratio':>8}")
@@ -105,7 +95,7 @@ def main() -> None:
                 "precision": name,
                 "figure_samples": 0,
                 "methods": {
-                    m: {"image_size": args.size, **METHODS[m], **{k: v for k, v in tower.items() if k in KEYS[m]}}
+                    m: {"image_size": args.size, **METHODS[m], **{k: tower[k] for k in TOWER_KEYS if k in declared[m]}}
                     for m in picked
                 },
             }
@@ -118,7 +108,7 @@ def main() -> None:
             if not results.exists():
                 print(f"{name}: the run failed (exit {done.returncode}):\n{done.stdout[-1500:]}{done.stderr[-1500:]}")
                 continue
-            bare = bare_images_per_s(spec, args.size, args.batch, name, device)
+            bare = bare_images_per_s(backbone, args.size, args.batch, name, device)
             for line in results.read_text().splitlines():
                 record = json.loads(line)
                 if record["status"] != "finished":
