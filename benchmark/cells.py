@@ -124,7 +124,7 @@ def expand(protocol: Protocol, catalog: dict[str, DatasetSpec], methods=None, da
         if "backbone" in raw:
             backbone = parse_backbone(where, raw["backbone"], f"methods.{m}.backbone")
         else:
-            backbone = protocol.backbone or cls.default_backbone
+            backbone = protocol.backbone or cls.backbone_for(params)
         if backbone is None:
             raise BenchmarkError(f"{where}: backbone: method '{m}' has no default backbone; set one")
         # a method entry's own size, else the method's native size, else the protocol's general one

@@ -426,7 +426,8 @@ def _cmd_paper(args) -> int:
     table = paper.paper_table(args.paper, args.table, args.results_dir, args.experiments)
     if not any(c.ours is not None for c in table.cells.values()):
         raise BenchmarkError(
-            f"{args.paper} {args.table}: {', '.join(args.experiments)} reproduce none of its {len(table.cells)} "
+            f"{args.paper} {args.table}: {', '.join(args.experiments)} reproduce none of its "
+            f"{sum(c.published is not None for c in table.cells.values())} "
             "numbers (no run matches a row's method, setting, dataset, metric and backbone); "
             "paper-table --coverage lists the protocols that do"
         )

@@ -136,6 +136,12 @@ class Method:
     reference_precision: ClassVar[str] = "fp32"
 
     @classmethod
+    def backbone_for(cls, params: Any) -> BackboneSpec | None:
+        """The backbone a method entry runs on when neither it nor the protocol names one: the method's default
+        (a method whose variants run on different backbones picks by its parameters)."""
+        return cls.default_backbone
+
+    @classmethod
     def build(cls, params: Any, context: MethodContext) -> Method:
         """An instance of ``implementation_class()`` ready to fit."""
         return cls.implementation_class()(params, context)

@@ -3,6 +3,10 @@ segmentation (Koleilat et al., CVPR 2026; official code HealthX-Lab/MedCLIPSeg).
 
 The plugin's declaration: its parameters (validated on load), settings and defaults, importable without torch.
 The maths, the training and the notes on fidelity to the official code: ``methods/models/medclipseg.py``.
+
+Its four backbone variants (its ``MODEL.CLIP_MODEL``), each on the backbone its code loads when the protocol
+names none: ``unimedclip`` (every config's, and the published numbers'), ``biomedclip``, ``pubmedclip`` and
+``clip``. Defaults reproduce its published recipe; each has a clean alternative (README, fidelity table).
 """
 
 from __future__ import annotations
@@ -12,25 +16,38 @@ from dataclasses import dataclass
 from benchmark.method import METHODS, Method, param
 from benchmark.protocol import BackboneSpec
 
+VARIANTS = ("unimedclip", "biomedclip", "pubmedclip", "clip")
+VARIANT_BACKBONES = {
+    "unimedclip": BackboneSpec("UniMedCLIP-ViT-B-16", "unimedclip"),
+    "biomedclip": BackboneSpec("hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224", "biomedclip"),
+    "pubmedclip": BackboneSpec("ViT-B-32", "pubmedclip"),
+    "clip": BackboneSpec("ViT-B-16", "openai"),
+}
+# its configs' values per training set where they differ from the rest (configs/EUS.yaml, configs/Covid19.yaml)
+DATASET_EPOCHS = {"EUS": 10}
+DATASET_GATE_INIT = {"Covid19": -0.02}
+
 
 @dataclass(frozen=True)
 class MedCLIPSegParams:
+    backbone_variant: str = param("unimedclip", choices=VARIANTS)  # its CLIP_MODEL: which code path and backbone
     layers: tuple[int, ...] = param((1, 2, 3, 4, 5, 6, 7, 8, 9, 10), ge=0)  # its LAYERS: adapter before block i+1
     adapter_dim: int = param(256, ge=1)
     beta: float = param(2.35, ge=0)  # weight of the key-uncertainty penalty on the attention scores
-    gate_init: float = 0.0  # sigmoid(0) = 0.5: the adapters' initial residual mix
+    gate_init: float | None = param(None, kind=float)  # None: its config's (0, sigmoid 0.5; Covid19 -0.02)
     upscale_blocks: int = param(2, ge=0)  # NUM_UPSCALE: transposed-conv scale blocks on the patch features
     temperature: float = param(0.2, gt=0)  # of the soft patch-level contrastive loss
     dice_weight: float = param(0.5, ge=0)
     bce_weight: float = param(0.5, ge=0)
     contrastive_weight: float = param(0.1, ge=0)
-    epochs: int = param(100, ge=1)
+    epochs: int | None = param(None, ge=1, kind=int)  # None: its config's for the training set (100; EUS 10)
     lr: float = param(3e-4, gt=0)
     lr_min: float = param(1e-4, ge=0)  # cosine schedule's floor, stepped once an epoch
     batch_size: int = param(24, ge=1)
     rotate: bool = True  # its RandomGenerator: half the training images rotated by a random -20..20 degrees
     samples: int = param(30, ge=1)  # Monte-Carlo samples at test time (TEST.NUM_SAMPLES)
     prompt: str = "{organ} lesion."  # text for images without their own description ({organ}: the card's word)
+    colour: str = param("bgr", choices=("bgr", "rgb"))  # bgr: its loader's cv2.imread, never converted to RGB
     progress: bool = True
 
 
@@ -41,6 +58,10 @@ class MedCLIPSeg(Method):
     settings = frozenset({"supervised", "few_shot", "data_fraction", "domain_generalization"})
     requires_masks = True
     Params = MedCLIPSegParams
-    default_backbone = BackboneSpec("ViT-B-16", "openai")
+    default_backbone = VARIANT_BACKBONES["unimedclip"]
     default_image_size = 224
     implementation = "methods.models.medclipseg:MedCLIPSegImpl"
+
+    @classmethod
+    def backbone_for(cls, params: MedCLIPSegParams) -> BackboneSpec:
+        return VARIANT_BACKBONES[params.backbone_variant]

@@ -117,3 +117,16 @@ def write_protocol(tmp_path, synth_root, mlflow_template):
 def _no_tracking_env(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+
+def relabel_backbone(results_dir: Path, experiment: str, new: str, label: str) -> None:
+    """A copy of ``experiment``'s records as experiment ``new`` with every backbone label set to ``label``: what
+    a report reads of a run on that backbone (the real weights are not on this machine; the numbers stay the
+    tiny backbone's, and only the report layer is under test)."""
+    import json
+
+    source = Path(results_dir) / experiment / "results.jsonl"
+    target = Path(results_dir) / new / "results.jsonl"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
+    target.write_text("".join(json.dumps({**r, "backbone": label} if "backbone" in r else r) + "\n" for r in lines))

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import SMALL
+from conftest import SMALL, relabel_backbone
 
 from benchmark.cli import main
 from benchmark.data.splits import make_split
@@ -15,7 +15,7 @@ from benchmark.metrics import CalibrationMetrics, SegmentationMetrics
 from benchmark.store import ResultStore
 from methods.models.medclipseg import ProbabilisticCrossAttention, PVLAdapter, ScaleBlock, soft_contrastive
 
-TINY = {"model": "tiny-vit-twin", "weights": "random-init", "seed": 0}
+TINY = {"model": "tiny-vit-bert", "weights": "random-init", "seed": 0}  # UniMedCLIP's shape: BERT text tower
 FAST = {"layers": [1, 2], "adapter_dim": 16, "epochs": 1, "batch_size": 8, "samples": 2, "progress": False}
 
 
@@ -183,15 +183,27 @@ def test_paper_table_averages_the_six_efficiency_sets(write_protocol, tmp_path, 
         str(tmp_path / "results"),
     ]
     assert main(args) == 0
-    lines = capsys.readouterr().out.splitlines()
+    out = capsys.readouterr().out
+    lines = out.splitlines()
     header = [c.strip() for c in next(line for line in lines if line.startswith("| Method")).strip("|").split("|")]
     group = lines.index(next(line for line in lines if line.startswith("| *data_fraction_10*")))
-    row = next(line for line in lines[group:] if "MedCLIPSeg" in line)
-    cells = [c.strip().replace("**", "") for c in row.strip("|").split("|")]
-    assert cells[header.index("avg_efficiency_sets DSC")] == f"{np.mean(ours) * 100:.2f}"  # one seed: no ± std
-    # tables --published: the six sets, their average and the README's number beside it
-    capsys.readouterr()
-    assert main(["tables", "eff", "--published", "--results-dir", str(tmp_path / "results")]) == 0
+
+    def cells(name: str) -> list[str]:
+        row = next(line for line in lines[group:] if line.strip("|").split("|")[0].strip() == name)
+        return [c.strip().replace("**", "") for c in row.strip("|").split("|")]
+
+    # a tiny BERT-tower backbone is not UniMedCLIP: its own row, the README's number stays copied
+    column = header.index("avg_efficiency_sets DSC")
+    assert cells("MedCLIPSeg")[column] == "81.10†"
+    assert cells("MedCLIPSeg (ours, on tiny-vit-bert / random-init)")[column] == f"{np.mean(ours) * 100:.2f}"
+    assert "which used UniMedCLIP-ViT-B-16 / unimedclip" in lines[0]
+    # the same records as on UniMedCLIP: in place, one seed, no ± std; and tables --published beside them
+    relabel_backbone(tmp_path / "results", "eff", "eff_unimed", "UniMedCLIP-ViT-B-16 / unimedclip (pretrained)")
+    assert main([*args[:3], "--from", "eff_unimed", *args[5:]]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    group = lines.index(next(line for line in lines if line.startswith("| *data_fraction_10*")))
+    assert cells("MedCLIPSeg")[column] == f"{np.mean(ours) * 100:.2f}" and "(ours, on" not in "\n".join(lines)
+    assert main(["tables", "eff_unimed", "--published", "--results-dir", str(tmp_path / "results")]) == 0
     out = capsys.readouterr().out
     published = next(line for line in out.splitlines() if "published (medclipseg README" in line)
     assert "81.10" in published  # MedCLIPSeg, 10 % of the data, averaged over the six sets
@@ -246,3 +258,90 @@ def test_a_prompt_table_without_descriptions_is_said_once(seg_root, catalog, tmp
         f"note: {listing}: {len(samples)} of {len(samples)} images have no Description; they are given the "
         "method's default prompt"
     ]
+
+
+def _context(catalog, name: str, backbone: dict):
+    from benchmark.backbones.cache import FeatureCache
+    from benchmark.method import MethodContext
+    from benchmark.protocol import BackboneSpec
+
+    spec = catalog[name]
+    return MethodContext(spec, "data_fraction", 100, 0, 32, torch.device("cpu"), BackboneSpec(**backbone),
+                         FeatureCache(None))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("variant", "model"),
+    [("unimedclip", "tiny-vit-bert"), ("biomedclip", "tiny-timm-bert"), ("clip", "tiny-vit-twin"),
+     ("pubmedclip", "tiny-vit-twin")],
+)  # fmt: skip
+def test_each_backbone_variant_trains_and_predicts_on_its_kind_of_towers(variant, model, catalog, seg_root):
+    """The BERT variants' patch features are the last block's full tokens (normed and projected), their text the
+    [CLS] token through the MLP; the CLIP variants' the value path and the EOT token."""
+    from benchmark.method import TrainSet
+    from methods.medclipseg import MedCLIPSeg, MedCLIPSegParams
+
+    context = _context(catalog, "SynthBrainSeg", {"model": model, "weights": "random-init", "seed": 0})
+    method = MedCLIPSeg.build(MedCLIPSegParams(**{**FAST, "backbone_variant": variant}), context)
+    backbone = method.backbone
+    images = torch.rand(2, 3, 32, 32)
+    tokens = backbone.tokenize(["brain lesion.", "a lesion"])
+    patches, text = method.model.encode(images, tokens)
+    with torch.no_grad():  # with the adapters' outputs zeroed, the features are the frozen backbone's own
+        for adapter in method.model.adapters:
+            adapter.vision_up.weight.zero_()
+            adapter.text_up.weight.zero_()
+        patches, text = method.model.encode(images, tokens)
+        x, _ = backbone.run_blocks(backbone.embed((images - method.model.mean) / method.model.std))
+        own_text = backbone.model.encode_text(tokens)
+    torch.testing.assert_close(text, own_text)
+    full = backbone.project_tokens(x[:, 1:])
+    assert torch.allclose(patches, full) == (variant in ("unimedclip", "biomedclip"))
+    split = make_split(seg_root, catalog, "SynthBrainSeg", "data_fraction", 100, 0)
+    train = TrainSet(split.train[:8], "data_fraction", 100, 32, {"SynthBrainSeg": catalog["SynthBrainSeg"]})
+    method.fit(train)
+    assert len(method.history) == 1 and np.isfinite(method.history[0])
+    assert not backbone.model.training and not any(m.training for m in backbone.model.modules())
+    out = method.predict(train.subset(split.test[:2]).load().unlabelled())
+    assert out.maps.shape == (2, 32, 32)
+
+
+def test_a_variant_on_the_wrong_kind_of_towers_is_refused_in_one_line(catalog):
+    from methods.medclipseg import MedCLIPSeg, MedCLIPSegParams
+
+    context = _context(catalog, "SynthBrainSeg", TINY | {"model": "tiny-vit-twin"})
+    with pytest.raises(BenchmarkError) as info:
+        MedCLIPSeg.build(MedCLIPSegParams(**FAST), context)  # unimedclip, the default
+    assert "backbone_variant 'unimedclip' runs on a BERT text tower" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_its_configs_per_dataset_values_and_the_colour_order(catalog, seg_root):
+    """EUS trains 10 epochs and Covid19's gates start at -0.02 (its configs) unless set; BGR by default."""
+    import dataclasses as dc
+
+    from benchmark.method import TrainSet
+    from methods.medclipseg import VARIANT_BACKBONES, MedCLIPSeg, MedCLIPSegParams
+
+    assert MedCLIPSeg.backbone_for(MedCLIPSegParams()) == VARIANT_BACKBONES["unimedclip"]
+    fast = {k: v for k, v in FAST.items() if k != "epochs"}
+    for name, epochs, gate in (("EUS", 10, 0.0), ("Covid19", 100, -0.02)):
+        spec = dc.replace(catalog["SynthBrainSeg"], name=name)
+        params = MedCLIPSegParams(**fast, lr=0.0, lr_min=0.0)
+        method = MedCLIPSeg.build(params, _context(catalog, "SynthBrainSeg", TINY))
+        split = make_split(seg_root, catalog, "SynthBrainSeg", "data_fraction", 100, 0)
+        samples = [dc.replace(s, dataset=name) for s in split.train[:2]]
+        if name == "EUS":
+            method.fit(TrainSet(samples, "data_fraction", 100, 32, {name: spec}))
+            assert len(method.history) == 10
+        else:  # the gates at fit's start, before a step
+            method.params = dc.replace(method.params, epochs=1)
+            method.fit(TrainSet(samples, "data_fraction", 100, 32, {name: spec}))
+        assert method.effective_params()["epochs"] == (epochs if name == "EUS" else 1)
+        assert method.effective_params()["gate_init"] == gate
+        gates = [float(m.gate) for m in method.model.modules() if isinstance(m, ProbabilisticCrossAttention)]
+        assert gates and all(g == pytest.approx(gate) for g in gates)  # lr 0: as they started
+    images = torch.rand(1, 3, 8, 8)
+    assert torch.equal(method.inputs(images), images[:, [2, 1, 0]])
+    method.params = dc.replace(method.params, colour="rgb")
+    assert torch.equal(method.inputs(images), images)

@@ -11,7 +11,7 @@ from benchmark.cli import PROTOCOLS_DIR, main
 from benchmark.data.synthetic import write_dataset
 from benchmark.reports.paper import coverage
 from benchmark.reports.published import canonical, load_published, lookup
-from tests.conftest import SMALL
+from tests.conftest import SMALL, relabel_backbone
 
 
 def test_printed_names_and_settings_are_normalised():
@@ -66,18 +66,36 @@ def test_paper_table_puts_our_numbers_in_the_papers_layout(bmad_run, capsys):
         (r["dataset"], r["seed"]): r["metrics"]["image_auroc"] for r in ResultStore(bmad_run, "k2").latest().values()
     }
     mean = (ours[("BrainMRI", 0)] + ours[("BrainMRI", 1)]) / 2 * 100
-    assert main(["paper-table", "mvfa", "Table 7", "--from", "k2", "--results-dir", str(bmad_run)]) == 0
+
+    def row(out: str, name: str) -> tuple[list[str], list[str]]:
+        lines = out.splitlines()
+        group = lines.index(next(line for line in lines if line.startswith("| *fewshot_k2*")))
+        found = next(line for line in lines[group:] if line.strip("|").split("|")[0].strip() == name)
+        header = [c.strip() for c in lines[2].strip("|").split("|")]
+        return [c.strip() for c in found.strip("|").split("|")], header
+
+    # on a tiny random-init backbone: a row of its own under the paper's, labelled, never matched to its numbers
+    assert main(["paper-table", "mvfa", "Table 7", "--from", "k2", "--results-dir", str(bmad_run), "--delta"]) == 0
     out = capsys.readouterr().out
-    lines = out.splitlines()
-    group = lines.index(next(line for line in lines if line.startswith("| *fewshot_k2*")))
-    bgad = next(line for line in lines[group:] if line.startswith("| BGAD [57]"))
-    cells = [c.strip() for c in bgad.strip("|").split("|")]
-    header = [c.strip() for c in lines[2].strip("|").split("|")]
+    cells, header = row(out, "BGAD [57]")
+    assert cells[header.index("BrainMRI AC")].endswith("†")  # the paper's number, copied
+    tiny, _ = row(out, "BGAD [57] (ours, on mobilenetv3_small_050 / random-init)")
+    assert re.match(rf"^(\*\*|<u>)?{mean:.2f} ± [0-9.]+(\*\*|</u>)?$", tiny[header.index("BrainMRI AC")])  # no delta
+    assert "which used tf_efficientnet_b6 (a backbone difference is no reproduction gap)" in out.splitlines()[0]
+    assert "0 of 132 numbers reproduced" in out.splitlines()[0]
+
+    # the same records on the paper's backbone: our numbers in place in the paper's row
+    relabel_backbone(bmad_run, "k2", "k2b", "tf_efficientnet_b6 / aa_in1k (pretrained)")
+    assert main(["paper-table", "mvfa", "Table 7", "--from", "k2b", "--results-dir", str(bmad_run)]) == 0
+    out = capsys.readouterr().out
+    cells, header = row(out, "BGAD [57]")
     assert re.match(rf"^(\*\*|<u>)?{mean:.2f} ± ", cells[header.index("BrainMRI AC")])  # ours, in place
     assert cells[header.index("HIS AC")] == "--" or cells[header.index("HIS AC")].endswith("†")
+    assert "(ours, on" not in out and "reproduced" in out.splitlines()[0]
+    lines = out.splitlines()
+    group = lines.index(next(line for line in lines if line.startswith("| *fewshot_k2*")))
     assert next(line for line in lines[group:] if line.startswith("| MVFA")).count("†") >= 2  # not run: copied
-    assert "random-init" in out.splitlines()[0] and "reproduced" in out.splitlines()[0]
-    assert main(["paper-table", "mvfa", "Table 7", "--from", "k2", "--results-dir", str(bmad_run), "--delta"]) == 0
+    assert main(["paper-table", "mvfa", "Table 7", "--from", "k2b", "--results-dir", str(bmad_run), "--delta"]) == 0
     published = lookup(load_published(), "BGAD", "few_shot", 2, "BrainMRI", "image_auroc", None)[0]
     assert f"({mean - published:+.2f})" in capsys.readouterr().out
     # a table the experiment covers nothing of is an error, as tables --published (it printed "0 of N", exit 0)
@@ -86,7 +104,7 @@ def test_paper_table_puts_our_numbers_in_the_papers_layout(bmad_run, capsys):
     assert err.count("\n") == 1 and "k2 reproduce none of its" in err and "--coverage" in err
 
     out_tex = bmad_run / "t7.tex"
-    args = ["paper-table", "mvfa", "Table 7", "--from", "k2", "--results-dir", str(bmad_run), "--format", "latex"]
+    args = ["paper-table", "mvfa", "Table 7", "--from", "k2b", "--results-dir", str(bmad_run), "--format", "latex"]
     assert main([*args, "--out", str(out_tex)]) == 0
     tex = out_tex.read_text()
     assert r"$^\dagger$" in tex and r"\emph{fewshot\_k2}" in tex
@@ -123,7 +141,8 @@ def test_a_published_dice_at_another_threshold_is_matched_to_the_sweep(write_pro
     assert main(["run", str(path)]) == 0
     results = tmp_path / "results"
     brain = next(r for r in ResultStore(results, "zs").latest().values() if r["dataset"] == "Brain")["metrics"]
-    assert main(["paper-table", "medsad-clip", "Table 7", "--from", "zs", "--results-dir", str(results)]) == 0
+    relabel_backbone(results, "zs", "zs_l14", "ViT-L-14-336 / openai (pretrained)")  # as on AnomalyCLIP's backbone
+    assert main(["paper-table", "medsad-clip", "Table 7", "--from", "zs_l14", "--results-dir", str(results)]) == 0
     lines = capsys.readouterr().out.splitlines()
     header = [c.strip() for c in next(line for line in lines if line.startswith("| Method")).strip("|").split("|")]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("| Anomalyclip")]

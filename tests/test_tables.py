@@ -3,11 +3,13 @@ import pytest
 from benchmark.reports.tables import render_latex, render_markdown
 from benchmark.store import ResultStore
 
+WINCLIP_BACKBONE = "ViT-B-16-plus-240 / laion400m_e31 (pretrained)"  # the architecture MVFA's WinCLIP rows used
 
-def _record(store, method, variant, setting, shots, seed, dataset, metrics, threshold=0.5):
+
+def _record(store, method, variant, setting, shots, seed, dataset, metrics, threshold=0.5, backbone=None):
     store.append(
         {
-            "config_hash": f"{method}{variant}{setting}{shots}{seed}{dataset}{threshold}",
+            "config_hash": f"{method}{variant}{setting}{shots}{seed}{dataset}{threshold}{backbone}",
             "status": "finished",
             "method": method,
             "variant": variant,
@@ -15,7 +17,7 @@ def _record(store, method, variant, setting, shots, seed, dataset, metrics, thre
             "shots": shots,
             "seed": seed,
             "dataset": dataset,
-            "backbone": "bb",
+            "backbone": backbone or (WINCLIP_BACKBONE if method == "winclip" else "bb"),
             "threshold": threshold,
             "metrics": metrics,
         }
@@ -82,6 +84,24 @@ def test_latex_published_rows_with_true_minus_signs(tmp_path):
     assert lines[row + 1] == r"\quad published & 66.49 & 85.99 & 69.85 \\"
     assert lines[row + 2] == r"\quad difference & $+$15.51 & $+$5.01 & $-$19.85 \\"
     assert got.count(r"\quad published") == 1 and "Published rows: mvfa Table 2." in got
+
+
+def test_a_run_on_another_backbone_is_labelled_and_never_beside_the_published_number(tmp_path):
+    """MVFA's WinCLIP numbers came from ViT-B-16+: the same method on a tiny random-init ViT is its own row,
+    labelled with its backbone, with no published number or difference under it; the caption says why."""
+    store = ResultStore(tmp_path, "tiny")
+    for seed in (0, 1):
+        _record(store, "winclip", "WinCLIP", "zero_shot_loo", None, seed, "BrainMRI", {"image_auroc": 0.8},
+                backbone="tiny-vit / random-init (random-init, seed 0)")  # fmt: skip
+        _record(store, "winclip", "WinCLIP", "zero_shot_loo", None, seed, "BrainMRI", {"image_auroc": 0.7})
+    text = render_markdown(store.frame(), ("image_auroc",), "cap", published=True)
+    lines = text.splitlines()
+    tiny = next(i for i, line in enumerate(lines) if line.startswith("| WinCLIP on tiny-vit / random-init ("))
+    assert "80.00" in lines[tiny] and (tiny + 1 == len(lines) or "published" not in lines[tiny + 1])
+    matched = next(i for i, line in enumerate(lines) if line.startswith("| WinCLIP (zero-shot LOO)"))
+    assert "70.00" in lines[matched] and "published (mvfa Table 2)" in lines[matched + 1]
+    assert text.count("published (") == 1
+    assert "WinCLIP on tiny-vit / random-init (zero-shot LOO; the paper's: ViT-B-16-plus-240)" in lines[0]
 
 
 def test_latex_long_names_get_a_mark_and_a_legend(tmp_path):
@@ -198,7 +218,8 @@ def test_published_numbers_sit_only_beside_the_configuration_the_paper_reports(t
             {
                 "config_hash": method, "status": "finished", "method": method, "plugin": "medsad_clip",
                 "variant": variant, "published_as": published_as, "setting": "supervised", "shots": None,
-                "seed": 0, "dataset": "Brain", "backbone": "bb", "threshold": 0.5, "metrics": {"dice": 0.8},
+                "seed": 0, "dataset": "Brain", "backbone": "ViT-L-14-336 / openai (pretrained)", "threshold": 0.5,
+                "metrics": {"dice": 0.8},
             }
         )  # fmt: skip
     lines = render_markdown(store.frame(), ("dice",), "cap", published=True).splitlines()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from benchmark.backbones.medical import MEDICAL_CLIPS
 from benchmark.errors import BenchmarkError, WeightsUnavailableError
 
 _HF_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -44,12 +45,15 @@ def hf_cached(repo_id: str, filenames) -> str | None:
 
 
 def resolve_clip_weights(model: str, weights: str) -> tuple[str, dict]:
-    """Local file of ``weights`` (a checkpoint path or an open_clip pretrained tag) and its pretrained config."""
+    """Local file of ``weights`` (a checkpoint path, an open_clip pretrained tag or a medical CLIP's tag) and its
+    pretrained config."""
     import open_clip
 
     checkpoint = local_checkpoint(weights)
     if checkpoint is not None:
         return checkpoint, {}
+    if weights in MEDICAL_CLIPS:
+        return resolve_medical(model, weights), {"quick_gelu": MEDICAL_CLIPS[weights].quick_gelu}
     if model not in open_clip.list_models():
         raise BenchmarkError(f"backbone.model: unknown open_clip model '{model}'")
     cfg = open_clip.get_pretrained_cfg(model, weights)
@@ -71,6 +75,35 @@ def resolve_clip_weights(model: str, weights: str) -> tuple[str, dict]:
     raise missing(f"{model} / {weights}", model, weights)
 
 
+def resolve_medical(model: str, tag: str) -> str:
+    """The local file of a medical CLIP's weights (``benchmark.backbones.medical``), with its text tower's config
+    and tokenizer in the cache; a one-line error naming what is missing and how to fetch it."""
+    clip = MEDICAL_CLIPS[tag]
+    if model != clip.model:
+        raise BenchmarkError(f"backbone.weights: '{tag}' are weights of model '{clip.model}', not '{model}'")
+    found = next((f for repo, name in clip.hub if (f := hf_cached(repo, [name]))), None)
+    if found is None:
+        raise missing(f"{model} / {tag}", model, tag)
+    if clip.text_repo and not hf_cached(clip.text_repo, ["config.json"]):
+        raise missing(f"{model} / {tag} (its text tower's config and tokenizer, {clip.text_repo})", model, tag)
+    return found
+
+
+def hub_snapshot(repo: str, fetch_model: str, tag: str) -> Path:
+    """The local snapshot folder of an open_clip model on the Hub (``open_clip_config.json`` and its weights) and
+    of its text tower's config, never downloading; a one-line error naming what is missing."""
+    import json
+
+    config = hf_cached(repo, ["open_clip_config.json"])
+    if config is None or hf_cached(repo, _HF_NAMES) is None:
+        raise missing(f"hf-hub:{repo}", fetch_model, tag)
+    text = json.loads(Path(config).read_text()).get("model_cfg", {}).get("text_cfg", {})
+    for name in dict.fromkeys(v for k, v in text.items() if k in ("hf_model_name", "hf_tokenizer_name")):
+        if hf_cached(name, ["config.json"]) is None:
+            raise missing(f"hf-hub:{repo} (its text tower's config and tokenizer, {name})", fetch_model, tag)
+    return Path(config).parent
+
+
 def resolve_timm_weights(model: str, weights: str) -> str:
     """Local file of a timm pretrained tag or checkpoint; never downloads."""
     import timm
@@ -88,6 +121,31 @@ def resolve_timm_weights(model: str, weights: str) -> str:
     if found:
         return found
     raise missing(name, f"timm:{model}", weights)
+
+
+def fetch_medical(model: str, tag: str) -> str:
+    """Download a medical CLIP (or any ``hf-hub:`` open_clip model) and its BERT text tower's config and
+    tokenizer files into the Hugging Face cache."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    text_files = ["config.json", "*.txt", "tokenizer*.json", "special_tokens_map.json"]
+    if model.startswith("hf-hub:"):
+        repo = model.removeprefix("hf-hub:")
+        folder = snapshot_download(repo, allow_patterns=["open_clip_config.json", *_HF_NAMES])
+        import json
+
+        text = json.loads((Path(folder) / "open_clip_config.json").read_text()).get("model_cfg", {}).get("text_cfg", {})
+        for name in dict.fromkeys(v for k, v in text.items() if k in ("hf_model_name", "hf_tokenizer_name")):
+            snapshot_download(name, allow_patterns=text_files)
+        return str(hub_snapshot(repo, model, tag))
+    clip = MEDICAL_CLIPS[tag]
+    if model != clip.model:
+        raise BenchmarkError(f"fetch-weights: '{tag}' are weights of model '{clip.model}', not '{model}'")
+    repo, name = clip.hub[0]
+    hf_hub_download(repo, name)
+    if clip.text_repo:
+        snapshot_download(clip.text_repo, allow_patterns=text_files)
+    return resolve_medical(model, tag)
 
 
 def hub_unreachable(timeout_s: float = 3.0) -> str | None:
@@ -118,6 +176,8 @@ def fetch_weights(model: str, weights: str) -> str:
     if problem:
         raise BenchmarkError(f"fetch-weights {what}: no network to download from: {problem}")
     try:
+        if weights in MEDICAL_CLIPS or model.startswith("hf-hub:"):
+            return fetch_medical(model, weights)
         if model.startswith("timm:"):
             import timm
 

@@ -4,7 +4,9 @@ paper's number, marked as copied, elsewhere; and the coverage of every published
 Rows are the paper's methods in its order, grouped by its settings; columns its datasets and metrics. A row
 is ours when its normalised name (``benchmark.reports.published.canonical``) is the published name of a
 method we run, and a cell is reproduced when an experiment holds that method in the mapped (setting, K) on
-that dataset (Dice: at the same fixed threshold, or at that threshold of the run's sweep).
+that dataset (Dice: at the same fixed threshold, or at that threshold of the run's sweep) on the backbone the
+row states (``benchmark.backbones.identity``). Our runs of it on another backbone get a row of their own
+under it, labelled with their backbone, and are not matched to the paper's numbers.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 from tabulate import tabulate
 
+from benchmark.backbones.identity import agrees, of_label
 from benchmark.errors import BenchmarkError
 from benchmark.method import METHODS
 from benchmark.metrics import METRICS
@@ -45,7 +48,7 @@ def plugin_names() -> dict[str, str]:
 
 @dataclass
 class Cell:
-    published: float | None  # percent
+    published: float | None  # percent; None in a row of ours on another backbone than the paper's
     ours: tuple[float, float, int] | None = None  # mean, std (percent), seeds
 
 
@@ -116,35 +119,55 @@ def paper_table(paper: str, table: str, results_dir: str | Path, experiments: li
     rows = list(dict.fromkeys(zip(part["setting"], part["label"], strict=True)))
     columns = list(dict.fromkeys(zip(part["dataset"], part["metric"], strict=True)))
     cells: dict[tuple[str, str, str, str], Cell] = {}
+    others: dict[tuple[str, str], list[tuple[str, str]]] = {}  # a printed row -> our rows on other backbones
     for _, r in part.iterrows():
         cell = Cell(float(r["value_percent"]))
-        if r["our_setting"] is not None:
-            row = (
-                (ours["name_key"] == r["method_key"])
-                & (ours["setting"] == r["our_setting"])
-                & (ours["shots"] == int(r["our_shots"]))
-                & (ours["dataset"] == r["dataset"])
-            )
-            if r["dataset"] in AGGREGATES:
-                row = (ours["name_key"] == r["method_key"]) & (ours["setting"] == r["our_setting"])
-                row &= (ours["shots"] == int(r["our_shots"])) & (ours["metric"] == r["metric"]) & (ours["n"] > 0)
-                found = aggregate(ours[row], r["dataset"])
-                if found is not None:
-                    cell.ours = (found[0] * 100, float("nan"), found[1])
-                cells[(r["setting"], r["label"], r["dataset"], r["metric"])] = cell
-                continue
-            hit = ours[row & (ours["metric"] == r["metric"])]
-            if r["metric"] == "dice":  # at the run's fixed threshold, else at the same threshold of its sweep
-                t = r["threshold"]
-                same = hit[(hit["threshold"] - t).abs() < 1e-9] if not math.isnan(t) else hit[:0]
-                hit = same if not same.empty or math.isnan(t) else ours[row & (ours["metric"] == f"dice_t{t:g}")]
-            hit = hit[hit["n"] > 0]
-            if not hit.empty:
-                best = hit.iloc[0]
-                cell.ours = (best["mean"] * 100, best["std"] * 100, int(best["n"]))
         cells[(r["setting"], r["label"], r["dataset"], r["metric"])] = cell
-    notes = sorted({n for n in part["setting_note"] if n})
+        if r["our_setting"] is None:
+            continue
+        mine = ours[
+            (ours["name_key"] == r["method_key"])
+            & (ours["setting"] == r["our_setting"])
+            & (ours["shots"] == int(r["our_shots"]))
+        ]
+        agree = mine["backbone"].map(lambda b, stated=r["backbone"]: agrees(stated, b)).astype(bool)
+        cell.ours = _ours(mine[agree], r)
+        for backbone in dict.fromkeys(mine[~agree]["backbone"]):
+            label = f"{r['label']} (ours, on {of_label(backbone)})"
+            others.setdefault((r["setting"], r["label"]), [])
+            if (label, r["backbone"] or "not stated") not in others[(r["setting"], r["label"])]:
+                others[(r["setting"], r["label"])].append((label, r["backbone"] or "not stated"))
+            found = _ours(mine[mine["backbone"] == backbone], r)
+            if found is not None:
+                cells[(r["setting"], label, r["dataset"], r["metric"])] = Cell(None, found)
+    rows = [x for row in rows for x in [row, *((row[0], o[0]) for o in others.get(row, []))]]
+    notes = [
+        f"{label}: not matched to the paper's numbers, which used {theirs} (a backbone difference is no "
+        "reproduction gap)."
+        for labels in others.values()
+        for label, theirs in labels
+    ]
+    notes += sorted({n for n in part["setting_note"] if n})
     return PaperTable(paper, table, groups, rows, columns, cells, notes, _provenance(results_dir, experiments))
+
+
+def _ours(mine: pd.DataFrame, r: pd.Series) -> tuple[float, float, int] | None:
+    """Our (mean, std, seeds) in percent for the published row ``r`` from our summary rows ``mine`` of its method
+    and setting (Dice: at the run's fixed threshold, else at the same threshold of its sweep)."""
+    if r["dataset"] in AGGREGATES:
+        found = aggregate(mine[(mine["metric"] == r["metric"]) & (mine["n"] > 0)], r["dataset"])
+        return None if found is None else (found[0] * 100, float("nan"), found[1])
+    mine = mine[mine["dataset"] == r["dataset"]]
+    hit = mine[mine["metric"] == r["metric"]]
+    if r["metric"] == "dice":
+        t = r["threshold"]
+        same = hit[(hit["threshold"] - t).abs() < 1e-9] if not math.isnan(t) else hit[:0]
+        hit = same if not same.empty or math.isnan(t) else mine[mine["metric"] == f"dice_t{t:g}"]
+    hit = hit[hit["n"] > 0]
+    if hit.empty:
+        return None
+    best = hit.iloc[0]
+    return best["mean"] * 100, best["std"] * 100, int(best["n"])
 
 
 def _ranks(t: PaperTable) -> dict[tuple, int]:
@@ -171,13 +194,14 @@ def _text(cell: Cell | None, delta: bool) -> str:
         return f"{cell.published:.2f}{COPIED}"
     mean, std, n = cell.ours
     text = f"{mean:.2f} ± {std:.2f}" if n > 1 and not math.isnan(std) else f"{mean:.2f}"
-    return text + (f" ({mean - cell.published:+.2f})" if delta else "")
+    return text + (f" ({mean - cell.published:+.2f})" if delta and cell.published is not None else "")
 
 
 def caption(t: PaperTable, delta: bool) -> str:
-    reproduced = sum(c.ours is not None for c in t.cells.values())
+    reproduced = sum(c.ours is not None and c.published is not None for c in t.cells.values())
+    printed = sum(c.published is not None for c in t.cells.values())
     text = (
-        f"{t.paper} {t.table}, in the paper's layout: {reproduced} of {len(t.cells)} numbers reproduced (mean ± std "
+        f"{t.paper} {t.table}, in the paper's layout: {reproduced} of {printed} numbers reproduced (mean ± std "
         f"over seeds); {COPIED}: copied from the paper, not reproduced. Bold and underline rank our reproduced "
         "numbers only, within a setting and column."
     )
@@ -253,8 +277,8 @@ EXCEPTIONS = {
 }
 
 
-def reachable_cells(protocols_dir: Path) -> set[tuple[str, str, int, str, str, float | None]]:
-    """What the shipped protocols compute: (plugin, setting, K, dataset, metric, Dice threshold)."""
+def reachable_cells(protocols_dir: Path) -> set[tuple[str, str, int, str, str, float | None, str]]:
+    """What the shipped protocols compute: (plugin, setting, K, dataset, metric, Dice threshold, backbone label)."""
     from benchmark.cells import expand
     from benchmark.data.catalog import load_catalog
     from benchmark.protocol import load_protocol
@@ -269,11 +293,12 @@ def reachable_cells(protocols_dir: Path) -> set[tuple[str, str, int, str, str, f
             metrics = [] if spec.segmentation_only else ["image_auroc", "image_accuracy"]
             if spec.masks:
                 metrics += ["pixel_auroc", "dice", "dice_per_image"]
+            backbone = cell.backbone.label()
             for metric in metrics:
-                out.add((cell.plugin_name, cell.setting, cell.shots or 0, cell.dataset, metric, fixed))
+                out.add((cell.plugin_name, cell.setting, cell.shots or 0, cell.dataset, metric, fixed, backbone))
             if catalog[cell.dataset].masks:  # Dice at every threshold of the sweep, too
                 key = (cell.plugin_name, cell.setting, cell.shots or 0, cell.dataset, "dice")
-                out |= {(*key, t) for t in protocol.sweep}
+                out |= {(*key, t, backbone) for t in protocol.sweep}
     return out
 
 
@@ -295,7 +320,7 @@ def coverage(protocols_dir: Path) -> list[Coverage]:
             threshold = None if math.isnan(r["threshold"]) else float(r["threshold"])
             key = (plugin, r["our_setting"], int(r["our_shots"] or 0), r["dataset"], r["metric"])
             if r["dataset"] in AGGREGATES:  # averages over sets: every set they average must be reached
-                have = {k[3] for k in reach if k[:3] == key[:3] and k[4] == r["metric"]}
+                have = {k[3] for k in reach if k[:3] == key[:3] and k[4] == r["metric"] and agrees(r["backbone"], k[6])}
                 sources = have & set(DOMAIN_SOURCES)
                 efficiency = r["dataset"] == "avg_efficiency_sets"
                 if set(EFFICIENCY_SETS) <= have if efficiency else sources and have - sources:
@@ -304,7 +329,9 @@ def coverage(protocols_dir: Path) -> list[Coverage]:
                     cov.unreachable.append(f"{r['method']} | {r['setting']} | {r['dataset']} | {r['metric']}")
                 continue
             if r["our_setting"] is not None and any(
-                k[:5] == key and (r["metric"] != "dice" or (k[5] is not None and abs(k[5] - threshold) < 1e-9))
+                k[:5] == key
+                and (r["metric"] != "dice" or (k[5] is not None and abs(k[5] - threshold) < 1e-9))
+                and agrees(r["backbone"], k[6])
                 for k in reach
             ):
                 cov.reproducible += 1

@@ -3,7 +3,8 @@
 Matching is explicit (README, "Published numbers: how rows match"): a printed method name is normalised
 (citation markers such as `` [57]`` stripped, spelling variants mapped by ``ALIASES``) and compared with our
 methods' published names; each paper's setting names map onto our (setting, K) by ``SETTINGS``, with a note
-where the paper leaves something unstated.
+where the paper leaves something unstated; and a run is matched only when its backbone agrees with the one the
+row states (``benchmark.backbones.identity``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pandas as pd
+
+from benchmark.backbones.identity import agrees
 
 PUBLISHED_CSV = Path(__file__).resolve().parents[2] / "results" / "published" / "published_results.csv"
 
@@ -111,7 +114,9 @@ def our_setting(paper: str, setting: str) -> OurSetting | None:
 
 def load_published(path: Path = PUBLISHED_CSV) -> pd.DataFrame:
     """The CSV with each row's normalised method (``method_key``, lower case) and our (setting, K)."""
-    frame = pd.read_csv(path, dtype={"threshold": "float64"})
+    frame = pd.read_csv(
+        path, dtype={"threshold": "float64", "backbone": "string"}, keep_default_na=False, na_values={"threshold": [""]}
+    )
     frame["canonical"] = frame["method"].map(canonical)
     frame["method_key"] = frame["canonical"].str.lower()
     ours = [our_setting(p, s) for p, s in zip(frame["paper"], frame["setting"], strict=True)]
@@ -119,6 +124,24 @@ def load_published(path: Path = PUBLISHED_CSV) -> pd.DataFrame:
     frame["our_shots"] = [o.shots if o else None for o in ours]
     frame["setting_note"] = [o.note if o else "" for o in ours]
     return frame
+
+
+def _rows(
+    published: pd.DataFrame,
+    method: str,
+    setting: str,
+    shots: int | None,
+    dataset: str | None = None,
+    metric: str | None = None,
+) -> pd.DataFrame:
+    rows = published[
+        (published["method_key"] == canonical(method).lower())
+        & (published["our_setting"] == setting)
+        & (published["our_shots"] == (shots or 0))
+    ]
+    if dataset is not None:
+        rows = rows[(rows["dataset"] == dataset) & (rows["metric"] == metric)]
+    return rows
 
 
 def lookup(
@@ -129,20 +152,27 @@ def lookup(
     dataset: str,
     metric: str,
     threshold: float | None,
+    backbone: str | None = None,
 ) -> tuple[float, str] | None:
-    """Published value (percent) and its source ('mvfa Table 2'), or None."""
-    rows = published[
-        (published["method_key"] == canonical(method).lower())
-        & (published["dataset"] == dataset)
-        & (published["metric"] == metric)
-        & (published["our_setting"] == setting)
-        & (published["our_shots"] == (shots or 0))
-    ]
+    """Published value (percent) and its source ('mvfa Table 2'), or None; with a run's ``backbone`` label,
+    only a row whose stated backbone agrees with it."""
+    rows = _rows(published, method, setting, shots, dataset, metric)
     if metric == "dice":  # published Dice is at a fixed threshold: only a row at that threshold matches
         if threshold is None or math.isnan(threshold):
             return None
         rows = rows[(rows["threshold"] - threshold).abs() < 1e-9]
+    if backbone is not None:
+        rows = rows[rows["backbone"].map(lambda b: agrees(b, backbone)).astype(bool)]
     if rows.empty:
         return None
     row = rows.iloc[0]
     return float(row["value_percent"]), f"{row['paper']} {row['table']}"
+
+
+def other_backbones(published: pd.DataFrame, method: str, setting: str, shots: int | None, backbone: str) -> str:
+    """The backbones the papers state for ``method``'s rows in that setting when none agrees with ``backbone``
+    (``"ViT-L-14-336 / openai"``; ``"not stated"`` for rows that record none), else ""."""
+    stated = list(dict.fromkeys(_rows(published, method, setting, shots)["backbone"]))
+    if not stated or any(agrees(b, backbone) for b in stated):
+        return ""
+    return ", ".join(b or "not stated" for b in stated)

@@ -4,7 +4,8 @@ Rows are (method variant, setting, K); columns are datasets as groups with one s
 (AC/AS as MVFA Table 1, or Dice/Acc as MedSAD-CLIP Table 2). A cell is mean ± std over seeds, in percent.
 In each column the best mean is bold and the second underlined, decided on unrounded means and the
 metric's direction; tied means share a mark. ``published=True`` adds, under each row, the papers' number
-and our difference.
+and our difference, where the row ran on the backbone the paper states; a row on another backbone is labelled
+with its own and the caption names the paper's.
 """
 
 from __future__ import annotations
@@ -15,9 +16,17 @@ from dataclasses import dataclass
 import pandas as pd
 from tabulate import tabulate
 
+from benchmark.backbones.identity import of_label
 from benchmark.method import METHODS
 from benchmark.metrics import METRICS
-from benchmark.reports.published import AGGREGATES, AGGREGATES_OF, average_sets, load_published, lookup
+from benchmark.reports.published import (
+    AGGREGATES,
+    AGGREGATES_OF,
+    average_sets,
+    load_published,
+    lookup,
+    other_backbones,
+)
 
 HEADERS = {
     "image_auroc": "AC",
@@ -109,6 +118,7 @@ class Row:
     source: str = ""  # published: "mvfa Table 2"
     key: tuple = ()  # ``row_key``: where its confidence intervals are found
     seed_free: bool = False  # every cell ran once, as no seed changes its result: no spread to show
+    other_backbone: str = ""  # ours, on another backbone than the published numbers of its method: theirs
 
     def label(self) -> str:
         """The full label (Markdown): ``name (setting)``; published and difference rows say what they are."""
@@ -152,9 +162,14 @@ def build(frame: pd.DataFrame, metrics: tuple[str, ...], published: bool = False
         paper_name = published_name(key["plugin"], key["published_as"])
         if not paper_name:
             continue
+        theirs = other_backbones(pub, paper_name, key["setting"], int(key["shots"]), key["backbone"])
+        if theirs:
+            row = table_rows[-1]
+            row.name, row.other_backbone = f"{name} on {of_label(key['backbone'])}", theirs
+            continue
         found, delta, sources = {}, {}, set()
         for d, m in [*columns, *sorted(averaged, key=lambda c: AGGREGATES.index(c[0]))]:
-            hit = lookup(pub, paper_name, key["setting"], int(key["shots"]), d, m, key["threshold"])
+            hit = lookup(pub, paper_name, key["setting"], int(key["shots"]), d, m, key["threshold"], key["backbone"])
             if hit is not None:
                 found[(d, m)] = (hit[0] / 100.0, 0.0, 0, 0)
                 sources.add(hit[1])
@@ -168,7 +183,19 @@ def build(frame: pd.DataFrame, metrics: tuple[str, ...], published: bool = False
 
 
 def has_published(rows: list[Row]) -> bool:
-    return any(r.kind == "published" for r in rows)
+    """Whether a published number sits beside a row, or a row is labelled as run on another backbone."""
+    return any(r.kind == "published" or r.other_backbone for r in rows)
+
+
+def backbone_note(rows: list[Row]) -> str:
+    """The caption's sentence on rows not matched to published numbers because the paper used another backbone."""
+    other = [f"{r.name} ({r.group}; the paper's: {r.other_backbone})" for r in rows if r.other_backbone]
+    if not other:
+        return ""
+    return (
+        " Not beside published numbers, as the papers ran them on another backbone (a backbone difference is no "
+        f"reproduction gap): {'; '.join(other)}."
+    )
 
 
 def _ranks(rows: list[Row], columns) -> dict[tuple, dict[int, int]]:
@@ -280,7 +307,7 @@ def render_latex(
     short = short_names(rows)
     marks = legend(short)
     sources = sorted({r.source for r in rows if r.kind == "published"})
-    caption += ci_caption(ci) if ci is not None else ""
+    caption += backbone_note(rows) + (ci_caption(ci) if ci is not None else "")
     text = _latex_escape(caption).replace("†", r"$^\dagger$") + (f" Rows: {marks}" if marks else "")
     text += f" Published rows: {_latex_escape('; '.join(sources))}." if sources else ""
     lines = [
@@ -365,7 +392,7 @@ def render_markdown(
             rank = ranks[col].get(i) if row.kind == "ours" else None
             cells.append(f"**{text}**" if rank == 0 else f"<u>{text}</u>" if rank == 1 else text)
         body.append(cells)
-    caption += ci_caption(ci) if ci is not None else ""
+    caption += backbone_note(rows) + (ci_caption(ci) if ci is not None else "")
     return f"{caption}\n\n" + tabulate(body, headers=headers, tablefmt="github", disable_numparse=True) + "\n"
 
 
@@ -383,6 +410,7 @@ def render_csv(frame: pd.DataFrame, published: bool = False) -> str:
                 r["dataset"],
                 r["metric"],
                 r["threshold"],
+                r["backbone"],
             )
             values.append(hit[0] / 100.0 if hit else float("nan"))
             sources.append(hit[1] if hit else "")

@@ -72,7 +72,7 @@ class ObjectAgnosticPrompts(nn.Module):
         if deep_length > length:
             raise BenchmarkError(f"anomalyclip: deep_length {deep_length} exceeds prompt_length {length}")
         self.backbone = [backbone]  # not a submodule: the text tower stays frozen and out of state_dict
-        width = backbone.model.ln_final.weight.shape[0]
+        width = backbone.text_width
         self.normal = nn.Parameter(torch.empty(length, width))
         self.abnormal = nn.Parameter(torch.empty(length, width))
         self.deep = nn.ParameterList(nn.Parameter(torch.empty(deep_length, width)) for _ in range(depth - 1))
@@ -81,10 +81,10 @@ class ObjectAgnosticPrompts(nn.Module):
         prefix = " ".join(["X"] * length)
         tokens = backbone.tokenize([f"{prefix} object.", f"{prefix} damaged object."])
         with torch.no_grad():
-            embedded = backbone.model.token_embedding(tokens)
+            embedded = backbone.token_embedding(tokens)
         self.register_buffer("prefix", embedded[:, :1], persistent=False)
         self.register_buffer("suffix", embedded[:, 1 + length :], persistent=False)
-        self.register_buffer("eot", tokens.argmax(-1), persistent=False)
+        self.register_buffer("eot", backbone.text_end(tokens), persistent=False)
         self.deep_length = deep_length
 
     def hooks(self) -> dict[int, object]:
@@ -148,7 +148,7 @@ class AnomalyCLIPImpl(AnomalyCLIP):
         overrides = dpam.overrides(range(first, backbone.num_layers + 1)) if self.params.dpam_blocks else None
         x, outputs = backbone.run_blocks(x, self.params.layers, overrides=overrides)
         original = dpam.original if dpam.original is not None else x
-        image = original[:, 0] @ backbone.visual.proj  # no ln_post: its VisionTransformer.forward
+        image = backbone.project(original[:, 0])  # no ln_post: its VisionTransformer.forward
         return {"image": image, **{f"layer{ly}": backbone.project_tokens(outputs[ly]) for ly in self.params.layers}}
 
     def features(self, images: torch.Tensor, keys: Sequence[str]) -> dict[str, torch.Tensor]:

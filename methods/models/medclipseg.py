@@ -1,6 +1,16 @@
 """MedCLIPSeg (Koleilat et al., CVPR 2026; official code HealthX-Lab/MedCLIPSeg: ``trainers/layers.py``,
-``trainers/medclipseg_clip.py``, ``trainers/scale_block.py``, ``train.py``, ``test.py``). Only the abstract is
-in ``../shared/papers``; the points below follow the code, the variant its configs call ``clip``.
+``trainers/medclipseg_{unimedclip,biomedclip,pubmedclip,clip}.py``, ``trainers/scale_block.py``, ``train.py``,
+``test.py``). Only the abstract is in ``../shared/papers``; the points below follow the code.
+
+Variants (``backbone_variant``, its ``MODEL.CLIP_MODEL``; every config of its, and so every published number,
+uses ``unimedclip``): ``clip`` (OpenAI ViT-B/16) and ``pubmedclip`` (the same code on ViT-B/32 with PubMedCLIP's
+weights) run the CLIP text tower; ``unimedclip`` (UniMedCLIP ViT-B/16: open_clip ViT, BiomedBERT) and
+``biomedclip`` (BiomedCLIP: timm ViT, PubMedBERT) a BERT one, and differ from ``clip`` in three points: the
+patch features are the last block's *full* tokens, normed and projected (not the value path); the text feature
+is the [CLS] token's last hidden state through the MLP projection; and BERT's dropout runs while training (its
+``model.train()``; 0.1 in the embeddings, attention and hidden states). The adapters see every BERT position,
+[CLS], [SEP] and padding included; the BERT layers mask the padding as keys. ``biomedclip`` puts no adapter
+before its first block even when 0 is in ``layers`` (its ``if i == 0``).
 
 - PVL adapter (``PVL_Adapter``): bias-free down-projections of the vision and text tokens to 256-d, a
   two-way probabilistic cross-attention (image -> text, then text -> image with the updated image tokens),
@@ -10,7 +20,7 @@ in ``../shared/papers``; the points below follow the code, the variant its confi
   softplus variance (+1e-6); scores ``Q K_mu^T / sqrt(C) - beta sqrt(Q^2 Var_K^T / C)`` (beta 2.35); values
   sampled ``V_mu + sqrt(Var_V) eps`` (a fresh ``eps`` at every forward, training included); output
   ``g W_o(A V) + (1 - g) Q_in`` with ``g = sigmoid(gate)``, gate initialised at 0.
-- Patch features: the *value path* of the last vision block, ``W_o W_v ln_1(x)`` (its
+- Patch features (``clip``, ``pubmedclip``): the *value path* of the last vision block, ``W_o W_v ln_1(x)`` (its
   ``ResidualAttentionBlock_CMM``; no attention), [CLS] dropped, ``ln_post`` and the projection. Text feature:
   the EOT output of the text tower, ``ln_final`` and the projection.
 - Head: logits ``<MLP_3(t/|t|), Up(p/|p|)>`` with a 3-layer GELU MLP on the text feature and two scale blocks
@@ -20,9 +30,13 @@ in ``../shared/papers``; the points below follow the code, the variant its confi
   ``softmax(row-L2-normalised(T T^T / 0.2))``, symmetric). The Dice term is MONAI's ``DiceLoss(sigmoid=True,
   include_background=False)`` on ``[B, H, W]`` logits, as the code calls it: MONAI reads H as the channel
   axis, so the Dice is taken per image row, row 0 left out, and averaged; we call it the same way.
-- Training: Adam 3e-4, cosine to 1e-4 over the epochs (stepped each epoch), 100 epochs, batch 24, 224 px, fp32,
+- Training: Adam 3e-4, cosine to 1e-4 over the epochs (stepped each epoch), 100 epochs (``configs/EUS.yaml``: 10;
+  ``configs/Covid19.yaml`` also sets the gates' initial value to -0.02), batch 24, 224 px, fp32,
   half the images rotated by a random integer angle in [-20, 20] (nearest neighbour, as PIL's default),
-  ImageNet mean/std normalisation (its ``CLIP_NORMALIZE``), the last epoch (``USE_LATEST``).
+  ImageNet mean/std normalisation (its ``CLIP_NORMALIZE``, every variant), the last epoch (``USE_LATEST``).
+- Colour: its loader reads images with ``cv2.imread`` and never converts them to RGB, so the published numbers of
+  colour sets come from BGR images under RGB constants: ``colour: bgr`` (the default) feeds the channels in that
+  order, ``rgb`` in the order the constants expect.
 - Test: 30 forward passes with fresh noise; the map is the mean of the sigmoids, the uncertainty map its
   binary entropy ``-(p log(p + 1e-8) + (1 - p) log(1 - p + 1e-8))`` (nats, at most ln 2).
 - Image score (MedCLIPSeg has none): the maximum of the mean map, the score a pixel-level segmenter implies
@@ -49,7 +63,7 @@ from benchmark.backbones.clip import ClipBackbone, shared_clip, to_grid
 from benchmark.data.loading import ImageBatch
 from benchmark.errors import BenchmarkError
 from benchmark.method import MethodContext, Prediction, TrainSet
-from methods.medclipseg import MedCLIPSeg, MedCLIPSegParams
+from methods.medclipseg import DATASET_EPOCHS, DATASET_GATE_INIT, MedCLIPSeg, MedCLIPSegParams
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -128,6 +142,7 @@ class MedCLIPSegModel(nn.Module):
         beta: float = 2.35,
         gate_init: float = 0.0,
         upscale_blocks: int = 2,
+        variant: str = "clip",
     ) -> None:
         super().__init__()
         depth = backbone.num_layers
@@ -141,7 +156,9 @@ class MedCLIPSegModel(nn.Module):
             raise BenchmarkError(f"medclipseg: layers: {bad[0]} out of range 0..{depth - 1}")
         self.backbone = [backbone]  # frozen, not a submodule: out of state_dict and the optimiser
         self.layers = tuple(layers)
-        text_width = backbone.model.ln_final.weight.shape[0]
+        self.full_tokens = variant in ("unimedclip", "biomedclip")  # dense features: full tokens, not values
+        self.skip_first = variant == "biomedclip"
+        text_width = backbone.text_width
         dim = backbone.embed_dim
         self.adapters = nn.ModuleList(
             PVLAdapter(backbone.width, text_width, adapter_dim, beta, gate_init) for _ in self.layers
@@ -158,17 +175,20 @@ class MedCLIPSegModel(nn.Module):
         backbone = self.backbone[0]
         x = backbone.embed((images - self.mean) / self.std)
         t = backbone.embed_text(tokens)
+        end = backbone.text_end(tokens)
+        attention = backbone.text_attention(end, tokens.shape[1])  # BERT's padding mask (None for CLIP's)
         depth = backbone.num_layers
         for index in range(depth):  # 0-based, as its LAYERS
-            if index in self.layers:
+            if index in self.layers and not (self.skip_first and index == 0):
                 dv, dt = self.adapters[self.layers.index(index)](x, t)
                 x, t = x + dv, t + dt
-            if index < depth - 1:
+            if self.full_tokens or index < depth - 1:
                 x = backbone.blocks[index](x)
-            t = backbone.text_block(index + 1, t)
+            t = backbone.text_block(index + 1, t, attention)
+        if self.full_tokens:  # the last block's full tokens, normed and projected
+            return backbone.project_tokens(x[:, 1:]), backbone.text_pool(t, end)
         values = block_values(backbone.blocks[depth - 1], x)  # the last block's value path
-        patches = backbone.project_tokens(values[:, 1:])
-        return patches, backbone.text_pool(t, tokens.argmax(-1))
+        return backbone.project_tokens(values[:, 1:]), backbone.text_pool(t, end)
 
     def logits(self, patches: torch.Tensor, text: torch.Tensor, size: int) -> torch.Tensor:
         """``[B, size, size]`` segmentation logits (``compute_seg_logits``)."""
@@ -196,15 +216,41 @@ class MedCLIPSegImpl(MedCLIPSeg):
     def __init__(self, params: MedCLIPSegParams, context: MethodContext) -> None:
         super().__init__(params, context)
         self.backbone = shared_clip(context.backbone, context.image_size, context.device)
+        self._check_variant()
         torch.manual_seed(context.seed)
+        gate_init = 0.0 if params.gate_init is None else params.gate_init
         self.model = MedCLIPSegModel(
-            self.backbone, params.layers, params.adapter_dim, params.beta, params.gate_init, params.upscale_blocks
+            self.backbone,
+            params.layers,
+            params.adapter_dim,
+            params.beta,
+            gate_init,
+            params.upscale_blocks,
+            params.backbone_variant,
         ).to(context.device)
+        self.resolved = {"epochs": params.epochs or 100, "gate_init": gate_init}
         from monai.losses import DiceLoss  # here, not at import: MONAI imports all its subpackages (seconds)
 
         # its call: [B, H, W] logits, so MONAI reads H as channels (a Dice per row, row 0 left out)
         self.dice = DiceLoss(include_background=False, sigmoid=True, reduction="mean")
         self.history: list[float] = []
+
+    def _check_variant(self) -> None:
+        """A variant's code path needs its kind of towers: BERT text for unimedclip and biomedclip (timm vision
+        for biomedclip), CLIP text for clip and pubmedclip."""
+        variant, backbone = self.params.backbone_variant, self.backbone
+        bert, timm = variant in ("unimedclip", "biomedclip"), variant == "biomedclip"
+        if backbone.hf_text != bert or backbone.timm_vision != timm:
+            towers = f"{'a BERT' if bert else 'the CLIP'} text tower and {'a timm' if timm else 'an open_clip'} ViT"
+            raise BenchmarkError(
+                f"medclipseg: backbone_variant '{variant}' runs on {towers}; backbone "
+                f"'{self.context.backbone.label()}' has {'a BERT' if backbone.hf_text else 'the CLIP'} text tower "
+                f"and {'a timm' if backbone.timm_vision else 'an open_clip'} ViT"
+            )
+
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in the channel order its loader feeds (``colour``: bgr as cv2.imread reads them)."""
+        return images.flip(1) if self.params.colour == "bgr" else images
 
     def prompts(self, texts: tuple[str | None, ...], organs: list[str]) -> list[str]:
         """Each image's own description, else ``prompt`` with its dataset's organ word."""
@@ -213,7 +259,7 @@ class MedCLIPSegImpl(MedCLIPSeg):
 
     def loss(self, images: torch.Tensor, masks: torch.Tensor, texts: list[str]) -> torch.Tensor:
         p = self.params
-        patches, text = self.model.encode(images, self.backbone.tokenize(texts))
+        patches, text = self.model.encode(self.inputs(images), self.backbone.tokenize(texts))
         logits = self.model.logits(patches, text, images.shape[-1])
         target = masks.float()
         seg = p.dice_weight * self.dice(logits, target) + p.bce_weight * F.binary_cross_entropy_with_logits(
@@ -225,6 +271,15 @@ class MedCLIPSegImpl(MedCLIPSeg):
         p, device = self.params, self.context.device
         generator = torch.Generator().manual_seed(self.context.seed)
         organ_of = {s.path: train.datasets[s.dataset].organ for s in train.samples}
+        source = next(iter(train.datasets)) if len(train.datasets) == 1 else ""
+        epochs = p.epochs or DATASET_EPOCHS.get(source, 100)  # its config's for the training set
+        if p.gate_init is None and source in DATASET_GATE_INIT:
+            with torch.no_grad():
+                for module in self.model.modules():
+                    if isinstance(module, ProbabilisticCrossAttention):
+                        module.gate.fill_(DATASET_GATE_INIT[source])
+            self.resolved["gate_init"] = DATASET_GATE_INIT[source]
+        self.resolved["epochs"] = epochs
 
         def step(batch) -> torch.Tensor:
             images, masks = batch.images.to(device), batch.masks.to(device)
@@ -233,20 +288,24 @@ class MedCLIPSegImpl(MedCLIPSeg):
             return self.loss(images, masks, self.prompts(batch.texts, [organ_of[path] for path in batch.paths]))
 
         def lr_at(epoch: int, _index: int, _count: int) -> float:
-            return p.lr_min + (p.lr - p.lr_min) * (1 + math.cos(math.pi * epoch / p.epochs)) / 2
+            return p.lr_min + (p.lr - p.lr_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2
 
         # its training runs in fp32 (no autocast), so on CUDA too
-        config = training.TrainConfig(epochs=p.epochs, lr=p.lr, amp=False, progress=p.progress)
+        config = training.TrainConfig(epochs=epochs, lr=p.lr, amp=False, progress=p.progress)
         self.model.train()
-        self.history = training.fit(
-            self.model.parameters(),
-            step,
-            lambda _epoch: train.batches(p.batch_size, generator),
-            config,
-            device,
-            desc=f"medclipseg {self.context.dataset.name}",
-            lr_at=lr_at,
-        )
+        self.backbone.text_train(self.backbone.hf_text)  # BERT's dropout on while training, as its model.train()
+        try:
+            self.history = training.fit(
+                self.model.parameters(),
+                step,
+                lambda _epoch: train.batches(p.batch_size, generator),
+                config,
+                device,
+                desc=f"medclipseg {self.context.dataset.name}",
+                lr_at=lr_at,
+            )
+        finally:
+            self.backbone.text_train(False)  # the backbone is shared by the process's later cells
         self.model.eval()
 
     @staticmethod
@@ -264,7 +323,7 @@ class MedCLIPSegImpl(MedCLIPSeg):
 
     @torch.no_grad()
     def predict(self, batch: ImageBatch) -> Prediction:
-        images = batch.images.to(self.context.device)
+        images = self.inputs(batch.images.to(self.context.device))
         tokens = self.backbone.tokenize(self.prompts(batch.texts, [self.context.dataset.organ] * len(images)))
         total = torch.zeros(images.shape[0], images.shape[-2], images.shape[-1], device=images.device)
         for _ in range(self.params.samples):
@@ -273,6 +332,10 @@ class MedCLIPSegImpl(MedCLIPSeg):
         mean = total / self.params.samples
         entropy = -(mean * torch.log(mean + 1e-8) + (1 - mean) * torch.log(1 - mean + 1e-8))
         return Prediction(mean.flatten(1).amax(-1), mean, uncertainty=entropy)
+
+    def effective_params(self) -> dict[str, object]:
+        """Its parameters with the per-dataset values of its configs filled in (epochs, gate_init)."""
+        return super().effective_params() | self.resolved
 
     def describe(self) -> dict[str, object]:
         return {

@@ -57,8 +57,8 @@ class PromptLearner(nn.Module):
         self.backbone = [backbone]  # not a submodule: the text tower stays frozen and out of state_dict
         tokens = backbone.tokenize([a.format(organ) for a in anchors])
         self.register_buffer("tokens", tokens, persistent=False)
-        self.lengths = [int(t.argmax()) for t in tokens]  # index of EOT = number of tokens before it
-        width = backbone.model.token_embedding.weight.shape[1]
+        self.lengths = [int(e) for e in backbone.text_end(tokens)]  # index of EOT = number of tokens before it
+        width = backbone.text_width
         self.n_tokens = n_tokens
         self.context = nn.Parameter(torch.randn(2, n_tokens, width) * 0.02) if n_tokens else None
 
@@ -66,7 +66,7 @@ class PromptLearner(nn.Module):
         """Pooled embeddings ``[2, D]`` and each prompt's token outputs ``[L_i, D]`` ([SOT] .. [EOT])."""
         backbone = self.backbone[0]
         with torch.no_grad():
-            embedded = backbone.model.token_embedding(self.tokens)
+            embedded = backbone.token_embedding(self.tokens)
         rows, eots = [], []
         for i, n in enumerate(self.lengths):
             parts = [embedded[i, :n]]  # [SOT] + anchor tokens

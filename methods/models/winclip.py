@@ -133,7 +133,7 @@ class WinClipModel(nn.Module):
         """Images in [0,1] -> image embedding, patch tokens and window embeddings of every scale."""
         tokens = self.backbone.embed(self.backbone.normalize(images))
         last, _ = self.backbone.run_blocks(tokens)
-        out = {"image": self.backbone.pool(last), "patches": self.backbone.visual.ln_post(last[:, 1:])}
+        out = {"image": self.backbone.pool(last), "patches": self.backbone.post_norm(last[:, 1:])}
         b = tokens.shape[0]
         for s in self.scales:
             masks = self.windows(s)
