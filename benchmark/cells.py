@@ -14,6 +14,7 @@ from benchmark.errors import BenchmarkError
 from benchmark.method import METHODS
 from benchmark.precision import problem as precision_problem
 from benchmark.protocol import (
+    RESIZES,
     SHOT_SETTINGS,
     BackboneSpec,
     Protocol,
@@ -41,6 +42,7 @@ class Cell:
     plugin: str = ""
     prompt_design: str | None = None  # MedCLIPSeg's test prompts (protocol axis); None: not an axis
     precision: str | None = None  # set by the protocol or method entry; None: the method's default on the device
+    resize: str | None = None  # set by the method entry, the method or the protocol; None: bicubic
 
     @property
     def plugin_name(self) -> str:
@@ -63,7 +65,7 @@ class Cell:
         """Everything the cell's result depends on, as recorded and hashed (an unused axis left out, so that
         adding an axis kept earlier cells' hashes)."""
         cell = {**asdict(self), "backbone": asdict(self.backbone)}
-        for axis in ("prompt_design", "precision"):
+        for axis in ("prompt_design", "precision", "resize"):
             if cell[axis] is None:
                 del cell[axis]
         return {
@@ -74,6 +76,7 @@ class Cell:
             "sweep": list(protocol.sweep),
             "batch_size": protocol.batch_size,
             "manifests": protocol.manifests,
+            **({"evaluation_size": protocol.evaluation_size} if protocol.evaluation_size != "model" else {}),
         }
 
     def config_hash(self, protocol: Protocol) -> str:
@@ -135,6 +138,10 @@ def expand(protocol: Protocol, catalog: dict[str, DatasetSpec], methods=None, da
         precision = raw.get("precision", protocol.precision)
         if precision is not None and precision_problem(precision):
             raise BenchmarkError(f"{where}: methods.{m}.precision: {precision_problem(precision)}")
+        resize = raw.get("resize", protocol.resize or cls.default_resize)
+        if resize is not None and resize not in RESIZES:
+            raise BenchmarkError(f"{where}: methods.{m}.resize: expected one of {', '.join(RESIZES)}, got {resize!r}")
+        resize = None if resize == "bicubic" else resize
         supported = [s for s in protocol.settings if s.name in cls.settings]
         if not supported:
             names = ", ".join(s.name for s in protocol.settings)
@@ -168,6 +175,7 @@ def expand(protocol: Protocol, catalog: dict[str, DatasetSpec], methods=None, da
                                     plugin if plugin != m else "",
                                     design,
                                     precision,
+                                    resize,
                                 )
                             )
     return cells

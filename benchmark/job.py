@@ -8,6 +8,7 @@ that any number of workers may run jobs while the driver alone writes records. E
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -23,7 +24,7 @@ from benchmark.backbones.cache import FeatureCache
 from benchmark.cells import Cell
 from benchmark.data.catalog import DatasetSpec
 from benchmark.data.layout import Sample
-from benchmark.data.loading import LoaderConfig, iterate_batches
+from benchmark.data.loading import LoaderConfig, iterate_batches, native_mask
 from benchmark.data.splits import content_hash
 from benchmark.efficiency import LoadTimer
 from benchmark.errors import BenchmarkError
@@ -140,13 +141,14 @@ def evaluate(
     keep_evidence: bool = True,
     image_level: bool = True,
     timer: LoadTimer | None = None,
+    native: bool = False,
 ) -> Evaluation:
     """Predict ``samples`` batch by batch into streaming accumulators; maps are never all held at once.
 
     A metric that would be undefined (one class only, no anomalous pixel left at ``size``) is an error, so
     that no NaN is ever recorded as a result. ``image_level`` False (a segmentation-only dataset: every image
     holds a lesion) leaves the image metrics out: not applicable, so absent. A ``timer`` times the loading of
-    batches."""
+    batches. ``native`` scores the per-image DSC and NSD at each mask's own size (``SegmentationMetrics``)."""
     images = ImageMetrics()
     pixels = PixelMetrics((*sweep, thresholds["dice"])) if has_masks else None
     segments = SegmentationMetrics(thresholds["dice"]) if has_masks else None
@@ -156,6 +158,7 @@ def evaluate(
     evidence = EvidenceWriter((*sweep, thresholds["dice"]), has_masks) if keep_evidence else None
     want = {0: (figure_samples + 1) // 2, 1: figure_samples // 2}
     batches = iterate_batches(samples, size, batch_size, loader)
+    by_path = {s.path: s for s in samples} if native else {}
     for batch in timer.timed(batches) if timer is not None else batches:
         with torch.no_grad():
             pred = method.predict(batch.unlabelled())
@@ -167,7 +170,7 @@ def evaluate(
         images.update(scores, batch.labels)
         if pixels is not None:
             pixels.update(maps, batch.masks)
-            segments.update(maps, batch.masks)
+            segments.update(maps, batch.masks, [native_mask(by_path[p]) for p in batch.paths] if native else None)
             calibration.update(maps, batch.masks, uncertainty)
         if writer is not None:
             writer.add(batch.paths, scores, batch.labels, maps, batch.masks, uncertainty)
@@ -292,12 +295,12 @@ def run_job(job: CellJob) -> CellResult:
         result.manifest = split.manifest()
         seed_everything(cell.seed)
         cls = METHODS.get(cell.plugin_name)
-        cache = FeatureCache(job.cache_dir)
+        cache = FeatureCache(job.cache_dir, {"resize": cell.resize} if cell.resize else None)
         context = MethodContext(
             spec, cell.setting, cell.shots, cell.seed, cell.image_size, device, cell.backbone, cache
         )
         specs = {name: catalog[name] for name in {s.dataset for s in (*split.train, *split.auxiliary)} | {cell.dataset}}
-        loader = loader_config(protocol, device)
+        loader = dataclasses.replace(loader_config(protocol, device), resize=cell.resize or "bicubic")
         train = TrainSet(
             split.train, cell.setting, cell.shots, cell.image_size, specs, split.valid, loader, split.auxiliary
         )
@@ -331,9 +334,11 @@ def run_job(job: CellJob) -> CellResult:
                 loader=loader,
                 image_level=image_level,
                 timer=timer,
+                native=protocol.evaluation_size == "native",
             )
             # the model's cost without the feature cache: a batch timed, then one image's FLOPs counted
-            batch = next(iterate_batches(split.test, cell.image_size, protocol.batch_size)).unlabelled()
+            one = dataclasses.replace(loader, workers=0)
+            batch = next(iterate_batches(split.test, cell.image_size, protocol.batch_size, one)).unlabelled()
             with cache.bypassed():
                 model_s = efficiency.time_forward(lambda: method.predict(batch), device)
                 peak_mb = efficiency.peak_memory_mb(device)

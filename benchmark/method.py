@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # declaring, listing and validating methods never imports tor
     from benchmark.data.loading import ImageBatch, LabelledBatch, LoaderConfig
 
 # per-method protocol keys the harness reads
-HARNESS_KEYS = ("method", "backbone", "image_size", "resources", "precision")
+HARNESS_KEYS = ("method", "backbone", "image_size", "resources", "precision", "resize")
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,8 @@ class TrainSet:
     def load(self, samples: tuple[Sample, ...] | None = None) -> LabelledBatch:
         from benchmark.data.loading import load_batch
 
-        return load_batch(self.samples if samples is None else samples, self.image_size)
+        resize = self.loader.resize if self.loader is not None else "bicubic"
+        return load_batch(self.samples if samples is None else samples, self.image_size, resize)
 
     def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[LabelledBatch]:
         """Batches in a shuffled order when ``generator`` is given, else in sample order."""
@@ -130,6 +131,8 @@ class Method:
     Params: ClassVar[type] = NoParams
     default_backbone: ClassVar[BackboneSpec | None] = None
     default_image_size: ClassVar[int | None] = None
+    # how its published code resizes images (``benchmark.data.loading.decode_image``); None: bicubic
+    default_resize: ClassVar[str | None] = None
     implementation: ClassVar[str] = ""  # "module:Class" that fits and predicts; empty: this class itself
     # the precision its published code runs in on a GPU: a cell's default on CUDA (fp32 on the CPU), unless the
     # protocol or the method entry sets ``precision`` (``benchmark.precision``)

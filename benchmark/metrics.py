@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -299,22 +300,31 @@ class SegmentationMetrics:
     image, 1 when mask and prediction are both empty; the normalised surface Dice (NSD) at ``tolerance``
     pixels from DeepMind's ``surface-distance`` (the implementation MedCLIPSeg's eval copies), called as it
     calls it: each 2-D mask as a one-slice volume with 1 mm spacing; 1 when both are empty and 0 when only
-    the mask is; each averaged over the test images. Holds two numbers an image."""
+    the mask is; each averaged over the test images. Holds two numbers an image.
+
+    With ``native`` masks (each at its own size), the binary prediction is upsampled to each mask's size with
+    nearest-neighbour (``cv2.INTER_NEAREST``'s rule: source pixel ``floor(i * in / out)``) and scored there, as
+    MedCLIPSeg's ``utils/eval.py`` does; the NSD's tolerance is then in the mask's own pixels."""
 
     def __init__(self, threshold: float, tolerance: float = 2.0) -> None:
         self.threshold, self.tolerance = threshold, tolerance
         self.dice: list[float] = []
         self.nsd: list[float] = []
 
-    def update(self, maps: torch.Tensor, masks: torch.Tensor) -> None:
+    def update(self, maps: torch.Tensor, masks: torch.Tensor, native: list[torch.Tensor] | None = None) -> None:
         from surface_distance import compute_surface_dice_at_tolerance, compute_surface_distances
 
         pred = maps.detach().cpu() >= self.threshold
-        truth = masks.detach().cpu().bool()
-        inter = (pred & truth).flatten(1).sum(1).double()
-        total = (pred.flatten(1).sum(1) + truth.flatten(1).sum(1)).double()
-        self.dice += torch.where(total > 0, 2 * inter / total.clamp(min=1), 1.0).tolist()
-        for p, t in zip(pred.numpy(), truth.numpy(), strict=True):
+        pairs = list(zip(pred, masks.detach().cpu().bool(), strict=True))
+        if native is not None:
+            pairs = [
+                (F.interpolate(p[None, None].float(), size=tuple(t.shape), mode="nearest")[0, 0] > 0.5, t.bool())
+                for p, t in zip(pred, native, strict=True)
+            ]
+        for p, t in pairs:
+            total = int(p.sum()) + int(t.sum())
+            self.dice.append(2 * int((p & t).sum()) / total if total else 1.0)
+        for p, t in ((p.numpy(), t.numpy()) for p, t in pairs):
             if not t.any():
                 self.nsd.append(0.0 if p.any() else 1.0)
                 continue

@@ -25,6 +25,8 @@ ALLOWED_FRACTIONS = (10, 25, 50, 100)  # MedCLIPSeg's data-efficiency subsets (p
 PROMPT_DESIGNS = ("original", "contradictory", "missing_location", "overdescriptive", "underdescriptive")
 DEFAULT_SWEEP = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 PROTOCOL_VERSION = 1
+EVALUATION_SIZES = ("model", "native")
+RESIZES = ("bicubic", "bilinear")  # benchmark.data.loading.decode_image
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,10 @@ class Protocol:
     # each cell's samples.png, sweep.png and roc.png (about 0.3 s a cell on a CPU core); false for large grids:
     # evidence.npz keeps the examples and curves the report draws
     cell_figures: bool = True
+    # where per-image DSC and NSD are scored: at the model's size, or ``native``: the binary prediction upsampled
+    # (nearest) to each mask's own size, as MedCLIPSeg's utils/eval.py
+    evaluation_size: str = "model"
+    resize: str | None = None  # how images are resized to a cell's size (RESIZES); None: bicubic, or a method's own
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
 
@@ -350,6 +356,8 @@ def load_protocol(path: str | Path) -> Protocol:
         prompt_designs=r.get_list("prompt_designs", str, ()),
         precision=r.get("precision", str, None),
         cell_figures=r.get("cell_figures", bool, True),
+        evaluation_size=r.get("evaluation_size", str, "model"),
+        resize=r.get("resize", str, None),
         raw=data,
     )
     r.used.add("resources")  # read above from the raw mapping
@@ -364,6 +372,10 @@ def load_protocol(path: str | Path) -> Protocol:
         r.fail(f"unknown prompt design '{bad[0]}' (expected one of {', '.join(PROMPT_DESIGNS)})", "prompt_designs")
     if protocol.precision is not None and precision_problem(protocol.precision):
         r.fail(precision_problem(protocol.precision), "precision")
+    if protocol.evaluation_size not in EVALUATION_SIZES:
+        r.fail(f"expected one of {', '.join(EVALUATION_SIZES)}, got '{protocol.evaluation_size}'", "evaluation_size")
+    if protocol.resize is not None and protocol.resize not in RESIZES:
+        r.fail(f"expected one of {', '.join(RESIZES)}, got '{protocol.resize}'", "resize")
     if protocol.figure_samples < 0:
         r.fail("expected 0 or more images", "figure_samples")
     if protocol.loader_workers is not None and protocol.loader_workers < 0:

@@ -105,6 +105,7 @@ def _base(cell: Cell, protocol: Protocol) -> dict[str, Any]:
         "backbone": cell.backbone.label(),
         "backbone_weights": "random-init" if cell.backbone.random_init else f"pretrained:{cell.backbone.weights}",
         "protocol_version": protocol.version,
+        "evaluation_size": protocol.evaluation_size,
     }
 
 
@@ -118,6 +119,7 @@ def _record(base: dict[str, Any], result, cell: Cell, protocol: Protocol, run_id
         {
             "backbone": cell.backbone.label(),
             "image_size": cell.image_size,
+            "resize": cell.resize or "bicubic",
             "sampling_seed": cell.sampling_seed,
             "protocol_version": protocol.version,
             "threshold_mode": protocol.threshold.mode,

@@ -60,6 +60,7 @@ class MedCLIPSeg(Method):
     Params = MedCLIPSegParams
     default_backbone = VARIANT_BACKBONES["unimedclip"]
     default_image_size = 224
+    default_resize = "bilinear"  # its loader's cv2.resize (INTER_LINEAR, no antialiasing)
     implementation = "methods.models.medclipseg:MedCLIPSegImpl"
 
     @classmethod

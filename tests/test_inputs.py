@@ -270,3 +270,45 @@ def test_segmentation_layout_inputs_fail_in_one_line(tmp_path, catalog):
         make_split(root, catalog, "SynthBrainSeg", "supervised", None, 0)
     with pytest.raises(BenchmarkError, match="data_fraction: dataset 'SynthBrain' is not in the medclipseg layout"):
         make_split(root, catalog, "SynthBrain", "data_fraction", 10, 0)
+
+
+def test_bilinear_resize_is_opencvs_and_bicubic_stays_pils(tmp_path):
+    """``resize: bilinear`` decodes as MedCLIPSeg's loader: ``cv2.resize`` (INTER_LINEAR, no antialiasing) on
+    the 8-bit image; the default stays PIL's antialiased bicubic."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 256, (90, 70, 3), dtype=np.uint8)
+    Image.fromarray(array).save(tmp_path / "a.png")
+    bilinear, _ = load_image(str(tmp_path / "a.png"), 32, "bilinear")
+    expected = cv2.resize(array, (32, 32), interpolation=cv2.INTER_LINEAR).astype(np.float32) / 255.0
+    np.testing.assert_array_equal(bilinear.permute(1, 2, 0).numpy(), expected)
+    bicubic, _ = load_image(str(tmp_path / "a.png"), 32)
+    pil = np.asarray(Image.fromarray(array).resize((32, 32), Image.BICUBIC), dtype=np.float32) / 255.0
+    np.testing.assert_array_equal(bicubic.permute(1, 2, 0).numpy(), pil)
+
+
+def test_a_method_entrys_resize_is_recorded_and_keeps_its_own_features(write_protocol, tmp_path, capsys):
+    """Per method entry (or protocol) ``resize``; MedCLIPSeg's default is its loader's bilinear. A cached
+    feature of a bilinearly resized image never stands in for a bicubic one."""
+    cnn = {"backbone": {"model": "mobilenetv3_small_050", "weights": "random-init", "seed": 0}, "meta_epochs": 1,
+           "sub_epochs": 1, "n_batch": 256, "coupling_blocks": 2, "pos_embed_dim": 16, "progress": False}  # fmt: skip
+    path = write_protocol(
+        settings=[{"name": "few_shot", "shots": [2]}], datasets=["SynthBrain"],
+        methods={"bgad": cnn, "bgad_bilinear": {**cnn, "method": "bgad", "resize": "bilinear"}},
+    )  # fmt: skip
+    assert main(["run", str(path)]) == 0
+    records = {r["method"]: r for r in ResultStore(tmp_path / "results", "t").latest().values()}
+    assert records["bgad"]["params"]["resize"] == "bicubic"
+    assert records["bgad_bilinear"]["params"]["resize"] == "bilinear"
+    assert records["bgad"]["metrics"] != records["bgad_bilinear"]["metrics"]
+    recipes = [json.loads(p.read_text()) for p in (tmp_path / "results").rglob("recipe.json")]
+    assert {r.get("resize") for r in recipes} == {None, "bilinear"}
+    from methods.medclipseg import MedCLIPSeg
+
+    assert MedCLIPSeg.default_resize == "bilinear"
+    capsys.readouterr()
+    bad = write_protocol(name="bad", methods={"winclip": {"resize": "area"}})
+    assert main(["run", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "methods.winclip.resize: expected one of bicubic, bilinear, got 'area'" in err and err.count("\n") == 1

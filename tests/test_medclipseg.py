@@ -86,6 +86,25 @@ def test_dsc_and_nsd_equal_a_direct_computation_on_known_masks():
     assert metrics.mean_dice() == pytest.approx(np.mean(metrics.dice))
 
 
+def test_native_size_scoring_upsamples_the_binary_prediction_as_cv2_nearest():
+    """MedCLIPSeg's eval: the 0/255 prediction saved at the model's size, ``cv2.resize(..., INTER_NEAREST)`` to
+    the ground truth's size, then DSC and NSD there."""
+    import cv2
+
+    torch.manual_seed(0)
+    maps = torch.rand(2, 32, 32)
+    native = [torch.rand(75, 50) > 0.6, torch.zeros(40, 96, dtype=torch.bool)]
+    metrics = SegmentationMetrics(0.5)
+    metrics.update(maps, torch.zeros(2, 32, 32, dtype=torch.bool), native)
+    for i, truth in enumerate(native):
+        saved = ((maps[i] >= 0.5).numpy() * 255).astype(np.uint8)
+        pred = cv2.resize(saved, truth.shape[::-1], interpolation=cv2.INTER_NEAREST) > 127
+        t = truth.numpy()
+        expected = 2 * (pred & t).sum() / (pred.sum() + t.sum()) if pred.sum() + t.sum() else 1.0
+        assert metrics.dice[i] == pytest.approx(expected, abs=1e-12)
+    assert metrics.nsd[1] == 0.0  # an empty mask under a non-empty prediction
+
+
 def test_calibration_error_of_a_calibrated_and_a_confident_map():
     truth = torch.zeros(1, 10, 10, dtype=torch.bool)
     truth[0, :3] = True  # 30 % positive
@@ -158,6 +177,26 @@ def test_cells_train_predict_and_log_uncertainty_without_image_metrics(write_pro
     assert main(["compare", "t", "--metric", "dice", "--resamples", "100", *results]) == 0
     assert main(["compare", "t", *results]) == 2
     assert main(["report", "t", "--resamples", "100", *results]) == 0
+
+
+def test_native_evaluation_size_is_recorded_and_changes_only_dsc_and_nsd(write_protocol, seg_root, tmp_path, capsys):
+    common = {"data_root": str(seg_root), "datasets": ["SynthBrainSeg"], "backbone": TINY,
+              "settings": [{"name": "data_fraction", "fractions": [50]}], "methods": {"medclipseg": FAST}}  # fmt: skip
+    for size in ("model", "native"):
+        assert main(["run", str(write_protocol(name=size, evaluation_size=size, **common))]) == 0
+    model, native = (next(iter(ResultStore(tmp_path / "results", n).latest().values())) for n in ("model", "native"))
+    assert native["evaluation_size"] == "native" and model["evaluation_size"] == "model"
+    assert native["config_hash"] != model["config_hash"]
+    for key in ("pixel_auroc", "dice"):  # the same model and noise: pixel metrics at the model's size agree
+        assert native["metrics"][key] == model["metrics"][key]
+    assert (native["metrics"]["dice_per_image"], native["metrics"]["nsd"]) != (
+        model["metrics"]["dice_per_image"], model["metrics"]["nsd"])  # fmt: skip
+    capsys.readouterr()
+    assert main(["tables", "native", "--results-dir", str(tmp_path / "results")]) == 0
+    assert "DSC and NSD: at each mask's native size" in capsys.readouterr().out
+    assert main(["run", str(write_protocol(name="bad", evaluation_size="mask", **common))]) == 2
+    err = capsys.readouterr().err
+    assert "evaluation_size: expected one of model, native, got 'mask'" in err and err.count("\n") == 1
 
 
 def test_paper_table_averages_the_six_efficiency_sets(write_protocol, tmp_path, catalog, capsys):

@@ -76,22 +76,23 @@ def _serialised(entry: Features) -> bytes:
 class FeatureCache:
     """``cached(recipe, keys, images, compute)``: per-image features, computed only for cache misses."""
 
-    def __init__(self, root: str | Path | None) -> None:
+    def __init__(self, root: str | Path | None, inputs: dict | None = None) -> None:
         self.root = Path(root) if root is not None else None
+        self.inputs = inputs or {}  # how the images were decoded, where not the default (``resize``)
         self.hits = 0
         self.misses = 0
         self.bypass = False
 
-    @staticmethod
-    def full_recipe(recipe: dict) -> dict:
-        """The recipe with the active precision where it is not fp32 (``benchmark.precision``): features computed
-        in bf16 never stand in for fp32 ones."""
+    def full_recipe(self, recipe: dict) -> dict:
+        """The recipe with the active precision where it is not fp32 (``benchmark.precision``) and the images'
+        decoding where it is not the default: features computed in bf16, or of bilinearly resized images, never
+        stand in for others."""
         name = precision.active().name
-        return recipe if name == precision.DEFAULT else {**recipe, "precision": name}
+        recipe = recipe if name == precision.DEFAULT else {**recipe, "precision": name}
+        return {**recipe, **self.inputs}
 
-    @classmethod
-    def namespace(cls, recipe: dict) -> str:
-        return hashlib.sha1(json.dumps(cls.full_recipe(recipe), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    def namespace(self, recipe: dict) -> str:
+        return hashlib.sha1(json.dumps(self.full_recipe(recipe), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     @contextlib.contextmanager
     def bypassed(self):

@@ -74,6 +74,7 @@ class LoaderConfig:
 
     workers: int = 0
     pin_memory: bool = False
+    resize: str = "bicubic"  # RESIZES
 
 
 def _open(path: str) -> tuple[Image.Image, str]:
@@ -114,20 +115,35 @@ def _grayscale_float(img: Image.Image, path: str) -> np.ndarray:
     return array.astype(np.float32)
 
 
-def decode_image(img: Image.Image, path: str, size: int) -> torch.Tensor:
-    """``[3,size,size]`` float in [0,1]: bicubic resize (as MVFA-AD and open_clip), grayscale repeated."""
+def decode_image(img: Image.Image, path: str, size: int, resize: str = "bicubic") -> torch.Tensor:
+    """``[3,size,size]`` float in [0,1], grayscale repeated. ``resize``: ``bicubic``, PIL's (antialiased when it
+    shrinks; as MVFA-AD and open_clip), or ``bilinear``, OpenCV's ``cv2.resize`` with its default
+    ``INTER_LINEAR`` (half-pixel centres, no antialiasing; on the 8-bit image: MedCLIPSeg's loader)."""
     if img.mode in _HIGH_DEPTH_MODES or img.mode in ("I", "F"):
-        plane = Image.fromarray(_grayscale_float(img, path)).resize((size, size), Image.BICUBIC)
-        array = np.repeat(np.asarray(plane, dtype=np.float32)[..., None], 3, axis=2)
+        plane = _grayscale_float(img, path)
+        if resize == "bilinear":
+            plane = _bilinear(plane, size)
+        else:
+            plane = np.asarray(Image.fromarray(plane).resize((size, size), Image.BICUBIC), dtype=np.float32)
+        array = np.repeat(plane[..., None], 3, axis=2)
+    elif resize == "bilinear":
+        array = _bilinear(np.asarray(img.convert("RGB")), size).astype(np.float32) / 255.0
     else:
         array = np.asarray(img.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).clamp_(0.0, 1.0)
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).permute(2, 0, 1).clamp_(0.0, 1.0)
 
 
-def load_image(path: str, size: int) -> tuple[torch.Tensor, str]:
+def _bilinear(array: np.ndarray, size: int) -> np.ndarray:
+    """``cv2.resize(array, (size, size))``: ``INTER_LINEAR``, as MedCLIPSeg's loader calls it."""
+    import cv2  # here, not at import: only this resize needs it
+
+    return cv2.resize(np.ascontiguousarray(array), (size, size), interpolation=cv2.INTER_LINEAR)
+
+
+def load_image(path: str, size: int, resize: str = "bicubic") -> tuple[torch.Tensor, str]:
     """Image as ``[3,size,size]`` float in [0,1] and the SHA-1 of its file."""
     img, key = _open(path)
-    return decode_image(img, path, size), key
+    return decode_image(img, path, size, resize), key
 
 
 def mask_values(img: Image.Image) -> np.ndarray:
@@ -173,14 +189,24 @@ def load_mask(sample: Sample, size: int, image_size: tuple[int, int] | None = No
     return torch.from_numpy(np.asarray(resized) > 0)
 
 
-def load_sample(sample: Sample, size: int) -> tuple[torch.Tensor, str, torch.Tensor]:
+def native_mask(sample: Sample) -> torch.Tensor:
+    """The sample's binary mask at its own size (all zero, at its image's size, when it has none)."""
+    if sample.mask is None:
+        with Image.open(sample.path) as img:
+            width, height = img.size
+        return torch.zeros(height, width, dtype=torch.bool)
+    img, _ = _open(sample.mask)
+    return torch.from_numpy(binarize_mask(mask_values(img), sample.mask, sample.mask_threshold))
+
+
+def load_sample(sample: Sample, size: int, resize: str = "bicubic") -> tuple[torch.Tensor, str, torch.Tensor]:
     """Image ``[3,size,size]``, its file's SHA-1 and its mask ``[size,size]``, checked against each other."""
     img, key = _open(sample.path)
-    return decode_image(img, sample.path, size), key, load_mask(sample, size, img.size)
+    return decode_image(img, sample.path, size, resize), key, load_mask(sample, size, img.size)
 
 
-def load_batch(samples: Sequence[Sample], size: int) -> LabelledBatch:
-    return _collate([load_sample(s, size) for s in samples], samples)
+def load_batch(samples: Sequence[Sample], size: int, resize: str = "bicubic") -> LabelledBatch:
+    return _collate([load_sample(s, size, resize) for s in samples], samples)
 
 
 def _collate(loaded: list[tuple[torch.Tensor, str, torch.Tensor]], samples: Sequence[Sample]) -> LabelledBatch:
@@ -197,15 +223,15 @@ def _collate(loaded: list[tuple[torch.Tensor, str, torch.Tensor]], samples: Sequ
 class _Batches(torch.utils.data.Dataset):
     """Batch ``i`` of ``samples``: a DataLoader over it decodes whole batches in its worker processes."""
 
-    def __init__(self, samples: Sequence[Sample], size: int, batch_size: int) -> None:
-        self.samples, self.size, self.batch_size = list(samples), size, batch_size
+    def __init__(self, samples: Sequence[Sample], size: int, batch_size: int, resize: str) -> None:
+        self.samples, self.size, self.batch_size, self.resize = list(samples), size, batch_size, resize
 
     def __len__(self) -> int:
         return (len(self.samples) + self.batch_size - 1) // self.batch_size
 
     def __getitem__(self, i: int) -> LabelledBatch | BenchmarkError:
         try:
-            return load_batch(self.samples[i * self.batch_size : (i + 1) * self.batch_size], self.size)
+            return load_batch(self.samples[i * self.batch_size : (i + 1) * self.batch_size], self.size, self.resize)
         except BenchmarkError as exc:  # handed over whole: a DataLoader would rewrap it in a generic message
             return exc
 
@@ -217,10 +243,10 @@ def iterate_batches(
     loader = loader or LoaderConfig()
     if loader.workers == 0 or len(samples) <= batch_size:
         for start in range(0, len(samples), batch_size):
-            yield load_batch(samples[start : start + batch_size], size)
+            yield load_batch(samples[start : start + batch_size], size, loader.resize)
         return
     for batch in torch.utils.data.DataLoader(
-        _Batches(samples, size, batch_size),
+        _Batches(samples, size, batch_size, loader.resize),
         batch_size=None,
         num_workers=loader.workers,
         pin_memory=loader.pin_memory,

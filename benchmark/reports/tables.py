@@ -435,6 +435,11 @@ def caption_for(frame: pd.DataFrame, experiment: str, metrics: tuple[str, ...], 
         if len(precisions) == 1
         else f" Precisions: {', '.join(precisions)} (each row's in its name; benchmark.precision)."
     )
+    if {"dice_per_image", "nsd"} & set(metrics) and frame["evaluation_size"].eq("native").any():
+        text += (
+            " DSC and NSD: at each mask's native size (the binary prediction upsampled nearest-neighbour to it, as"
+            " MedCLIPSeg's evaluation); the NSD's 2-pixel tolerance is in those pixels."
+        )
     if "dice_oracle" in metrics:
         text += " Dice (oracle): the best Dice over the threshold sweep, picked on test data; for reference only."
     if std and frame["seed_free"].eq(True).any():

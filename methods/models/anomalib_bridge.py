@@ -94,14 +94,14 @@ def normalise_input(images: torch.Tensor) -> torch.Tensor:
 class _Normal(torch.utils.data.Dataset):
     """The normal training images, loaded and resized by the harness, normalised as anomalib's models expect."""
 
-    def __init__(self, samples, size: int) -> None:
-        self.samples, self.size = samples, size
+    def __init__(self, samples, size: int, resize: str = "bicubic") -> None:
+        self.samples, self.size, self.resize = samples, size, resize
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return normalise_input(load_sample(self.samples[i], self.size)[0].unsqueeze(0))[0]
+        return normalise_input(load_sample(self.samples[i], self.size, self.resize)[0].unsqueeze(0))[0]
 
 
 def _collate(images: list[torch.Tensor]):
@@ -211,7 +211,8 @@ class AnomalibImpl(AnomalibMethod):
             raise BenchmarkError(f"{self.name}: no normal training image in this setting (anomalib is one-class)")
         generator = torch.Generator().manual_seed(self.context.seed)
         loader = torch.utils.data.DataLoader(
-            _Normal(normal, train.image_size), batch_size=p.batch_size, shuffle=True, generator=generator,
+            _Normal(normal, train.image_size, train.loader.resize if train.loader else "bicubic"),
+            batch_size=p.batch_size, shuffle=True, generator=generator,
             collate_fn=_collate,
         )  # fmt: skip
         _quiet_lightning()  # before the Trainer, whose constructor logs its tips and device lines
