@@ -42,7 +42,7 @@ class Cell:
     plugin: str = ""
     prompt_design: str | None = None  # MedCLIPSeg's test prompts (protocol axis); None: not an axis
     precision: str | None = None  # set by the protocol or method entry; None: the method's default on the device
-    resize: str | None = None  # set by the method entry, the method or the protocol; None: bicubic
+    resize: str | None = None  # the method entry's, else the protocol's, else the method's own; None: bicubic
 
     @property
     def plugin_name(self) -> str:

@@ -88,6 +88,7 @@ class ResultStore:
         rows = []
         for rec in self.latest().values():
             base = {**{k: rec.get(k) for k in RECORD_KEYS}, "plugin": rec.get("plugin", rec.get("method"))}
+            base["evaluation_size"] = base["evaluation_size"] or "model"  # records before the key: the model's
             if rec["status"] != "finished":
                 rows.append({**base, "status": rec["status"], "metric": None, "value": float("nan")})
                 continue

@@ -71,7 +71,7 @@ def test_unimedclip_checkpoint_loads_strictly_and_equals_its_official_code():
     text tower under ``text_encoder.``, an optimizer state with numpy scalars; ``..._reference.pt`` holds that
     code's ``encode_image`` and ``encode_text`` of fixed inputs."""
     backbone = load_clip(BackboneSpec("tiny-unimedclip", "random-init", 0, quick_gelu=True), 32)
-    backbone.model.load_state_dict(unimedclip.state_dict(str(DATA / "unimedclip_tiny.pt")), strict=True)
+    unimedclip.load_into(backbone.model, str(DATA / "unimedclip_tiny.pt"))  # strictly
     reference = torch.load(DATA / "unimedclip_tiny_reference.pt", weights_only=True)
     with torch.no_grad():
         assert torch.equal(backbone.model.encode_text(reference["text"]), reference["encode_text"])
@@ -79,6 +79,16 @@ def test_unimedclip_checkpoint_loads_strictly_and_equals_its_official_code():
         image = backbone.model.encode_image(reference["images"])
     # float32 rounding: its fork's attention runs sequence-first, pip open_clip's batch-first
     assert (image - reference["encode_image"]).abs().max() < 2e-6
+    # at another size its positional embedding is resized to the grid, as open_clip resizes pretrained ones
+    larger = load_clip(BackboneSpec("tiny-unimedclip", "random-init", 0, quick_gelu=True), 48)
+    unimedclip.load_into(larger.model, str(DATA / "unimedclip_tiny.pt"))
+    assert larger.model.visual.positional_embedding.shape == (1 + 6 * 6, 64) and larger.grid_size == (6, 6)
+    with torch.no_grad():
+        assert torch.equal(larger.model.encode_text(reference["text"]), reference["encode_text"])
+    # a model of other shapes is refused in one line naming the first key that does not fit
+    other = load_clip(BackboneSpec("tiny-vit-bert", "random-init", 0), 32)
+    with pytest.raises(WeightsUnavailableError, match=r"does not fit UniMedCLIP-ViT-B-16: .* \(and \d+ more\)$"):
+        unimedclip.load_into(other.model, str(DATA / "unimedclip_tiny.pt"))
 
 
 def test_unimedclip_refuses_a_file_that_is_not_its_checkpoint(tmp_path):
@@ -279,3 +289,13 @@ def test_an_hf_hub_model_is_fetched_then_loaded_from_the_cache_without_the_hub(t
     assert loaded.returncode == 0, loaded.stderr[-2000:]
     weight, mean = map(float, loaded.stdout.split())
     assert weight == pytest.approx(float(model.visual.conv1.weight.sum()), abs=1e-6) and mean == pytest.approx(1.5)
+
+
+def test_a_named_model_brings_its_own_weights_and_says_so_in_one_line():
+    from benchmark.errors import BenchmarkError
+
+    name = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+    with pytest.raises(BenchmarkError, match=r"brings its own weights: write 'bundled' or 'biomedclip', not 'openai'"):
+        load_clip(BackboneSpec(name, "openai"), 224)
+    with pytest.raises(BenchmarkError, match="was trained with QuickGELU; false is not possible"):
+        load_clip(BackboneSpec("UniMedCLIP-ViT-B-16", str(DATA / "unimedclip_tiny.pt"), quick_gelu=False), 224)

@@ -13,15 +13,23 @@ from benchmark.reports.paper import coverage
 from benchmark.reports.published import canonical, load_published, lookup
 from tests.conftest import SMALL, relabel_backbone
 
+L14 = "ViT-L-14-336 / openai (pretrained)"  # what MVFA's and MedSAD-CLIP's rows were run on
+EFF = "tf_efficientnet_b6 / aa_in1k (pretrained)"  # BGAD's
+
 
 def test_printed_names_and_settings_are_normalised():
     assert canonical("BGAD [57]") == "BGAD" and canonical("APRIL-GAN [9]") == canonical("April-GAN") == "APRIL-GAN"
     assert canonical("Aaclip") == "AA-CLIP" and canonical("CFlowAD") == "CFlow" and canonical("MVFA") == "MVFA"
     pub = load_published()
     # MVFA Table 7's "BGAD [57]" rows now match our BGAD; MedSAD-CLIP's few-shot rows map to K = 4
-    assert lookup(pub, "BGAD", "few_shot", 2, "BrainMRI", "image_auroc", None) is not None
-    assert lookup(pub, "MVFA", "few_shot", 4, "Brain", "dice", 0.5) == (48.34, "medsad-clip Table 2")
-    assert lookup(pub, "MVFA", "zero_shot_loo", None, "Brain", "pixel_auroc", None)[1] == "medsad-clip Table 4"
+    assert lookup(pub, "BGAD", "few_shot", 2, "BrainMRI", "image_auroc", None, EFF) is not None
+    assert lookup(pub, "MVFA", "few_shot", 4, "Brain", "dice", 0.5, L14) == (
+        48.34,
+        "medsad-clip Table 2",
+    )
+    assert lookup(pub, "MVFA", "zero_shot_loo", None, "Brain", "pixel_auroc", None, L14)[1] == "medsad-clip Table 4"
+    tiny = "tiny-vit / random-init (random-init, seed 0)"
+    assert lookup(pub, "MVFA", "few_shot", 4, "Brain", "dice", 0.5, tiny) is None  # no reproduction of anybody's
 
 
 def test_every_published_row_of_a_method_we_run_is_reachable():
@@ -85,7 +93,7 @@ def test_paper_table_puts_our_numbers_in_the_papers_layout(bmad_run, capsys):
     assert "0 of 132 numbers reproduced" in out.splitlines()[0]
 
     # the same records on the paper's backbone: our numbers in place in the paper's row
-    relabel_backbone(bmad_run, "k2", "k2b", "tf_efficientnet_b6 / aa_in1k (pretrained)")
+    relabel_backbone(bmad_run, "k2", "k2b", EFF)
     assert main(["paper-table", "mvfa", "Table 7", "--from", "k2b", "--results-dir", str(bmad_run)]) == 0
     out = capsys.readouterr().out
     cells, header = row(out, "BGAD [57]")
@@ -96,7 +104,16 @@ def test_paper_table_puts_our_numbers_in_the_papers_layout(bmad_run, capsys):
     group = lines.index(next(line for line in lines if line.startswith("| *fewshot_k2*")))
     assert next(line for line in lines[group:] if line.startswith("| MVFA")).count("†") >= 2  # not run: copied
     assert main(["paper-table", "mvfa", "Table 7", "--from", "k2b", "--results-dir", str(bmad_run), "--delta"]) == 0
-    published = lookup(load_published(), "BGAD", "few_shot", 2, "BrainMRI", "image_auroc", None)[0]
+    published = lookup(
+        load_published(),
+        "BGAD",
+        "few_shot",
+        2,
+        "BrainMRI",
+        "image_auroc",
+        None,
+        EFF,
+    )[0]
     assert f"({mean - published:+.2f})" in capsys.readouterr().out
     # a table the experiment covers nothing of is an error, as tables --published (it printed "0 of N", exit 0)
     assert main(["paper-table", "medsad-clip", "Table 2", "--from", "k2", "--results-dir", str(bmad_run)]) == 2
@@ -141,7 +158,7 @@ def test_a_published_dice_at_another_threshold_is_matched_to_the_sweep(write_pro
     assert main(["run", str(path)]) == 0
     results = tmp_path / "results"
     brain = next(r for r in ResultStore(results, "zs").latest().values() if r["dataset"] == "Brain")["metrics"]
-    relabel_backbone(results, "zs", "zs_l14", "ViT-L-14-336 / openai (pretrained)")  # as on AnomalyCLIP's backbone
+    relabel_backbone(results, "zs", "zs_l14", L14)  # as on AnomalyCLIP's backbone
     assert main(["paper-table", "medsad-clip", "Table 7", "--from", "zs_l14", "--results-dir", str(results)]) == 0
     lines = capsys.readouterr().out.splitlines()
     header = [c.strip() for c in next(line for line in lines if line.startswith("| Method")).strip("|").split("|")]

@@ -3,6 +3,7 @@ import pytest
 from benchmark.reports.tables import render_latex, render_markdown
 from benchmark.store import ResultStore
 
+L14 = "ViT-L-14-336 / openai (pretrained)"
 WINCLIP_BACKBONE = "ViT-B-16-plus-240 / laion400m_e31 (pretrained)"  # the architecture MVFA's WinCLIP rows used
 
 
@@ -196,11 +197,11 @@ def test_published_dice_matches_only_the_same_fixed_threshold():
     from benchmark.reports.published import load_published, lookup
 
     pub = load_published()
-    assert lookup(pub, "MedSAD-CLIP", "supervised", None, "Brain", "dice", 0.5) == (89.47, "medsad-clip Table 2")
-    assert lookup(pub, "MedSAD-CLIP", "supervised", None, "Brain", "dice", 0.3) is None
-    assert lookup(pub, "MedSAD-CLIP", "supervised", None, "Brain", "dice", None) is None
-    assert lookup(pub, "MedSAD-CLIP", "supervised", None, "Brain", "dice", float("nan")) is None
-    assert lookup(pub, "MedSAD-CLIP", "supervised", None, "Brain", "image_accuracy", None) == (
+    assert lookup(pub, "MedSAD-CLIP", "supervised", None, "Brain", "dice", 0.5, L14) == (89.47, "medsad-clip Table 2")
+    assert lookup(pub, "MedSAD-CLIP", "supervised", None, "Brain", "dice", 0.3, L14) is None
+    assert lookup(pub, "MedSAD-CLIP", "supervised", None, "Brain", "dice", None, L14) is None
+    assert lookup(pub, "MedSAD-CLIP", "supervised", None, "Brain", "dice", float("nan"), L14) is None
+    assert lookup(pub, "MedSAD-CLIP", "supervised", None, "Brain", "image_accuracy", None, L14) == (
         96.34,
         "medsad-clip Table 2",
     )

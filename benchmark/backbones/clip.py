@@ -26,6 +26,7 @@ from torch import nn
 
 from benchmark.backbones import unimedclip
 from benchmark.backbones.cache import FeatureCache, weights_identity
+from benchmark.backbones.medical import MEDICAL_CLIPS
 from benchmark.backbones.weights import hub_snapshot, resolve_clip_weights
 from benchmark.errors import BenchmarkError, WeightsUnavailableError
 from benchmark.protocol import BackboneSpec
@@ -269,7 +270,10 @@ class ClipBackbone(nn.Module):
             if text_hooks and index in text_hooks:
                 x = text_hooks[index](x)
             x = self.text_block(index, x, attention)
-        return self.text_pool(x, eot), self.text_project(x)
+        tokens = self.text_project(x)
+        if self.hf_text:  # as HFTextEncoder: the [CLS] token projected alone
+            return self.text_pool(x, eot), tokens
+        return tokens[torch.arange(len(eot), device=x.device), eot], tokens  # as before: all projected, EOT picked
 
     def embed_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids ``[B, L]`` -> what enters text block 1 (word + positional embeddings; BERT's also its
@@ -353,20 +357,23 @@ def load_clip(
     if spec.random_init:
         model, tokenizer, mean, std = _random_init(spec, image_size)
     elif spec.model.startswith((HF_HUB, LOCAL_DIR)):
-        model, tokenizer, mean, std = _named_model(spec, image_size)
+        model, tokenizer, mean, std = _named_model(spec, image_size, pos_interpolation)
     else:
         path, cfg = resolve_clip_weights(spec.model, spec.weights)
         _needs_transformers(spec.model)
+        shipped = SHIPPED_CONFIGS.get(spec.model)
+        if shipped is not None and spec.quick_gelu is False and open_clip.get_model_config(spec.model)["quick_gelu"]:
+            raise BenchmarkError(
+                f"backbone.quick_gelu: '{spec.model}' was trained with QuickGELU; false is not possible"
+            )
         model = open_clip.create_model(
             spec.model,
-            pretrained=None if spec.model in SHIPPED_CONFIGS else path,
+            pretrained=None if shipped is not None else path,
             force_quick_gelu=bool(cfg.get("quick_gelu", False) if spec.quick_gelu is None else spec.quick_gelu),
             force_image_size=image_size if pos_interpolation == "bicubic" else None,
         )
-        if spec.model in SHIPPED_CONFIGS:  # a checkpoint in its publishers' format, mapped onto open_clip's names
-            model.load_state_dict(SHIPPED_CONFIGS[spec.model].state_dict(path), strict=True)
-            if image_size != model.visual.image_size[0]:
-                resize_positional(model.visual, image_size, pos_interpolation)
+        if shipped is not None:  # a checkpoint in its publishers' format, mapped onto open_clip's names
+            shipped.load_into(model, path)
         if pos_interpolation != "bicubic":
             resize_positional(model.visual, image_size, pos_interpolation)
         tokenizer = open_clip.get_tokenizer(spec.model)
@@ -415,8 +422,19 @@ def _random_init(spec: BackboneSpec, image_size: int) -> tuple[nn.Module, Callab
     return model, open_clip.tokenize, OPENAI_MEAN, OPENAI_STD
 
 
-def _named_model(spec: BackboneSpec, image_size: int) -> tuple[nn.Module, Callable, tuple, tuple]:
-    """An ``hf-hub:`` model from the local Hugging Face cache, or a ``local-dir:`` folder; never downloads."""
+def _named_model(
+    spec: BackboneSpec, image_size: int, pos_interpolation: str
+) -> tuple[nn.Module, Callable, tuple, tuple]:
+    """An ``hf-hub:`` model from the local Hugging Face cache, or a ``local-dir:`` folder; never downloads. Its
+    weights come with the name: ``weights`` says so (``bundled``, or the medical CLIP's tag)."""
+    known = next((c.tag for c in MEDICAL_CLIPS.values() if c.model == spec.model), None)
+    if spec.weights not in ("bundled", known):
+        also = f" or '{known}'" if known else ""
+        raise BenchmarkError(
+            f"backbone.weights: '{spec.model}' brings its own weights: write 'bundled'{also}, not '{spec.weights}'"
+        )
+    if pos_interpolation != "bicubic":
+        raise BenchmarkError(f"backbone.model: '{spec.model}': positional embeddings resize bicubically only here")
     kind, _, where = spec.model.partition(":")
     if kind == "local-dir":
         folder = Path(where)

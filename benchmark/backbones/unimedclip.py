@@ -31,6 +31,27 @@ NUMPY_GLOBALS = [
 ]
 
 
+def load_into(model: torch.nn.Module, path: str) -> None:
+    """The checkpoint at ``path`` loaded strictly into ``model`` (pip open_clip under our config), its positional
+    embedding resized to the model's grid as open_clip resizes pretrained ones (bicubic, antialiased)."""
+    from open_clip.model import resize_pos_embed
+
+    weights = state_dict(path)
+    resize_pos_embed(weights, model)
+    own = model.state_dict()
+    problems = [f"key '{k}' missing" for k in own if k not in weights]
+    problems += [f"key '{k}' unexpected" for k in weights if k not in own]
+    problems += [
+        f"'{k}' is {tuple(v.shape)}, expected {tuple(own[k].shape)}"
+        for k, v in weights.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise WeightsUnavailableError(f"backbone.weights: '{path}' does not fit {MODEL}: {problems[0]}{more}")
+    model.load_state_dict(weights, strict=True)
+
+
 def state_dict(path: str) -> dict[str, torch.Tensor]:
     """The checkpoint at ``path`` under pip open_clip's names: ``module.`` stripped, ``text_encoder.`` ->
     ``text.``; the position-id buffers older transformers saved dropped."""

@@ -50,8 +50,9 @@ def resolve_clip_weights(model: str, weights: str) -> tuple[str, dict]:
     import open_clip
 
     checkpoint = local_checkpoint(weights)
-    if checkpoint is not None:
-        return checkpoint, {}
+    if checkpoint is not None:  # a medical CLIP's file, named as published, keeps its activation
+        known = next((c for c in MEDICAL_CLIPS.values() if os.path.basename(checkpoint) in c.files), None)
+        return checkpoint, {"quick_gelu": known.quick_gelu} if known else {}
     if weights in MEDICAL_CLIPS:
         return resolve_medical(model, weights), {"quick_gelu": MEDICAL_CLIPS[weights].quick_gelu}
     if model not in open_clip.list_models():

@@ -179,7 +179,10 @@ def _ranks(t: PaperTable) -> dict[tuple, int]:
             values = {
                 (g, meth, d, m): c.ours[0]
                 for (g, meth) in t.rows
-                if g == group and (c := t.cells.get((g, meth, d, m))) is not None and c.ours is not None
+                if g == group
+                and (c := t.cells.get((g, meth, d, m))) is not None
+                and c.ours is not None
+                and c.published is not None
             }
             distinct = sorted(set(values.values()), reverse=better)
             if len(distinct) >= 2:

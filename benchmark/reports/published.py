@@ -152,17 +152,16 @@ def lookup(
     dataset: str,
     metric: str,
     threshold: float | None,
-    backbone: str | None = None,
+    backbone: str,
 ) -> tuple[float, str] | None:
-    """Published value (percent) and its source ('mvfa Table 2'), or None; with a run's ``backbone`` label,
-    only a row whose stated backbone agrees with it."""
+    """Published value (percent) and its source ('mvfa Table 2'), or None: only a row whose stated backbone
+    agrees with the run's ``backbone`` label."""
     rows = _rows(published, method, setting, shots, dataset, metric)
     if metric == "dice":  # published Dice is at a fixed threshold: only a row at that threshold matches
         if threshold is None or math.isnan(threshold):
             return None
         rows = rows[(rows["threshold"] - threshold).abs() < 1e-9]
-    if backbone is not None:
-        rows = rows[rows["backbone"].map(lambda b: agrees(b, backbone)).astype(bool)]
+    rows = rows[rows["backbone"].map(lambda b: agrees(b, backbone)).astype(bool)]
     if rows.empty:
         return None
     row = rows.iloc[0]

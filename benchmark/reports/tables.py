@@ -55,7 +55,18 @@ SETTING_NAMES = {
 }
 
 
-ROW_KEYS = ["method", "plugin", "variant", "published_as", "setting", "shots", "backbone", "threshold"]  # a row each
+# a row each (evaluation_size: where DSC and NSD were scored; records before it: "model")
+ROW_KEYS = [
+    "method",
+    "plugin",
+    "variant",
+    "published_as",
+    "setting",
+    "shots",
+    "backbone",
+    "threshold",
+    "evaluation_size",
+]
 
 
 def row_key(values: dict) -> tuple:
@@ -64,7 +75,7 @@ def row_key(values: dict) -> tuple:
 
     def norm(key: str, value):
         if value is None or (isinstance(value, float) and math.isnan(value)):
-            return ""
+            return "model" if key == "evaluation_size" else ""
         if key == "shots":
             return int(value)
         return float(value) if key == "threshold" else str(value)
@@ -142,6 +153,7 @@ def build(frame: pd.DataFrame, metrics: tuple[str, ...], published: bool = False
     averaged: set[tuple[str, str]] = set()  # MedCLIPSeg's averages over datasets, beside its README's
     pub = load_published() if published else None
     order = {name: i for i, name in enumerate(SETTING_NAMES)}
+    mixed = summary["evaluation_size"].nunique() > 1  # rows scored at both sizes: say which is which
     summary = summary.assign(_order=summary["setting"].map(order)).sort_values(["_order", "shots", "method", "variant"])
     for values_key, part in summary.groupby(ROW_KEYS, dropna=False, sort=False):
         key = dict(zip(ROW_KEYS, values_key, strict=True))
@@ -149,6 +161,8 @@ def build(frame: pd.DataFrame, metrics: tuple[str, ...], published: bool = False
             (r["dataset"], r["metric"]): (r["mean"], r["std"], int(r["n"]), int(r["of"])) for _, r in part.iterrows()
         }
         name = key["variant"] if isinstance(key["variant"], str) and key["variant"] else key["method"]
+        if mixed and key["evaluation_size"] == "native":
+            name += " [DSC, NSD at native size]"
         group = setting_label(key["setting"], int(key["shots"]))
         table_rows.append(Row(name, group, values, key=row_key(key), seed_free=bool(part["seed_free"].all())))
         if pub is None:
@@ -435,10 +449,12 @@ def caption_for(frame: pd.DataFrame, experiment: str, metrics: tuple[str, ...], 
         if len(precisions) == 1
         else f" Precisions: {', '.join(precisions)} (each row's in its name; benchmark.precision)."
     )
-    if {"dice_per_image", "nsd"} & set(metrics) and frame["evaluation_size"].eq("native").any():
+    native = frame.loc[frame["metric"].notna(), "evaluation_size"].eq("native")
+    if {"dice_per_image", "nsd"} & set(metrics) and native.any():
+        which = "" if native.all() else " in rows marked so (the others at the model's size)"
         text += (
-            " DSC and NSD: at each mask's native size (the binary prediction upsampled nearest-neighbour to it, as"
-            " MedCLIPSeg's evaluation); the NSD's 2-pixel tolerance is in those pixels."
+            f" DSC and NSD{which}: at each mask's native size (the binary prediction upsampled nearest-neighbour to"
+            " it, as MedCLIPSeg's evaluation); the NSD's 2-pixel tolerance is in those pixels."
         )
     if "dice_oracle" in metrics:
         text += " Dice (oracle): the best Dice over the threshold sweep, picked on test data; for reference only."

@@ -271,7 +271,8 @@ class MedCLIPSegImpl(MedCLIPSeg):
         p, device = self.params, self.context.device
         generator = torch.Generator().manual_seed(self.context.seed)
         organ_of = {s.path: train.datasets[s.dataset].organ for s in train.samples}
-        source = next(iter(train.datasets)) if len(train.datasets) == 1 else ""
+        sources = {s.dataset for s in train.samples}
+        source = next(iter(sources)) if len(sources) == 1 else ""  # its config: that of the set it trains on
         epochs = p.epochs or DATASET_EPOCHS.get(source, 100)  # its config's for the training set
         if p.gate_init is None and source in DATASET_GATE_INIT:
             with torch.no_grad():

@@ -289,7 +289,7 @@ class MVFAImpl(MVFA):
             return self.loss(batch.images.to(device), batch.labels.to(device), batch.masks.to(device), text, has_mask)
 
         select = self.official and p.select_on_valid and len({s.label for s in train.valid}) == 2
-        valid = self._batches(train.valid) if select else []
+        valid = self._batches(train, train.valid) if select else []
         memory_images = self._memory_images(train, augmented)
         best: dict = {"score": -math.inf}
 
@@ -324,12 +324,16 @@ class MVFAImpl(MVFA):
             return
         self._build_memory(memory_images)
         if self.official:
-            self._calibrate_and_score(self._batches(train.samples if zero_shot else train.valid or train.samples))
+            self._calibrate_and_score(
+                self._batches(train, train.samples if zero_shot else train.valid or train.samples)
+            )
 
     # ----- memory bank and scores -----
-    def _batches(self, samples) -> list[LabelledBatch]:
-        """Samples loaded once into batches (validation and calibration images are reused every epoch)."""
-        return list(TrainSet(tuple(samples), "", None, self.context.image_size).batches(16))
+    @staticmethod
+    def _batches(train: TrainSet, samples) -> list[LabelledBatch]:
+        """Samples loaded once into batches, decoded as the cell's (validation and calibration images are reused
+        every epoch)."""
+        return list(train.subset(tuple(samples)).batches(16))
 
     @staticmethod
     def _memory_images(train: TrainSet, augmented: LabelledBatch | None) -> torch.Tensor | None:
