@@ -399,7 +399,7 @@ def _random_init(spec: BackboneSpec, image_size: int) -> tuple[nn.Module, Callab
         text = open_clip.CLIPTextCfg(**cfg["text_cfg"])
         model = open_clip.CLIP(embed_dim=cfg["embed_dim"], vision_cfg=vision, text_cfg=text, quick_gelu=quick_gelu)
         return model, open_clip.tokenize, OPENAI_MEAN, OPENAI_STD
-    _needs_transformers(spec.model)
+    _needs_transformers(spec.model, hf_text=True)
     from transformers import BertConfig
 
     # open_clip builds a Hugging Face text tower from the Hub's config only: a stand-in tower first, then the tiny
@@ -457,18 +457,21 @@ def _named_model(
     return model, open_clip.get_tokenizer(local), pre.get("mean", OPENAI_MEAN), pre.get("std", OPENAI_STD)
 
 
-def _needs_transformers(model: str) -> None:
-    """A one-line error naming the extra when a model's text tower is a Hugging Face one and transformers is
-    absent."""
+def _needs_transformers(model: str, hf_text: bool | None = None) -> None:
+    """A one-line error naming the extra when the model's text tower is a Hugging Face one (``hf_text``; None:
+    as its name or open_clip config says) and transformers is absent."""
+    if hf_text is None:
+        named = model.startswith((HF_HUB, LOCAL_DIR))
+        hf_text = named or "hf_model_name" in (open_clip.get_model_config(model) or {}).get("text_cfg", {})
+    if not hf_text:
+        return
     try:
         import transformers  # noqa: F401
     except ImportError:
-        cfg = {} if model.startswith((HF_HUB, LOCAL_DIR)) else open_clip.get_model_config(model) or {}
-        if model.startswith((HF_HUB, LOCAL_DIR)) or "hf_model_name" in cfg.get("text_cfg", {}) or model in TINY_CONFIGS:
-            raise BenchmarkError(
-                f"backbone.model: '{model}' has a Hugging Face text tower, which needs transformers: "
-                "pip install 'medad-bench[medical]'"
-            ) from None
+        raise BenchmarkError(
+            f"backbone.model: '{model}' has a Hugging Face text tower, which needs transformers: "
+            "pip install 'medad-bench[medical]'"
+        ) from None
 
 
 def resize_positional(visual: nn.Module, image_size: int, mode: str) -> None:

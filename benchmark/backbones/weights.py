@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -93,8 +94,6 @@ def resolve_medical(model: str, tag: str) -> str:
 def hub_snapshot(repo: str, fetch_model: str, tag: str) -> Path:
     """The local snapshot folder of an open_clip model on the Hub (``open_clip_config.json`` and its weights) and
     of its text tower's config, never downloading; a one-line error naming what is missing."""
-    import json
-
     config = hf_cached(repo, ["open_clip_config.json"])
     if config is None or hf_cached(repo, _HF_NAMES) is None:
         raise missing(f"hf-hub:{repo}", fetch_model, tag)
@@ -133,8 +132,6 @@ def fetch_medical(model: str, tag: str) -> str:
     if model.startswith("hf-hub:"):
         repo = model.removeprefix("hf-hub:")
         folder = snapshot_download(repo, allow_patterns=["open_clip_config.json", *_HF_NAMES])
-        import json
-
         text = json.loads((Path(folder) / "open_clip_config.json").read_text()).get("model_cfg", {}).get("text_cfg", {})
         for name in dict.fromkeys(v for k, v in text.items() if k in ("hf_model_name", "hf_tokenizer_name")):
             snapshot_download(name, allow_patterns=text_files)

@@ -119,7 +119,7 @@ def paper_table(paper: str, table: str, results_dir: str | Path, experiments: li
     rows = list(dict.fromkeys(zip(part["setting"], part["label"], strict=True)))
     columns = list(dict.fromkeys(zip(part["dataset"], part["metric"], strict=True)))
     cells: dict[tuple[str, str, str, str], Cell] = {}
-    others: dict[tuple[str, str], list[tuple[str, str]]] = {}  # a printed row -> our rows on other backbones
+    others: dict[tuple[str, str], dict[str, str]] = {}  # a printed row -> {our row on another backbone: theirs}
     for _, r in part.iterrows():
         cell = Cell(float(r["value_percent"]))
         cells[(r["setting"], r["label"], r["dataset"], r["metric"])] = cell
@@ -134,18 +134,16 @@ def paper_table(paper: str, table: str, results_dir: str | Path, experiments: li
         cell.ours = _ours(mine[agree], r)
         for backbone in dict.fromkeys(mine[~agree]["backbone"]):
             label = f"{r['label']} (ours, on {of_label(backbone)})"
-            others.setdefault((r["setting"], r["label"]), [])
-            if (label, r["backbone"] or "not stated") not in others[(r["setting"], r["label"])]:
-                others[(r["setting"], r["label"])].append((label, r["backbone"] or "not stated"))
+            others.setdefault((r["setting"], r["label"]), {})[label] = r["backbone"] or "not stated"
             found = _ours(mine[mine["backbone"] == backbone], r)
             if found is not None:
                 cells[(r["setting"], label, r["dataset"], r["metric"])] = Cell(None, found)
-    rows = [x for row in rows for x in [row, *((row[0], o[0]) for o in others.get(row, []))]]
+    rows = [x for row in rows for x in [row, *((row[0], label) for label in others.get(row, {}))]]
     notes = [
         f"{label}: not matched to the paper's numbers, which used {theirs} (a backbone difference is no "
         "reproduction gap)."
         for labels in others.values()
-        for label, theirs in labels
+        for label, theirs in labels.items()
     ]
     notes += sorted({n for n in part["setting_note"] if n})
     return PaperTable(paper, table, groups, rows, columns, cells, notes, _provenance(results_dir, experiments))
