@@ -324,7 +324,7 @@ class SegmentationMetrics:
         for p, t in pairs:
             total = int(p.sum()) + int(t.sum())
             self.dice.append(2 * int((p & t).sum()) / total if total else 1.0)
-        for p, t in ((p.numpy(), t.numpy()) for p, t in pairs):
+            p, t = p.numpy(), t.numpy()
             if not t.any():
                 self.nsd.append(0.0 if p.any() else 1.0)
                 continue

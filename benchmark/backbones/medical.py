@@ -68,7 +68,13 @@ MEDICAL_CLIPS: dict[str, MedicalClip] = {
 }
 
 
+def clip_of_file(name: str) -> MedicalClip | None:
+    """The medical CLIP whose checkpoint is published under the file name ``name``, or None."""
+    return next((c for c in MEDICAL_CLIPS.values() if name in c.files), None)
+
+
 def tag_of_file(name: str) -> str:
     """The weights tag a checkpoint file is published as (``PubMedCLIP_ViT32.pth`` -> ``pubmedclip``), else the
     file's name."""
-    return next((c.tag for c in MEDICAL_CLIPS.values() if name in c.files), name)
+    clip = clip_of_file(name)
+    return clip.tag if clip else name

@@ -9,7 +9,7 @@ import json
 import os
 from pathlib import Path
 
-from benchmark.backbones.medical import MEDICAL_CLIPS
+from benchmark.backbones.medical import MEDICAL_CLIPS, clip_of_file
 from benchmark.errors import BenchmarkError, WeightsUnavailableError
 
 _HF_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -52,7 +52,7 @@ def resolve_clip_weights(model: str, weights: str) -> tuple[str, dict]:
 
     checkpoint = local_checkpoint(weights)
     if checkpoint is not None:  # a medical CLIP's file, named as published, keeps its activation
-        known = next((c for c in MEDICAL_CLIPS.values() if os.path.basename(checkpoint) in c.files), None)
+        known = clip_of_file(os.path.basename(checkpoint))
         return checkpoint, {"quick_gelu": known.quick_gelu} if known else {}
     if weights in MEDICAL_CLIPS:
         return resolve_medical(model, weights), {"quick_gelu": MEDICAL_CLIPS[weights].quick_gelu}
@@ -91,14 +91,19 @@ def resolve_medical(model: str, tag: str) -> str:
     return found
 
 
+def text_repos(config: Path) -> list[str]:
+    """The Hugging Face repos of an ``open_clip_config.json``'s BERT text tower (its model and tokenizer)."""
+    text = json.loads(config.read_text()).get("model_cfg", {}).get("text_cfg", {})
+    return list(dict.fromkeys(v for k, v in text.items() if k in ("hf_model_name", "hf_tokenizer_name")))
+
+
 def hub_snapshot(repo: str, fetch_model: str, tag: str) -> Path:
     """The local snapshot folder of an open_clip model on the Hub (``open_clip_config.json`` and its weights) and
     of its text tower's config, never downloading; a one-line error naming what is missing."""
     config = hf_cached(repo, ["open_clip_config.json"])
     if config is None or hf_cached(repo, _HF_NAMES) is None:
         raise missing(f"hf-hub:{repo}", fetch_model, tag)
-    text = json.loads(Path(config).read_text()).get("model_cfg", {}).get("text_cfg", {})
-    for name in dict.fromkeys(v for k, v in text.items() if k in ("hf_model_name", "hf_tokenizer_name")):
+    for name in text_repos(Path(config)):
         if hf_cached(name, ["config.json"]) is None:
             raise missing(f"hf-hub:{repo} (its text tower's config and tokenizer, {name})", fetch_model, tag)
     return Path(config).parent
@@ -132,8 +137,7 @@ def fetch_medical(model: str, tag: str) -> str:
     if model.startswith("hf-hub:"):
         repo = model.removeprefix("hf-hub:")
         folder = snapshot_download(repo, allow_patterns=["open_clip_config.json", *_HF_NAMES])
-        text = json.loads((Path(folder) / "open_clip_config.json").read_text()).get("model_cfg", {}).get("text_cfg", {})
-        for name in dict.fromkeys(v for k, v in text.items() if k in ("hf_model_name", "hf_tokenizer_name")):
+        for name in text_repos(Path(folder) / "open_clip_config.json"):
             snapshot_download(name, allow_patterns=text_files)
         return str(hub_snapshot(repo, model, tag))
     clip = MEDICAL_CLIPS[tag]
