@@ -6,9 +6,11 @@ import difflib
 import hashlib
 import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
-from benchmark import __version__
+from benchmark import __version__, fits
+from benchmark.backbones.weights import weights_identity
 from benchmark.data.catalog import DatasetSpec
 from benchmark.errors import BenchmarkError
 from benchmark.method import METHODS
@@ -43,6 +45,8 @@ class Cell:
     prompt_design: str | None = None  # MedCLIPSeg's test prompts (protocol axis); None: not an axis
     precision: str | None = None  # set by the protocol or method entry; None: the method's default on the device
     resize: str | None = None  # the method entry's, else the protocol's, else the method's own; None: bicubic
+    checkpoint: str | None = None  # evaluate this file instead of fitting (the method entry's ``checkpoint``)
+    checkpoint_format: str | None = None  # ours | official (the authors' released format); None: ours
 
     @property
     def plugin_name(self) -> str:
@@ -65,9 +69,11 @@ class Cell:
         """Everything the cell's result depends on, as recorded and hashed (an unused axis left out, so that
         adding an axis kept earlier cells' hashes)."""
         cell = {**asdict(self), "backbone": asdict(self.backbone)}
-        for axis in ("prompt_design", "precision", "resize"):
+        for axis in ("prompt_design", "precision", "resize", "checkpoint", "checkpoint_format"):
             if cell[axis] is None:
                 del cell[axis]
+        if self.checkpoint:  # a new file at the same path is a new cell
+            cell["checkpoint_identity"] = weights_identity(self.checkpoint)
         return {
             "harness_version": __version__,
             "protocol": {"name": protocol.name, "version": protocol.version},
@@ -142,6 +148,7 @@ def expand(protocol: Protocol, catalog: dict[str, DatasetSpec], methods=None, da
         if resize is not None and resize not in RESIZES:
             raise BenchmarkError(f"{where}: methods.{m}.resize: expected one of {', '.join(RESIZES)}, got {resize!r}")
         resize = None if resize == "bicubic" else resize
+        checkpoint, checkpoint_format = _checkpoint(where, m, raw, cls)
         supported = [s for s in protocol.settings if s.name in cls.settings]
         if not supported:
             names = ", ".join(s.name for s in protocol.settings)
@@ -176,9 +183,45 @@ def expand(protocol: Protocol, catalog: dict[str, DatasetSpec], methods=None, da
                                     design,
                                     precision,
                                     resize,
+                                    checkpoint,
+                                    checkpoint_format,
                                 )
                             )
     return cells
+
+
+def _checkpoint(where: str, name: str, raw: dict[str, Any], cls: type) -> tuple[str | None, str | None]:
+    """A method entry's ``checkpoint`` (an existing file, of a method that learns a fit) and its format."""
+    from benchmark.importers import FORMATS
+
+    fmt = raw.get("checkpoint_format")
+    if fmt is not None and fmt not in FORMATS:
+        raise BenchmarkError(
+            f"{where}: methods.{name}.checkpoint_format: expected one of {', '.join(FORMATS)}, got {fmt!r}"
+        )
+    path = raw.get("checkpoint")
+    if path is None:
+        if fmt is not None:
+            raise BenchmarkError(f"{where}: methods.{name}.checkpoint_format: given without a checkpoint")
+        return None, None
+    if not isinstance(path, str) or not path:
+        raise BenchmarkError(f"{where}: methods.{name}.checkpoint: expected a file path, got {path!r}")
+    if not cls.fit_state or not cls.learns:
+        raise BenchmarkError(
+            f"{where}: methods.{name}.checkpoint: method '{cls.name}' learns no fit state; there is no checkpoint "
+            "to evaluate"
+        )
+    if not Path(path).is_file():
+        raise BenchmarkError(f"{where}: methods.{name}.checkpoint: file '{path}' does not exist")
+    if fmt == "official":
+        return path, fmt
+    meta = fits.read_meta(Path(path))  # a file of another method is refused before anything runs
+    if meta.get("method") != cls.name:
+        raise BenchmarkError(
+            f"{where}: methods.{name}.checkpoint: '{path}' is a fit of method {meta.get('method')!r}, not "
+            f"'{cls.name}' (an authors' file needs checkpoint_format: official)"
+        )
+    return path, None
 
 
 def cell_resources(protocol: Protocol, cell: Cell) -> dict[str, float]:

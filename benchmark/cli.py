@@ -41,6 +41,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--save-predictions", action="store_true", help="write each cell's predictions.npz")
     run.add_argument(
+        "--refit", action="store_true", help="train every fit again, ignoring the fits stored before this run"
+    )
+    run.add_argument(
+        "--save-fits",
+        choices=("mlflow", "none"),
+        default="mlflow",
+        help="mlflow: each trained cell logs its fit file as an MLflow artifact (the default); none: the fits stay "
+        "in RESULTS_DIR/fits only (huge grids)",
+    )
+    run.add_argument(
         "--workers",
         type=int,
         help="run cells in N local worker processes (one GPU each, round robin, where there are GPUs); default: one "
@@ -166,8 +176,9 @@ def _cmd_run(args) -> int:
     executor = _executor(args, protocol)
     print(f"cells run on: {executor.describe()}")
     summary = run_protocol(
-        protocol, catalog, cells, root, resume=args.resume, save_predictions=args.save_predictions, executor=executor
-    )
+        protocol, catalog, cells, root, resume=args.resume, save_predictions=args.save_predictions, executor=executor,
+        refit=args.refit, log_fits=args.save_fits == "mlflow",
+    )  # fmt: skip
     if summary.rows:
         print("\n" + summary_table(summary.rows) + "\n")
     print(

@@ -9,6 +9,8 @@ that any number of workers may run jobs while the driver alone writes records. E
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import random
 import time
@@ -19,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmark import efficiency, environment, precision
+from benchmark import efficiency, environment, fits, precision
 from benchmark.backbones.cache import FeatureCache
+from benchmark.backbones.weights import weights_identity
 from benchmark.cells import Cell
 from benchmark.data.catalog import DatasetSpec
 from benchmark.data.layout import Sample
@@ -29,6 +32,7 @@ from benchmark.data.splits import content_hash
 from benchmark.efficiency import LoadTimer
 from benchmark.errors import BenchmarkError
 from benchmark.evidence import Evidence, EvidenceWriter
+from benchmark.importers import load_checkpoint
 from benchmark.killpoints import kill_point
 from benchmark.method import METHODS, Method, MethodContext, TrainSet
 from benchmark.metrics import CalibrationMetrics, ImageMetrics, PixelMetrics, SegmentationMetrics
@@ -50,6 +54,8 @@ class CellJob:
     cell_dir: str
     save_predictions: bool = False
     device: str = "auto"
+    fits_dir: str = ""  # the fit store (``benchmark.fits``); empty: no store (every cell trains)
+    refit_before: float = 0.0  # stored fits made before this time are ignored (``--refit``: the invocation's start)
 
 
 @dataclass
@@ -73,6 +79,8 @@ class CellResult:
     error: str = ""
     traceback: str = ""
     bad_input: bool = False
+    warnings: list[str] = field(default_factory=list)  # one line each, printed by the driver
+    fit_file: str = ""  # the fit this cell trained and saved (an MLflow artifact)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -281,6 +289,59 @@ def cell_figures(ev: Evaluation, title: str, thresholds: dict[str, float]) -> di
     }
 
 
+def obtain_fit(
+    method: Method, cell: Cell, train: TrainSet, fits_dir: str, refit_before: float, computing: str, result: CellResult
+) -> tuple[float, dict]:
+    """The method's fit: a given checkpoint loaded; else the stored fit of its key in ``fits_dir`` (made after
+    ``refit_before``); else trained and stored. The fit's duration (that of the cell that trained it, for a stored
+    one) and what the record says of it; warnings and the trained fit's file go into ``result``."""
+    device = method.context.device
+    started = time.perf_counter()
+    if cell.checkpoint:
+        source = load_checkpoint(method, cell.checkpoint, cell.checkpoint_format or "ours", train)
+        efficiency.synchronise(device)
+        return time.perf_counter() - started, {"fit": f"{source} {cell.checkpoint}", "fit_source": source}
+    if not method.fit_state or not fits_dir:
+        method.fit(train)
+        efficiency.synchronise(device)
+        return time.perf_counter() - started, {"fit_source": "retrain"}
+    key = fits.fit_key(cell, type(method), train, computing)
+    store = fits.FitStore(fits_dir)
+    with store.claim(key):  # a cell of the same key in another process waits here, then loads it
+        found, problem = store.find(key, refit_before)
+        if problem:
+            result.warnings.append(problem)
+        if found is not None:
+            tensors, meta = found
+            fits.restore(method, tensors, meta["layout"])
+            info = {"fit": f"reused {key}", "fit_key": key, "fit_cell": meta["cell"], "fit_source": "retrain"}
+            return float(meta["fit_s"]), {**info, "fit_load_s": round(time.perf_counter() - started, 3)}
+        method.fit(train)
+        efficiency.synchronise(device)
+        fit_s = time.perf_counter() - started
+        meta = {
+            "method": method.name,
+            "fit_version": method.fit_version,
+            "params": method.effective_params(),
+            "backbone": cell.backbone.label(),
+            "backbone_weights": weights_identity(cell.backbone.weights),
+            "image_size": cell.image_size,
+            "resize": cell.resize or "bicubic",
+            "precision": computing,
+            "seed": cell.seed,
+            "setting": cell.setting,
+            "cell": cell.cell_id,
+            "fit_s": fit_s,
+            "manifest_sha256": hashlib.sha256(json.dumps(result.manifest, sort_keys=True).encode()).hexdigest(),
+            "created": time.time(),
+        }
+        path = fits.save_fit(store.root, key, method, meta)
+    kill_point("fit_saved")
+    result.fit_file = str(path)
+    info = {"fit": f"trained {key}", "fit_key": key, "fit_source": "retrain", "fit_file_bytes": path.stat().st_size}
+    return fit_s, info
+
+
 def run_job(job: CellJob) -> CellResult:
     """Fit and evaluate one cell; never raises but for an interrupt (the cell is then not recorded)."""
     cell, protocol, catalog = job.cell, job.protocol, job.catalog
@@ -314,10 +375,8 @@ def run_job(job: CellJob) -> CellResult:
         computing = precision.resolve(cell.precision, cls.reference_precision, device.type)
         with precision.running(computing, device.type) as policy:
             method = cls.build(cls.Params(**cell.params), context)
-            fit_started = time.perf_counter()
-            method.fit(train)
-            efficiency.synchronise(device)
-            fit_s = time.perf_counter() - fit_started
+            fit_s, fit_info = obtain_fit(method, cell, train, job.fits_dir, job.refit_before, computing, result)
+            seed_everything(cell.seed)  # evaluation draws (Monte Carlo samples) alike after a fit trained or loaded
             thresholds = choose_thresholds(
                 method, split.valid, spec.masks, protocol, cell.image_size, loader, image_level
             )
@@ -362,6 +421,7 @@ def run_job(job: CellJob) -> CellResult:
         result.history = method.curves()
         result.info = {
             **{f"param_{k}": v for k, v in method.effective_params().items()},
+            **fit_info,
             "train_source": split.train_source,
             "train_count": len(split.train),
             "test_count": len(split.test),
@@ -379,6 +439,8 @@ def run_job(job: CellJob) -> CellResult:
             result.info["prompt_design"] = cell.prompt_design
             if cell.prompt_design != "original":
                 result.info["published_as"] = ""
+        if cell.checkpoint:  # a row of its own, never counted as a retrain
+            result.info["variant"] = f"{result.info.get('variant', cell.method)} ({fit_info['fit_source']})"
         if cell.setting == "domain_generalization":
             result.info["trained_on"] = cell.loo_sources[0]
         result.status = "finished"

@@ -2,8 +2,9 @@
 
 ``MEDAD_BENCH_TEST_KILL_AT=point[:n[:SIGNAL]]`` ends the process with ``os._exit(137)`` (what SIGKILL leaves)
 the n-th time it passes ``point``, or sends it ``SIGNAL`` (``TERM``, ``INT``, ``KILL``, ``STOP``). Points:
-``cell_started``, ``cell_computed``, ``local_recorded``, ``mlflow_logged``, ``cell_ended`` (the driver) and
-``job@<cell id>`` (a job, in whichever process runs it). Unset, a point costs one dictionary lookup.
+``cell_started``, ``cell_computed``, ``local_recorded``, ``mlflow_logged``, ``cell_ended`` (the driver),
+``job@<cell id>`` and ``fit_saved`` (a job, in whichever process runs it; the latter once its fit is stored).
+Unset, a point costs one dictionary lookup.
 """
 
 from __future__ import annotations

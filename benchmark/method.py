@@ -35,7 +35,9 @@ if TYPE_CHECKING:  # declaring, listing and validating methods never imports tor
     from benchmark.data.loading import ImageBatch, LabelledBatch, LoaderConfig
 
 # per-method protocol keys the harness reads
-HARNESS_KEYS = ("method", "backbone", "image_size", "resources", "precision", "resize")
+HARNESS_KEYS = (
+    "method", "backbone", "image_size", "resources", "precision", "resize", "checkpoint", "checkpoint_format",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,13 @@ class Method:
     # the precision its published code runs in on a GPU: a cell's default on CUDA (fp32 on the CPU), unless the
     # protocol or the method entry sets ``precision`` (``benchmark.precision``)
     reference_precision: ClassVar[str] = "fp32"
+    # what ``fit`` sets that ``predict`` needs beyond the frozen backbone: attributes as dotted paths (modules,
+    # tensors, memory banks, constants), saved and loaded by ``benchmark.fits``; empty: nothing to keep
+    fit_state: ClassVar[tuple[str, ...]] = ()
+    fit_version: ClassVar[int] = 1  # raise it when the maths of fit or predict change: stored fits are retrained
+    fit_reads_target: ClassVar[bool] = True  # fit reads the target's card (organ word, masks): part of the fit key
+    test_params: ClassVar[frozenset[str]] = frozenset({"progress", "cache_features"})  # params fit never reads
+    learns: ClassVar[bool] = True  # False: fit only encodes the cell's own references; no checkpoint to give
 
     @classmethod
     def backbone_for(cls, params: Any) -> BackboneSpec | None:
@@ -167,6 +176,16 @@ class Method:
 
     def predict(self, batch: ImageBatch) -> Prediction:
         raise NotImplementedError
+
+    def import_official(self, state: dict[str, Any], where: str) -> None:
+        """Load the authors' released checkpoint (``state``: what ``torch.load(weights_only=True)`` read), mapping
+        its names and shapes onto this method's modules; a file of another method, backbone or configuration is a
+        one-line ``BenchmarkError`` naming the first key that does not fit (``where`` names the file)."""
+        raise BenchmarkError(f"{where}: '{self.name}' has no importer of its authors' checkpoints")
+
+    def complete_import(self, train: TrainSet) -> None:
+        """After ``import_official``: what the authors' test code computes from the cell's own data and not from
+        the file (a memory bank of the K normal references, score statistics)."""
 
     def describe(self) -> dict[str, Any]:
         """Extra MLflow params (e.g. the variant run, trainable parameter count)."""

@@ -16,6 +16,7 @@ import csv
 import io
 import json
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from benchmark.errors import BenchmarkError
@@ -116,6 +117,10 @@ class Recorder:
         for name in CELL_FILES:
             if (cell_dir / name).is_file():
                 self.tracker.log_artifact(run_id, cell_dir / name)
+        fit = Path(record.get("fit_file") or "")
+        if finished and fit.is_file():  # the fit this cell trained: taken from the MLflow UI or a team's server
+            for path in (fit, fit.with_suffix(".json")):
+                self.tracker.log_artifact(run_id, path, "fit")
         kill_point("mlflow_logged")
         self.tracker.end(run_id, "FINISHED" if finished else "FAILED")
 

@@ -26,6 +26,7 @@ from benchmark.data.catalog import DatasetSpec
 from benchmark.errors import BenchmarkError
 from benchmark.executors import Executor, SerialExecutor
 from benchmark.killpoints import kill_point
+from benchmark.method import METHODS
 from benchmark.preflight import preflight, prepare_synthetic
 from benchmark.protocol import Protocol
 from benchmark.recording import Recorder, cell_files, store_tag
@@ -138,6 +139,7 @@ def _record(base: dict[str, Any], result, cell: Cell, protocol: Protocol, run_id
         "threshold": protocol.threshold.value if protocol.threshold.mode == "fixed" else None,
         "variant": result.info.get("variant", cell.method),
         "published_as": result.info["published_as"],
+        "fit_source": result.info.get("fit_source", "retrain"),  # retrain | checkpoint | authors' checkpoint
         "precision": result.info["precision"],
         "test_content_hash": result.test_hash,
         "tags": {
@@ -159,8 +161,12 @@ def run_protocol(
     save_predictions: bool = False,
     echo: Callable[[str], None] = print,
     executor: Executor | None = None,
+    refit: bool = False,
+    log_fits: bool = True,
 ) -> RunSummary:
+    """Run ``cells``; ``refit``: ignore the fits stored before now; ``log_fits``: log each trained fit in MLflow."""
     executor = executor or SerialExecutor()
+    fitting = Fitting(time.time() if refit else 0.0, log_fits)
     uri = tracking_uri(protocol)
     executor.prepare(cells)  # first: local workers start (import torch) while the data are checked
     try:
@@ -173,7 +179,7 @@ def run_protocol(
             elsewhere = claims.take([c.config_hash(protocol) for c in cells])
             return _run(
                 protocol, catalog, cells, data_root, uri, executor, store, elsewhere, claims.touch, resume,
-                save_predictions, echo,
+                save_predictions, echo, fitting,
             )  # fmt: skip
         finally:
             try:
@@ -182,6 +188,36 @@ def run_protocol(
                 print(f"warning: {exc}", file=sys.stderr)
     finally:
         executor.close()
+
+
+@dataclass(frozen=True)
+class Fitting:
+    refit_before: float  # stored fits made before this time are trained again (``--refit``); 0: none
+    log: bool  # each trained fit logged as an MLflow artifact (``--save-fits``)
+
+
+def fit_group(cell: Cell) -> tuple:
+    """What a cell's fit depends on that the cell tells (its key also hashes the data): cells of one group share
+    a fit. A domain-generalisation cell of a method whose fit never reads the target shares it across targets."""
+    cls = METHODS.get(cell.plugin_name)
+    shared = cell.setting == "domain_generalization" and not cls.fit_reads_target
+    params = {k: v for k, v in cell.params.items() if k not in cls.test_params}
+    return (
+        cell.plugin_name, repr(sorted(params.items())), cell.backbone, cell.image_size, cell.resize, cell.precision,
+        cell.seed, cell.sampling_seed, cell.setting, cell.shots, cell.loo_sources, None if shared else cell.dataset,
+    )  # fmt: skip
+
+
+def fits_first(jobs: list) -> list:
+    """The jobs with the first of each fit group ahead of the others, which then load its fit instead of waiting
+    for it (given checkpoints need no fit)."""
+    seen: set[tuple] = set()
+    first, later = [], []
+    for job in jobs:
+        group = fit_group(job.cell)
+        (later if group in seen and not job.cell.checkpoint else first).append(job)
+        seen.add(group)
+    return first + later
 
 
 def _run(
@@ -197,6 +233,7 @@ def _run(
     resume: bool,
     save_predictions: bool,
     echo: Callable[[str], None],
+    fitting: Fitting,
 ) -> RunSummary:
     """The grid on a prepared executor: records cell by cell as results come back. ``elsewhere``: the cells
     another live invocation runs (config hash -> host:pid); ``alive()`` after each record keeps this
@@ -223,6 +260,7 @@ def _run(
 
     jobs, index, bases, running = [], {}, {}, {}
     cache_dir = str(Path(protocol.results_dir) / "cache")
+    fits_dir = str(Path(protocol.results_dir) / "fits")
     for position, cell in enumerate(cells, 1):
         base = _base(cell, protocol)
         if base["config_hash"] in finished:
@@ -237,10 +275,11 @@ def _run(
             continue
         job = CellJob(
             cell, protocol, catalog, str(data_root), cache_dir, str(store.dir / cell.cell_id), save_predictions,
-            protocol.device,
+            protocol.device, fits_dir, fitting.refit_before,
         )  # fmt: skip
         jobs.append(job)
         index[cell.cell_id], bases[cell.cell_id] = position, base
+    jobs = fits_first(jobs)
 
     # one live line on a terminal (cells done / running / failed, ETA); per-cell lines above it; none in logs
     bar = tqdm(total=len(jobs), unit="cell", desc=protocol.name, disable=None, dynamic_ncols=True, leave=False)
@@ -257,6 +296,8 @@ def _run(
             cell = job.cell
             run_id = running.get(cell.cell_id)
             record = _record(bases[cell.cell_id], result, cell, protocol, run_id)
+            if result.fit_file and fitting.log:
+                record["fit_file"] = result.fit_file
             recorder.write(record, cell_files(result, cell.config(protocol), result.environment or env))
             recorder.log(record, run_id)
             running.pop(cell.cell_id, None)
@@ -264,6 +305,8 @@ def _run(
             kill_point("cell_ended")
             bar.update(1)
             tag = f"[{index[cell.cell_id]}/{len(cells)}] {cell.cell_id}"
+            for warning in result.warnings:
+                say(f"{tag}: {warning}")
             if result.status == "finished":
                 summary.finished.append(cell.cell_id)
                 summary.rows.append({"cell": cell.cell_id, **result.metrics, "seconds": result.duration})

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 RECORD_KEYS = (
     "method", "dataset", "setting", "shots", "seed", "backbone", "threshold", "variant", "published_as", "seed_free",
-    "precision", "evaluation_size",
+    "precision", "evaluation_size", "fit_source",
 )  # fmt: skip
 
 
@@ -89,6 +89,7 @@ class ResultStore:
         for rec in self.latest().values():
             base = {**{k: rec.get(k) for k in RECORD_KEYS}, "plugin": rec.get("plugin", rec.get("method"))}
             base["evaluation_size"] = base["evaluation_size"] or "model"  # records before the key: the model's
+            base["fit_source"] = base["fit_source"] or "retrain"  # records before the key: trained in the cell
             if rec["status"] != "finished":
                 rows.append({**base, "status": rec["status"], "metric": None, "value": float("nan")})
                 continue

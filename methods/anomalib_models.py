@@ -72,6 +72,7 @@ class AnomalibMethod(Method):
     settings = frozenset({"full_normal", "few_normal", "few_shot", "supervised"})
     default_image_size = 256
     implementation = "methods.models.anomalib_bridge:AnomalibImpl"
+    fit_state = ("module", "calibration", "history")
     model_class: ClassVar[str] = ""
     constructor: ClassVar[dict[str, Any]] = {}  # name -> default
 

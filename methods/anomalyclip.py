@@ -38,3 +38,5 @@ class AnomalyCLIP(Method):
     default_backbone = BackboneSpec("ViT-L-14-336", "openai")
     default_image_size = 518
     implementation = "methods.models.anomalyclip:AnomalyCLIPImpl"
+    fit_state = ("prompts", "text", "history")
+    test_params = Method.test_params | {"sigma"}  # the maps' smoothing, at test time only

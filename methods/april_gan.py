@@ -35,3 +35,4 @@ class AprilGAN(Method):
     reference_precision = "fp16"  # test.py / train.py: fp32 weights under torch.cuda.amp.autocast()
     default_image_size = 518
     implementation = "methods.models.april_gan:AprilGANImpl"
+    fit_state = ("projections", "memory", "stats", "history", "trained_on")

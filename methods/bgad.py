@@ -45,3 +45,4 @@ class BGAD(Method):
     default_backbone = BackboneSpec("tf_efficientnet_b6", "aa_in1k")
     default_image_size = 256
     implementation = "methods.models.bgad:BGADImpl"
+    fit_state = ("model", "reference", "history")

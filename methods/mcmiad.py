@@ -51,3 +51,4 @@ class MCMIAD(Method):
     default_backbone = BackboneSpec("efficientnet_b4", "ra2_in1k")
     default_image_size = 224
     implementation = "methods.models.mcmiad:MCMIADImpl"
+    fit_state = ("head", "calibration", "history")

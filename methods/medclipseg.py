@@ -62,6 +62,9 @@ class MedCLIPSeg(Method):
     default_image_size = 224
     default_resize = "bilinear"  # its loader's cv2.resize (INTER_LINEAR, no antialiasing)
     implementation = "methods.models.medclipseg:MedCLIPSegImpl"
+    fit_state = ("model", "resolved", "history")
+    fit_reads_target = False  # its prompts at training are the training images' own: one fit per source
+    test_params = Method.test_params | {"samples"}  # Monte Carlo samples at test time
 
     @classmethod
     def backbone_for(cls, params: MedCLIPSegParams) -> BackboneSpec:

@@ -43,3 +43,4 @@ class MedSADCLIP(Method):
     default_backbone = BackboneSpec("ViT-L-14-336", "openai")
     default_image_size = 240
     implementation = "methods.models.medsad_clip:MedSADCLIPImpl"
+    fit_state = ("model", "history")

@@ -36,3 +36,4 @@ class MVFA(Method):
     reference_precision = "fp16"  # test_few.py / train_few.py: fp32 weights under torch.cuda.amp.autocast()
     default_image_size = 240
     implementation = "methods.models.mvfa:MVFAImpl"
+    fit_state = ("model", "memory", "stats", "selected_epoch", "history", "used")

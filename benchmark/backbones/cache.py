@@ -31,15 +31,6 @@ Features = dict[str | int, torch.Tensor]
 CHUNK = 8  # images per feature computation, whatever the batch (see the module docstring)
 
 
-def weights_identity(weights: str) -> str:
-    """What a recipe records of a backbone's weights: a checkpoint file's path, size and modification time
-    (a new file at the same path is new features); a tag or ``random-init`` as it is."""
-    if os.path.isfile(weights):
-        stat = os.stat(weights)
-        return f"{os.path.abspath(weights)}:{stat.st_size}:{int(stat.st_mtime)}"
-    return weights
-
-
 def _atomic(path: Path, write: Callable[[Path], object]) -> None:
     """``write`` to a file of this process and thread, then rename it over ``path`` (atomic on POSIX)."""
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}-{threading.get_ident()}")

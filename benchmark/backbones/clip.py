@@ -25,9 +25,9 @@ from open_clip.timm_model import TimmModel
 from torch import nn
 
 from benchmark.backbones import unimedclip
-from benchmark.backbones.cache import FeatureCache, weights_identity
+from benchmark.backbones.cache import FeatureCache
 from benchmark.backbones.medical import MEDICAL_CLIPS
-from benchmark.backbones.weights import hub_snapshot, resolve_clip_weights
+from benchmark.backbones.weights import hub_snapshot, resolve_clip_weights, weights_identity
 from benchmark.errors import BenchmarkError, WeightsUnavailableError
 from benchmark.protocol import BackboneSpec
 

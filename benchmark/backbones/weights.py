@@ -194,3 +194,12 @@ def fetch_weights(model: str, weights: str) -> str:
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise BenchmarkError(f"fetch-weights {what}: the download failed ({reason})") from None
+
+
+def weights_identity(weights: str) -> str:
+    """What a recipe records of a backbone's weights: a checkpoint file's path, size and modification time
+    (a new file at the same path is new features); a tag or ``random-init`` as it is."""
+    if os.path.isfile(weights):
+        stat = os.stat(weights)
+        return f"{os.path.abspath(weights)}:{stat.st_size}:{int(stat.st_mtime)}"
+    return weights

@@ -66,6 +66,7 @@ ROW_KEYS = [
     "backbone",
     "threshold",
     "evaluation_size",
+    "fit_source",
 ]
 
 
@@ -75,7 +76,7 @@ def row_key(values: dict) -> tuple:
 
     def norm(key: str, value):
         if value is None or (isinstance(value, float) and math.isnan(value)):
-            return "model" if key == "evaluation_size" else ""
+            return {"evaluation_size": "model", "fit_source": "retrain"}.get(key, "")
         if key == "shots":
             return int(value)
         return float(value) if key == "threshold" else str(value)

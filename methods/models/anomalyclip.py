@@ -50,10 +50,12 @@ from torch import nn
 
 from benchmark import training
 from benchmark.backbones.attention import DualPathAttention
-from benchmark.backbones.cache import FeatureCache, weights_identity
+from benchmark.backbones.cache import FeatureCache
 from benchmark.backbones.clip import ClipBackbone, shared_clip, to_grid
+from benchmark.backbones.weights import weights_identity
 from benchmark.data.loading import ImageBatch
 from benchmark.errors import BenchmarkError
+from benchmark.importers import load_mapped, tensors_of
 from benchmark.method import MethodContext, Prediction, TrainSet
 from methods.anomalyclip import AnomalyCLIP, AnomalyCLIPParams
 from methods.models.losses import dice_loss, focal_loss
@@ -191,6 +193,24 @@ class AnomalyCLIPImpl(AnomalyCLIP):
             device,
             desc=f"anomalyclip {self.context.dataset.name}",
         )
+        with torch.no_grad():
+            self.text = self.prompts()
+
+    def import_official(self, state: dict, where: str) -> None:
+        """Its ``train.py``: ``torch.save({'prompt_learner': AnomalyCLIP_PromptLearner.state_dict()})``:
+        ``ctx_pos``/``ctx_neg`` ``[1, 1, n, W]`` are our ``normal``/``abnormal``, ``compound_prompts_text.i`` our
+        ``deep.i``; its token buffers (rebuilt here from the same tokenizer) and ``compound_prompt_projections``
+        (unused by its forward) are not read."""
+        tensors = {k.removeprefix("module."): v for k, v in tensors_of(state, where, "prompt_learner").items()}
+        origin = {"normal": "ctx_pos", "abnormal": "ctx_neg"}
+        origin |= {f"deep.{k.rsplit('.', 1)[1]}": k for k in tensors if k.startswith("compound_prompts_text.")}
+        mapped = {}
+        for ours, theirs in origin.items():
+            if theirs not in tensors:
+                raise BenchmarkError(f"{where}: no key '{theirs}' (not an AnomalyCLIP prompt learner)")
+            t = tensors[theirs]
+            mapped[ours] = t[0, 0] if t.dim() == 4 and t.shape[:2] == (1, 1) else t
+        load_mapped(self.prompts, mapped, origin, where, "AnomalyCLIP's prompts")
         with torch.no_grad():
             self.text = self.prompts()
 

@@ -48,10 +48,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmark import training
-from benchmark.backbones.cache import FeatureCache, weights_identity
+from benchmark.backbones.cache import FeatureCache
 from benchmark.backbones.clip import shared_clip, to_grid
+from benchmark.backbones.weights import weights_identity
 from benchmark.data.loading import ImageBatch
 from benchmark.errors import BenchmarkError
+from benchmark.importers import load_mapped, tensors_of
 from benchmark.method import MethodContext, Prediction, TrainSet
 from methods.april_gan import AprilGAN, AprilGANParams
 from methods.models.losses import dice_loss, focal_loss
@@ -165,6 +167,19 @@ class AprilGANImpl(AprilGAN):
             desc=f"april_gan {self.context.dataset.name}",
         )
         self.projections.eval()
+        self.complete_import(train)
+
+    def import_official(self, state: dict, where: str) -> None:
+        """Its ``train.py``: ``torch.save({'trainable_linearlayer': LinearLayer.state_dict()})``, whose ``fc.{i}``
+        projects layer ``--features_list[i]``: our names (parity with its ``test.py`` on a file it wrote: README)."""
+        tensors = tensors_of(state, where, "trainable_linearlayer")
+        names = {k.removeprefix("module."): k for k in tensors}
+        mapped = {ours: tensors[theirs] for ours, theirs in names.items()}
+        load_mapped(self.projections, mapped, names, where, "April-GAN's projections")
+
+    def complete_import(self, train: TrainSet) -> None:
+        """Its few-shot mode: the memory of the K normal references, and the score statistics (ours from the
+        validation images, else the training images; its ``test.py`` takes them from the test set)."""
         if train.setting in self.auxiliary_settings and train.normal:
             self._build_memory(train.subset(train.normal))
             calibration = train.valid or train.samples

@@ -62,6 +62,7 @@ from benchmark.backbones.attention import block_values
 from benchmark.backbones.clip import ClipBackbone, shared_clip, to_grid
 from benchmark.data.loading import ImageBatch
 from benchmark.errors import BenchmarkError
+from benchmark.importers import load_mapped, tensors_of
 from benchmark.method import MethodContext, Prediction, TrainSet
 from methods.medclipseg import DATASET_EPOCHS, DATASET_GATE_INIT, MedCLIPSeg, MedCLIPSegParams
 
@@ -212,6 +213,18 @@ def soft_contrastive(patches: torch.Tensor, text: torch.Tensor, temperature: flo
     return (loss_i + loss_t) / 2
 
 
+# its checkpoints: the frozen backbone's prefixes, and its names inside an adapter -> ours
+OFFICIAL_FROZEN = ("vision_model.", "text_model.", "clip_model.", "logit_scale")
+OFFICIAL_NAMES = (
+    ("proj_vis_down.0.", "vision_down."),
+    ("proj_txt_down.", "text_down."),
+    ("proj_vis_up.", "vision_up."),
+    ("proj_txt_up.", "text_up."),
+    ("two_way.cross_attn_img_to_txt.", "image_to_text."),
+    ("two_way.cross_attn_txt_to_img.", "text_to_image."),
+)
+
+
 class MedCLIPSegImpl(MedCLIPSeg):
     def __init__(self, params: MedCLIPSegParams, context: MethodContext) -> None:
         super().__init__(params, context)
@@ -307,6 +320,24 @@ class MedCLIPSegImpl(MedCLIPSeg):
             )
         finally:
             self.backbone.text_train(False)  # the backbone is shared by the process's later cells
+        self.model.eval()
+
+    def import_official(self, state: dict, where: str) -> None:
+        """Its ``train.py``: ``torch.save({'model': model.state_dict(), 'epoch', 'optimizer', 'scheduler', ...})``;
+        of ``model`` the trainable ``pvl_adapters.*``, ``mask_head.*`` and ``upscale.*`` (its frozen backbone,
+        ``vision_model.*``, ``text_model.*``, ``clip_model.*``, ``logit_scale``, is this cell's)."""
+        mapped, origin = {}, {}
+        for key, tensor in tensors_of(state, where, "model").items():
+            key = key.removeprefix("module.")
+            if key.startswith(OFFICIAL_FROZEN):
+                continue
+            ours = key
+            if key.startswith("pvl_adapters."):
+                ours = "adapters." + key.removeprefix("pvl_adapters.")
+                for theirs, mine in OFFICIAL_NAMES:
+                    ours = ours.replace(theirs, mine, 1)
+            mapped[ours], origin[ours] = tensor, key
+        load_mapped(self.model, mapped, origin, where, "MedCLIPSeg's adapters and head")
         self.model.eval()
 
     @staticmethod

@@ -53,6 +53,7 @@ from benchmark.backbones.adapters import DualAdapters
 from benchmark.backbones.cache import FeatureCache
 from benchmark.backbones.clip import ClipBackbone, shared_clip
 from benchmark.data.loading import ImageBatch, LabelledBatch
+from benchmark.importers import load_mapped, tensors_of
 from benchmark.method import MethodContext, Prediction, TrainSet
 from benchmark.metrics import ImageMetrics, PixelMetrics
 from methods.models.losses import dice_loss, focal_loss
@@ -181,6 +182,9 @@ def text_features(backbone: ClipBackbone, organ: str, mode: str, cache: FeatureC
 def min_cos_distance(features: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
     """``min_m (1 - cos(f, m))`` for features ``[B, N, D]`` against memory ``[M, D]``."""
     return (1 - F.normalize(features, dim=-1) @ F.normalize(memory, dim=-1).T).amin(-1)
+
+
+OFFICIAL_NAMES = {"fc1.0.weight": "down.weight", "fc2.0.weight": "up.weight"}  # its ClipAdapter -> ours
 
 
 class MVFAImpl(MVFA):
@@ -322,11 +326,38 @@ class MVFAImpl(MVFA):
             self.model.adapters.load_state_dict(best["state"])
             self.memory, self.stats, self.selected_epoch = best["memory"], best["stats"], best["epoch"]
             return
+        self._complete(train, memory_images)
+
+    def _complete(self, train: TrainSet, memory_images: torch.Tensor | None) -> None:
+        """The memory bank (Eq. 5) and, in official mode, the score statistics on the calibration images."""
         self._build_memory(memory_images)
         if self.official:
+            zero_shot = train.setting == "zero_shot_loo"
             self._calibrate_and_score(
                 self._batches(train, train.samples if zero_shot else train.valid or train.samples)
             )
+
+    def import_official(self, state: dict, where: str) -> None:
+        """Its ``train_few.py``/``train_zero.py``: ``torch.save({'seg_adapters': ..., 'det_adapters': ...})``, each
+        ``{i}.fc1.0.weight`` ``[bottleneck, width]`` and ``{i}.fc2.0.weight`` ``[width, bottleneck]`` for the
+        adapter after block ``--features_list[i]``: our ``seg.{i}.down``/``seg.{i}.up`` (and ``det``)."""
+        mapped, origin = {}, {}
+        for head in ("seg", "det"):
+            for key, tensor in tensors_of(state, where, f"{head}_adapters").items():
+                index, _, rest = key.removeprefix("module.").partition(".")
+                ours = (
+                    f"{head}.{index}.{ {'fc1.0.weight': 'down.weight', 'fc2.0.weight': 'up.weight'}.get(rest, rest) }"
+                )
+                mapped[ours], origin[ours] = tensor, f"{head}_adapters.{key}"
+        load_mapped(self.model.adapters, mapped, origin, where, "MVFA's adapters")
+        self.model.adapters.eval()
+
+    def complete_import(self, train: TrainSet) -> None:
+        """Its test scripts: the memory of the K normal images 11x augmented (few-shot); the score statistics ours
+        (its test code min-max normalises over the test set itself)."""
+        zero_shot = train.setting == "zero_shot_loo"
+        augmented = self._augmented(train) if self.official and not zero_shot else None
+        self._complete(train, self._memory_images(train, augmented))
 
     # ----- memory bank and scores -----
     @staticmethod

@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmark.backbones.cache import FeatureCache, weights_identity
+from benchmark.backbones.cache import FeatureCache
 from benchmark.backbones.clip import ClipBackbone, shared_clip
+from benchmark.backbones.weights import weights_identity
 from benchmark.data.loading import ImageBatch
 from benchmark.method import MethodContext, Prediction, TrainSet
 from methods.winclip import WinCLIP, WinCLIPParams

@@ -1,0 +1,161 @@
+"""Fits as files: stored once per key, reused by cells and invocations, checked, retrained on --refit."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from benchmark.backbones.cache import FeatureCache
+from benchmark.cells import Cell
+from benchmark.cli import main
+from benchmark.data.loading import iterate_batches
+from benchmark.data.splits import make_split
+from benchmark.data.synthetic import write_segmentation_dataset
+from benchmark.job import CellResult, obtain_fit, seed_everything
+from benchmark.method import METHODS, MethodContext, TrainSet
+from benchmark.protocol import BackboneSpec
+from benchmark.store import ResultStore
+from tests.conftest import SMALL
+
+TINY = {"model": "tiny-vit-bert", "weights": "random-init", "seed": 0}
+FAST = {"layers": [1, 2], "adapter_dim": 16, "epochs": 1, "batch_size": 8, "samples": 2, "progress": False}
+TARGETS = ["SynthBrainSeg", "SynthLiverSeg", "SynthBrain"]  # the source itself (in-domain) and two others
+
+
+@pytest.fixture(scope="module")
+def dg_root(tmp_path_factory, catalog, synth_root):
+    """The segmentation sets beside the session's synthetic sets (a third target in another layout)."""
+    for name in ("SynthBrainSeg", "SynthLiverSeg"):
+        write_segmentation_dataset(synth_root, catalog[name], SMALL)
+    return synth_root
+
+
+def _dg(write_protocol, root, **kw):
+    return write_protocol(
+        data_root=str(root), datasets=TARGETS, backbone=TINY, methods={"medclipseg": FAST},
+        settings=[{"name": "domain_generalization", "source": "SynthBrainSeg"}], **kw,
+    )  # fmt: skip
+
+
+def _records(results, name="t"):
+    return sorted(ResultStore(results, name).latest().values(), key=lambda r: r["cell_id"])
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_one_source_three_targets_train_once_and_a_rerun_reuses_it_bit_for_bit(
+    write_protocol, dg_root, tmp_path, workers
+):
+    results = tmp_path / "results"
+    assert main(["run", str(_dg(write_protocol, dg_root)), "--workers", workers]) == 0
+    records = _records(results)
+    assert len(records) == 3 and all(r["status"] == "finished" for r in records)
+    stored = sorted((results / "fits").glob("*.safetensors"))
+    assert len(stored) == 1  # one training for the three targets
+    key = stored[0].stem
+    hows = sorted(r["params"]["fit"] for r in records)
+    assert hows == [f"reused {key}", f"reused {key}", f"trained {key}"]
+    trainer = next(r for r in records if r["params"]["fit"].startswith("trained"))
+    assert all(r["params"]["fit_cell"] == trainer["cell_id"] for r in records if r is not trainer)
+    assert {r["efficiency"]["fit_s"] for r in records} == {trainer["efficiency"]["fit_s"]}  # the fit's own time
+    if workers == "2":
+        return
+    # the fit file: tensors only (no backbone), metadata that names what it is
+    meta = json.loads(stored[0].with_suffix(".json").read_text())
+    assert meta["method"] == "medclipseg" and meta["key"] == key and meta["cell"] == trainer["cell_id"]
+    assert meta["backbone"].startswith("tiny-vit-bert") and meta["image_size"] == 32
+    tensors = load_file(stored[0])
+    assert tensors and not any("backbone" in k or k.startswith("model.backbone") for k in tensors)
+    assert trainer["params"]["fit_file_bytes"] == stored[0].stat().st_size
+    # a second experiment in a fresh process loads the fit and gives the very same numbers
+    again = _dg(write_protocol, dg_root, name="again")
+    done = subprocess.run([sys.executable, "-m", "benchmark", "run", str(again)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    second = _records(results, "again")
+    assert all(r["params"]["fit"] == f"reused {key}" for r in second)
+    assert [r["metrics"] for r in second] == [r["metrics"] for r in records]
+    # --refit trains the key again (once), a stored fit cut short is reported and trained again
+    assert main(["run", str(_dg(write_protocol, dg_root, name="refit")), "--refit"]) == 0
+    assert sorted(r["params"]["fit"].split()[0] for r in _records(results, "refit")) == ["reused", "reused", "trained"]
+    stored[0].write_bytes(stored[0].read_bytes()[:100])
+    path = _dg(write_protocol, dg_root, name="cut")
+    out = subprocess.run([sys.executable, "-m", "benchmark", "run", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    warned = [line for line in out.stdout.splitlines() if "is corrupt or truncated" in line]
+    assert len(warned) == 1 and "training it again" in warned[0]
+    assert [r["metrics"] for r in _records(results, "cut")] == [r["metrics"] for r in records]
+
+
+def test_a_cell_killed_after_its_fit_resumes_without_training(write_protocol, dg_root, tmp_path):
+    path = write_protocol(datasets=["SynthBrain"])
+    env = {**os.environ, "MEDAD_BENCH_TEST_KILL_AT": "fit_saved"}
+    killed = subprocess.run([sys.executable, "-m", "benchmark", "run", str(path)], capture_output=True, env=env)
+    assert killed.returncode == 137
+    results = tmp_path / "results"
+    assert ResultStore(results, "t").latest() == {}  # nothing recorded, the fit stored
+    assert len(list((results / "fits").glob("*.json"))) == 1
+    assert main(["run", str(path), "--resume"]) == 0
+    (record,) = ResultStore(results, "t").latest().values()
+    assert record["status"] == "finished" and record["params"]["fit"].startswith("reused ")
+
+
+VIT = BackboneSpec("tiny-vit", "random-init", 0)
+CNN = BackboneSpec("mobilenetv3_small_050", "random-init", 0)
+RESNET = BackboneSpec("resnet18", "random-init", 0)
+ROUND_TRIPS = {  # method: (params, backbone, setting, shots, image size), tiny and one epoch
+    "mvfa": ({"mode": "official", "layers": [1, 2, 3, 4], "epochs": 1}, VIT, "few_shot", 2, 32),
+    "april_gan": ({"layers": [1, 2, 3, 4], "memory_layers": [2, 4], "epochs": 1}, VIT, "few_normal", 2, 32),
+    "anomalyclip": ({"layers": [1, 2, 3, 4], "dpam_blocks": 3, "deep_depth": 2, "epochs": 1}, VIT, "few_shot", 2, 32),
+    "medclipseg": (FAST, BackboneSpec(**TINY), "supervised", None, 32),
+    "medsad_clip": ({"layers": [1, 2, 3, 4], "heads": 4, "decoder_hidden": 16, "epochs": 1}, VIT, "supervised", None,
+                    32),
+    "mcmiad": (
+        {"text_model": "tiny-vit", "text_weights": "random-init", "dim": 32, "heads": 4, "ffn": 64, "neighbourhood": 3,
+         "epochs": 1}, CNN, "few_normal", 2, 64,
+    ),
+    "bgad": ({"meta_epochs": 1, "sub_epochs": 1, "n_batch": 256, "coupling_blocks": 2, "pos_embed_dim": 16}, CNN,
+             "few_shot", 2, 64),
+    "winclip": ({"scales": [2]}, VIT, "few_normal", 2, 32),
+    "anomalib:Patchcore": ({"batch_size": 4, "coreset_sampling_ratio": 0.5}, RESNET, "few_normal", 2, 64),
+    "anomalib:Fastflow": ({"batch_size": 4, "epochs": 1}, RESNET, "few_normal", 2, 64),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ROUND_TRIPS)
+def test_every_trained_method_round_trips_its_fit_bit_for_bit(name, catalog, synth_root, tmp_path):
+    """A fit stored by one instance and loaded by a fresh one: the same scores, maps and uncertainty, bit for bit;
+    the file holds no frozen backbone."""
+    params, spec, setting, shots, size = ROUND_TRIPS[name]
+    cls = METHODS.get(name)
+    loo = ("SynthLiver", "SynthRetina") if setting in cls.auxiliary_settings else ()
+    quiet = {"progress": False} if "progress" in {f.name for f in dataclasses.fields(cls.Params)} else {}
+    parsed = dataclasses.asdict(cls.parse_params({**params, **quiet}, name))
+    cell = Cell(name, "SynthBrain", setting, shots, 0, 0, parsed, spec, size, loo)
+    split = make_split(synth_root, catalog, "SynthBrain", setting, shots, 0, loo)
+    specs = {n: catalog[n] for n in {s.dataset for s in (*split.train, *split.auxiliary)} | {"SynthBrain"}}
+    train = TrainSet(split.train, setting, shots, size, specs, split.valid, None, split.auxiliary)
+    batch = next(iterate_batches(split.test, size, 8)).unlabelled()
+
+    def fitted():
+        seed_everything(0)
+        context = MethodContext(catalog["SynthBrain"], setting, shots, 0, size, torch.device("cpu"), spec,
+                                FeatureCache(None))  # fmt: skip
+        method = cls.build(cls.Params(**parsed), context)
+        _, info = obtain_fit(method, cell, train, str(tmp_path / "fits"), 0.0, "fp32", CellResult(cell.cell_id, ""))
+        seed_everything(0)
+        with torch.no_grad():
+            return info, method.predict(batch)
+
+    (first, a), (second, b) = fitted(), fitted()
+    assert first["fit"].startswith("trained ") and second["fit"] == first["fit"].replace("trained", "reused")
+    assert torch.equal(a.image_scores, b.image_scores) and torch.equal(a.maps, b.maps)
+    assert (a.uncertainty is None and b.uncertainty is None) or torch.equal(a.uncertainty, b.uncertainty)
+    (stored,) = (tmp_path / "fits").glob("*.safetensors")
+    keys = list(load_file(stored))
+    assert keys and not [k for k in keys if any(p in k for p in ("backbone.", "feature_extractor.", "teacher_model."))]
