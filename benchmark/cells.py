@@ -148,7 +148,7 @@ def expand(protocol: Protocol, catalog: dict[str, DatasetSpec], methods=None, da
         if resize is not None and resize not in RESIZES:
             raise BenchmarkError(f"{where}: methods.{m}.resize: expected one of {', '.join(RESIZES)}, got {resize!r}")
         resize = None if resize == "bicubic" else resize
-        checkpoint, checkpoint_format = _checkpoint(where, m, raw, cls)
+        checkpoint, checkpoint_format = _checkpoint(where, m, raw, cls, backbone, image_size)
         supported = [s for s in protocol.settings if s.name in cls.settings]
         if not supported:
             names = ", ".join(s.name for s in protocol.settings)
@@ -190,8 +190,11 @@ def expand(protocol: Protocol, catalog: dict[str, DatasetSpec], methods=None, da
     return cells
 
 
-def _checkpoint(where: str, name: str, raw: dict[str, Any], cls: type) -> tuple[str | None, str | None]:
-    """A method entry's ``checkpoint`` (an existing file, of a method that learns a fit) and its format."""
+def _checkpoint(
+    where: str, name: str, raw: dict[str, Any], cls: type, backbone: BackboneSpec, image_size: int
+) -> tuple[str | None, str | None]:
+    """A method entry's ``checkpoint`` (an existing file, of a method that learns a fit; ours: of this method,
+    backbone and image size, read from its metadata) and its format."""
     from benchmark.importers import FORMATS
 
     fmt = raw.get("checkpoint_format")
@@ -215,12 +218,18 @@ def _checkpoint(where: str, name: str, raw: dict[str, Any], cls: type) -> tuple[
         raise BenchmarkError(f"{where}: methods.{name}.checkpoint: file '{path}' does not exist")
     if fmt == "official":
         return path, fmt
-    meta = fits.read_meta(Path(path))  # a file of another method is refused before anything runs
-    if meta.get("method") != cls.name:
-        raise BenchmarkError(
-            f"{where}: methods.{name}.checkpoint: '{path}' is a fit of method {meta.get('method')!r}, not "
-            f"'{cls.name}' (an authors' file needs checkpoint_format: official)"
-        )
+    try:  # a fit of another method, backbone or size is refused before anything runs
+        meta = fits.read_meta(Path(path))
+    except BenchmarkError as exc:
+        raise BenchmarkError(f"{where}: methods.{name}.checkpoint: {exc}") from None
+    wanted = {"method": cls.name, "backbone": backbone.label(), "image_size": image_size}
+    for key, value in wanted.items():
+        if meta.get(key) != value:
+            hint = " (an authors' file needs checkpoint_format: official)" if key == "method" else ""
+            raise BenchmarkError(
+                f"{where}: methods.{name}.checkpoint: '{path}' is a fit of {key} {meta.get(key)!r}, this entry's is "
+                f"{value!r}{hint}"
+            )
     return path, None
 
 

@@ -178,6 +178,11 @@ def read_meta(path: Path) -> dict[str, Any]:
         raise BenchmarkError(f"fit file '{path}' does not exist")
     try:
         meta = json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        raise BenchmarkError(
+            f"fit file '{path}' has no metadata '{meta_path.name}' beside it (an authors' file needs "
+            "checkpoint_format: official)"
+        ) from None
     except (OSError, ValueError) as exc:
         raise BenchmarkError(f"fit file '{path}': its metadata '{meta_path}' cannot be read ({exc})") from None
     if meta.get("format") != FORMAT:

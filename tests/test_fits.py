@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,3 +160,70 @@ def test_every_trained_method_round_trips_its_fit_bit_for_bit(name, catalog, syn
     (stored,) = (tmp_path / "fits").glob("*.safetensors")
     keys = list(load_file(stored))
     assert keys and not [k for k in keys if any(p in k for p in ("backbone.", "feature_extractor.", "teacher_model."))]
+
+
+MVFA_FAST = {"mode": "official", "layers": [2, 4], "epochs": 1, "progress": False}
+FEW = {"datasets": ["SynthBrain"], "settings": [{"name": "few_shot", "shots": [2]}]}
+OFFICIAL = Path(__file__).parent / "data" / "official"
+
+
+def test_a_trained_fit_is_an_mlflow_artifact_and_evaluates_as_a_given_checkpoint(write_protocol, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    results = tmp_path / "results"
+    assert main(["run", str(write_protocol(name="fit", methods={"mvfa": MVFA_FAST}, **FEW))]) == 0
+    (trained,) = ResultStore(results, "fit").latest().values()
+    (fit,) = (results / "fits").glob("*.safetensors")
+    client = MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
+    run = client.get_run(trained["mlflow_run_id"])
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "fit")} == {f"fit/{fit.name}",
+                                                                               f"fit/{fit.stem}.json"}  # fmt: skip
+    assert run.data.params["fit_file_bytes"] == str(fit.stat().st_size)
+    # --save-fits none: trained again (--refit), nothing logged
+    path = write_protocol(name="quiet", methods={"mvfa": MVFA_FAST}, **FEW)
+    assert main(["run", str(path), "--refit", "--save-fits", "none"]) == 0
+    (quiet,) = ResultStore(results, "quiet").latest().values()
+    assert quiet["params"]["fit"].startswith("trained ") and not client.list_artifacts(quiet["mlflow_run_id"], "fit")
+    # the fit file given as a checkpoint: its own row, the same numbers as the cell that trained it
+    given = write_protocol(name="given", methods={"mvfa": {**MVFA_FAST, "checkpoint": str(fit)}}, **FEW)
+    assert main(["run", str(given)]) == 0
+    (record,) = ResultStore(results, "given").latest().values()
+    assert record["fit_source"] == "checkpoint" and record["variant"] == "MVFA (official) (checkpoint)"
+    assert record["metrics"] == trained["metrics"]
+
+
+def test_bad_checkpoints_are_one_line_errors_and_nothing_is_recorded_finished(write_protocol, tmp_path, capsys):
+    results = tmp_path / "results"
+    assert main(["run", str(write_protocol(name="fit", methods={"mvfa": MVFA_FAST}, **FEW))]) == 0
+    (fit,) = (results / "fits").glob("*.safetensors")
+    other = {"model": "tiny-vit-8l", "weights": "random-init", "seed": 0}
+    before = [  # refused before anything runs: nothing recorded
+        ({"mvfa": {**MVFA_FAST, "checkpoint": str(tmp_path / "none.safetensors")}}, "does not exist"),
+        ({"april_gan": {"checkpoint": str(fit)}}, "is a fit of method 'mvfa', this entry's is 'april_gan'"),
+        ({"mvfa": {**MVFA_FAST, "checkpoint": str(fit), "backbone": other}}, "is a fit of backbone 'tiny-vit /"),
+        ({"mvfa": {**MVFA_FAST, "checkpoint": str(fit), "image_size": 48}}, "is a fit of image_size 32, this entry"),
+        ({"winclip": {"checkpoint": str(fit)}}, "method 'winclip' learns no fit state"),
+        ({"mvfa": {**MVFA_FAST, "checkpoint": str(OFFICIAL / "mvfa_official_tiny.pth")}}, "has no metadata"),
+        ({"mvfa": {**MVFA_FAST, "checkpoint": str(fit), "checkpoint_format": "theirs"}},
+         "expected one of ours, official"),
+    ]  # fmt: skip
+    for i, (methods, message) in enumerate(before):
+        capsys.readouterr()
+        assert main(["run", str(write_protocol(name=f"b{i}", methods=methods, **FEW))]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+        assert not ResultStore(results, f"b{i}").path.exists()
+    cut = tmp_path / "cut" / fit.name
+    cut.parent.mkdir()
+    cut.write_bytes(fit.read_bytes()[:-64])
+    cut.with_suffix(".json").write_bytes(fit.with_suffix(".json").read_bytes())
+    during = [  # found by the cell: it fails, exit 2
+        ({"mvfa": {**MVFA_FAST, "checkpoint": str(cut)}}, "is corrupt or truncated"),
+        ({"mvfa": {**MVFA_FAST, "checkpoint": str(OFFICIAL / "april_gan_official_tiny.pth"),
+                   "checkpoint_format": "official"}}, "expected a state dict under 'seg_adapters'"),
+    ]  # fmt: skip
+    for i, (methods, message) in enumerate(during):
+        capsys.readouterr()
+        assert main(["run", str(write_protocol(name=f"d{i}", methods=methods, **FEW))]) == 2
+        assert message in capsys.readouterr().out
+        assert [r["status"] for r in ResultStore(results, f"d{i}").latest().values()] == ["failed"]

@@ -4,6 +4,7 @@ import dataclasses
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -11,10 +12,12 @@ from benchmark.cli import PROTOCOLS_DIR, main
 from benchmark.data.synthetic import write_dataset
 from benchmark.reports.paper import coverage
 from benchmark.reports.published import canonical, load_published, lookup
+from benchmark.store import ResultStore
 from tests.conftest import SMALL, relabel_backbone
 
 L14 = "ViT-L-14-336 / openai (pretrained)"  # what MVFA's and MedSAD-CLIP's rows were run on
 EFF = "tf_efficientnet_b6 / aa_in1k (pretrained)"  # BGAD's
+OFFICIAL = Path(__file__).parent / "data" / "official"
 
 
 def test_printed_names_and_settings_are_normalised():
@@ -167,3 +170,43 @@ def test_a_published_dice_at_another_threshold_is_matched_to_the_sweep(write_pro
     for row, t in zip(rows, (0.3, 0.4, 0.5, 0.6, 0.7), strict=True):
         ours = brain["dice"] if t == 0.5 else brain[f"dice_t{t:g}"]
         assert row[header.index("Brain Dice")].replace("**", "").startswith(f"{ours * 100:.2f}")
+
+
+def test_paper_table_shows_our_retrain_beside_the_authors_checkpoint_and_the_paper(write_protocol, tmp_path,
+                                                                                    catalog, capsys):  # fmt: skip
+    """MVFA retrained, and MVFA's released format (a file its own code wrote; tests/data/official) evaluated under
+    the same protocol: a row each under the paper's, the checkpoint's never counted as reproduced."""
+    root = tmp_path / "bmad"
+    write_dataset(root, dataclasses.replace(catalog["SynthBrain"], folder=catalog["BrainMRI"].folder), SMALL)
+    mvfa = {"method": "mvfa", "mode": "official", "layers": [2, 4], "epochs": 1, "progress": False}
+    official = {"checkpoint": str(OFFICIAL / "mvfa_official_tiny.pth"), "checkpoint_format": "official"}
+    path = write_protocol(
+        name="k2", data_root=str(root), datasets=["BrainMRI"], settings=[{"name": "few_shot", "shots": [2]}],
+        threshold={"mode": "fixed", "value": 0.5}, methods={"mvfa": mvfa, "mvfa_authors": {**mvfa, **official}},
+    )  # fmt: skip
+    assert main(["run", str(path)]) == 0
+    results = tmp_path / "results"
+    records = {r["method"]: r for r in ResultStore(results, "k2").latest().values()}
+    authors = records["mvfa_authors"]
+    assert (
+        authors["fit_source"] == "authors' checkpoint" and authors["variant"] == "MVFA (official) (authors' checkpoint)"
+    )
+    assert authors["params"]["fit"] == f"authors' checkpoint {OFFICIAL / 'mvfa_official_tiny.pth'}"
+    assert records["mvfa"]["fit_source"] == "retrain" and records["mvfa"]["params"]["fit"].startswith("trained ")
+    relabel_backbone(results, "k2", "k2b", L14)
+    capsys.readouterr()
+    assert main(["paper-table", "mvfa", "Table 7", "--from", "k2b", "--results-dir", str(results)]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    group = lines.index(next(line for line in lines if line.startswith("| *fewshot_k2*")))
+    header = [c.strip() for c in lines[2].strip("|").split("|")]
+    end = next(i for i in range(group + 1, len(lines)) if lines[i].startswith("| *"))
+    rows = {line.strip("|").split("|")[0].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in lines[group:end] if line.startswith("| MVFA")}  # fmt: skip
+    column = header.index("BrainMRI AC")
+    retrain = f"{records['mvfa']['metrics']['image_auroc'] * 100:.2f}"
+    checkpoint = f"{authors['metrics']['image_auroc'] * 100:.2f}"
+    assert rows["MVFA"][column].strip("*<u>/") == retrain
+    assert rows["MVFA (authors' checkpoint, evaluated by us)"][column] == checkpoint
+    assert "2 of 132 numbers reproduced" in lines[0]  # the retrain's AC and AS, never the checkpoint's
+    assert "retrain vs released weights vs paper" in lines[0]

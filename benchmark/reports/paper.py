@@ -119,7 +119,8 @@ def paper_table(paper: str, table: str, results_dir: str | Path, experiments: li
     rows = list(dict.fromkeys(zip(part["setting"], part["label"], strict=True)))
     columns = list(dict.fromkeys(zip(part["dataset"], part["metric"], strict=True)))
     cells: dict[tuple[str, str, str, str], Cell] = {}
-    others: dict[tuple[str, str], dict[str, str]] = {}  # a printed row -> {our row on another backbone: theirs}
+    # a printed row -> {a row of ours under it: (fit source, the paper's backbone where ours ran on another)}
+    others: dict[tuple[str, str], dict[str, tuple[str, str]]] = {}
     for _, r in part.iterrows():
         cell = Cell(float(r["value_percent"]))
         cells[(r["setting"], r["label"], r["dataset"], r["metric"])] = cell
@@ -131,22 +132,45 @@ def paper_table(paper: str, table: str, results_dir: str | Path, experiments: li
             & (ours["shots"] == int(r["our_shots"]))
         ]
         agree = mine["backbone"].map(lambda b, stated=r["backbone"]: agrees(stated, b)).astype(bool)
-        cell.ours = _ours(mine[agree], r)
-        for backbone in dict.fromkeys(mine[~agree]["backbone"]):
-            label = f"{r['label']} (ours, on {of_label(backbone)})"
-            others.setdefault((r["setting"], r["label"]), {})[label] = r["backbone"] or "not stated"
-            found = _ours(mine[mine["backbone"] == backbone], r)
+        retrain = mine["fit_source"] == "retrain"
+        cell.ours = _ours(mine[agree & retrain], r)
+        extra = others.setdefault((r["setting"], r["label"]), {})
+        for (source, backbone), given in mine.groupby(["fit_source", "backbone"], sort=False):
+            if source == "retrain" and agrees(r["backbone"], backbone):
+                continue  # the paper's own row
+            on = "" if agrees(r["backbone"], backbone) else f"on {of_label(backbone)}"
+            kind = "ours" if source == "retrain" else f"{source}, evaluated by us"
+            label = f"{r['label']} ({', '.join(x for x in (kind, on) if x)})"
+            extra[label] = (source, "" if not on else r["backbone"] or "not stated")
+            found = _ours(given, r)
             if found is not None:
                 cells[(r["setting"], label, r["dataset"], r["metric"])] = Cell(None, found)
-    rows = [x for row in rows for x in [row, *((row[0], label) for label in others.get(row, {}))]]
+    rows = [x for row in rows for x in [row, *((row[0], label) for label in sorted(others.get(row, {}), key=_order))]]
     notes = [
         f"{label}: not matched to the paper's numbers, which used {theirs} (a backbone difference is no "
         "reproduction gap)."
         for labels in others.values()
-        for label, theirs in labels.items()
+        for label, (_, theirs) in labels.items()
+        if theirs
     ]
+    sources = sorted({source for labels in others.values() for source, _ in labels.values()} - {"retrain"})
+    notes += [SOURCE_NOTES[source] for source in sources]
     notes += sorted({n for n in part["setting_note"] if n})
     return PaperTable(paper, table, groups, rows, columns, cells, notes, _provenance(results_dir, experiments))
+
+
+SOURCE_NOTES = {
+    "authors' checkpoint": "Rows \"(authors' checkpoint, evaluated by us)\": the authors' released weights evaluated "
+    "by this harness under the same protocol; the paper's row above holds our retrain (or the paper's number, "
+    "copied): retrain vs released weights vs paper.",
+    "checkpoint": 'Rows "(checkpoint, evaluated by us)": a fit file given to the protocol, evaluated by this '
+    "harness; not counted as a retrain.",
+}
+
+
+def _order(label: str) -> tuple[bool, str]:
+    """Rows under a printed row: ours on other backbones first, then evaluated checkpoints."""
+    return "evaluated by us" in label, label
 
 
 def _ours(mine: pd.DataFrame, r: pd.Series) -> tuple[float, float, int] | None:
