@@ -138,10 +138,16 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", default="data/synthetic", help="folder to write them to (data/synthetic)")
     synth.add_argument("--seed", type=int, default=0, help="generator seed (0)")
     fetch = sub.add_parser(
-        "fetch-weights", help="download open_clip (or timm:MODEL) weights into the cache (needs internet)"
+        "fetch-weights",
+        help="download open_clip (or timm:MODEL) weights, or a method's authors' checkpoint, into the cache (needs "
+        "internet)",
     )
-    fetch.add_argument("model", help="an open_clip model name (ViT-L-14-336) or timm:NAME (timm:tf_efficientnet_b6)")
-    fetch.add_argument("tag", help="its pretrained tag (openai, laion400m_e31, aa_in1k)")
+    fetch.add_argument(
+        "model",
+        help="an open_clip model name (ViT-L-14-336), timm:NAME (timm:tf_efficientnet_b6) or a method whose authors' "
+        "checkpoints we import (medclipseg; mvfa, april_gan, anomalyclip: where they are published)",
+    )
+    fetch.add_argument("tag", help="its pretrained tag (openai, laion400m_e31, aa_in1k) or the checkpoint (BUSI_25)")
     sync = sub.add_parser("sync", help="bring MLflow up to date with a protocol's local records")
     sync.add_argument("protocol", help="the protocol file whose records MLflow should hold")
     sync.add_argument("--results-dir", help="overrides the protocol's results_dir")

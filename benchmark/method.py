@@ -114,6 +114,20 @@ class MethodContext:
 
 
 @dataclass(frozen=True)
+class Released:
+    """Where a method's authors publish their trained checkpoints, for ``checkpoint_format: official``:
+    ``fetch-weights METHOD NAME`` downloads ``hub_path`` (``{name}`` filled in) from the Hugging Face repo
+    ``hub_repo``; without one it prints ``where`` (a script cannot fetch a Google Drive link)."""
+
+    where: str  # the page or links of the release
+    files: str  # what it holds, per dataset or training set
+    configuration: str  # the backbone, image size and parameters its files need (our names)
+    hub_repo: str = ""
+    hub_path: str = ""
+    names: tuple[str, ...] = ()  # the NAMEs hub_path takes
+
+
+@dataclass(frozen=True)
 class NoParams:
     """A method without parameters."""
 
@@ -146,6 +160,7 @@ class Method:
     fit_reads_target: ClassVar[bool] = True  # fit reads the target's card (organ word, masks): part of the fit key
     test_params: ClassVar[frozenset[str]] = frozenset({"progress", "cache_features"})  # params fit never reads
     learns: ClassVar[bool] = True  # False: fit only encodes the cell's own references; no checkpoint to give
+    released: ClassVar[Released | None] = None  # its authors' checkpoints (``import_official`` reads them)
 
     @classmethod
     def backbone_for(cls, params: Any) -> BackboneSpec | None:

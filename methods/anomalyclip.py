@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from benchmark.method import METHODS, Method, param
+from benchmark.method import METHODS, Method, Released, param
 from benchmark.protocol import BackboneSpec
 
 
@@ -39,4 +39,10 @@ class AnomalyCLIP(Method):
     default_image_size = 518
     implementation = "methods.models.anomalyclip:AnomalyCLIPImpl"
     fit_state = ("prompts", "text", "history")
+    released = Released(
+        where="https://github.com/zqhang/AnomalyCLIP/tree/main/checkpoints",
+        files="9_12_4_multiscale/epoch_15.pth (trained on VisA: the one its scripts test every other set with), "
+        "9_12_4_multiscale_visa/epoch_15.pth (trained on MVTec AD)",
+        configuration="backbone ViT-L-14-336 / openai, image_size 518, layers [24], sigma 4 (its test.sh)",
+    )
     test_params = Method.test_params | {"sigma"}  # the maps' smoothing, at test time only

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from benchmark.method import METHODS, Method, param
+from benchmark.method import METHODS, Method, Released, param
 from benchmark.protocol import BackboneSpec
 
 
@@ -36,3 +36,8 @@ class AprilGAN(Method):
     default_image_size = 518
     implementation = "methods.models.april_gan:AprilGANImpl"
     fit_state = ("projections", "memory", "stats", "history", "trained_on")
+    released = Released(
+        where="https://github.com/ByChelsea/VAND-APRIL-GAN/tree/master/exps/pretrained",
+        files="mvtec_pretrained.pth (trained on MVTec AD), visa_pretrained.pth (trained on VisA)",
+        configuration="backbone ViT-L-14-336 / openai, image_size 518, layers [6, 12, 18, 24]",
+    )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from benchmark.method import METHODS, Method, param
+from benchmark.method import METHODS, Method, Released, param
 from benchmark.protocol import BackboneSpec
 
 VARIANTS = ("unimedclip", "biomedclip", "pubmedclip", "clip")
@@ -63,6 +63,17 @@ class MedCLIPSeg(Method):
     default_resize = "bilinear"  # its loader's cv2.resize (INTER_LINEAR, no antialiasing)
     implementation = "methods.models.medclipseg:MedCLIPSegImpl"
     fit_state = ("model", "resolved", "history")
+    released = Released(
+        where="https://huggingface.co/TahaKoleilat/MedCLIPSeg",
+        files="one per training set: BUSI, BTMRI, ISIC, Kvasir, Covid19, EUS at 100 % (also the domain "
+        "generalisation sources), and NAME_10, NAME_25, NAME_50 for the data fractions",
+        configuration="backbone UniMedCLIP-ViT-B-16 / unimedclip, image_size 224, backbone_variant unimedclip",
+        hub_repo="TahaKoleilat/MedCLIPSeg",
+        hub_path="{name}/trained_models/seed666/MedCLIPSeg_unimedclip_ViT-B-16_latest.pth",
+        names=tuple(
+            f"{d}{s}" for d in ("BUSI", "BTMRI", "ISIC", "Kvasir", "Covid19", "EUS") for s in ("", "_10", "_25", "_50")
+        ),
+    )
     fit_reads_target = False  # its prompts at training are the training images' own: one fit per source
     test_params = Method.test_params | {"samples"}  # Monte Carlo samples at test time
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from benchmark.method import METHODS, Method, param
+from benchmark.method import METHODS, Method, Released, param
 from benchmark.protocol import BackboneSpec
 
 
@@ -37,3 +37,10 @@ class MVFA(Method):
     default_image_size = 240
     implementation = "methods.models.mvfa:MVFAImpl"
     fit_state = ("model", "memory", "stats", "selected_epoch", "history", "used")
+    released = Released(
+        where="Google Drive, from the MVFA-AD README: few-shot.zip "
+        "https://drive.google.com/file/d/1bV1yzPxJarTRfd8liMIwyHcGywTTEL2k/view and zero-shot.zip "
+        "https://drive.google.com/file/d/1nGhcK32CrkgTR5Rav6rNfptUHaASfRnU/view",
+        files="few-shot/{Brain,Liver,Retina_RESC,Retina_OCT2017,Chest,Histopathology}.pth and the same in zero-shot/",
+        configuration="backbone ViT-L-14-336 / openai, image_size 240, mode official, layers [6, 12, 18, 24]",
+    )

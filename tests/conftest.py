@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -130,3 +133,63 @@ def relabel_backbone(results_dir: Path, experiment: str, new: str, label: str) -
     target.parent.mkdir(parents=True, exist_ok=True)
     lines = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
     target.write_text("".join(json.dumps({**r, "backbone": label} if "backbone" in r else r) + "\n" for r in lines))
+
+
+class LocalHub:
+    """A local stand-in for the Hugging Face Hub on 127.0.0.1 (the endpoints ``hf_hub_download`` and
+    ``snapshot_download`` call), serving ``files[repo][name]``."""
+
+    COMMIT = "c" * 40
+
+    def __init__(self, files: dict[str, dict[str, bytes]]) -> None:
+        import hashlib
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def _send(self, code: int, body: bytes = b"", headers: dict | None = None, head: bool = False) -> None:
+                self.send_response(code)
+                for key, value in {"Content-Length": str(len(body)), **(headers or {})}.items():
+                    self.send_header(key, value)
+                self.end_headers()
+                if not head:
+                    self.wfile.write(body)
+
+            def _file(self, head: bool) -> None:
+                parts = self.path.split("?")[0].strip("/").split("/")  # REPO/resolve/REVISION/NAME
+                data = files.get("/".join(parts[:2]), {}).get("/".join(parts[4:]))
+                if data is None:
+                    return self._send(404, headers={"X-Error-Code": "EntryNotFound"}, head=head)
+                etag = '"' + hashlib.sha1(data).hexdigest() + '"'
+                self._send(200, data, {"X-Repo-Commit": hub.COMMIT, "ETag": etag}, head)
+
+            def do_HEAD(self) -> None:
+                self._file(True)
+
+            def do_GET(self) -> None:
+                if not self.path.startswith("/api/models/"):
+                    return self._file(False)
+                parts = self.path.split("?")[0].split("/")
+                repo = files.get("/".join(parts[3:5]), {})
+                if "/tree/" in self.path:
+                    body = [{"type": "file", "oid": hashlib.sha1(d).hexdigest(), "size": len(d), "path": n}
+                            for n, d in repo.items()]  # fmt: skip
+                else:
+                    body = {"id": "/".join(parts[3:5]), "sha": hub.COMMIT, "siblings": [{"rfilename": n} for n in repo]}
+                self._send(200 if repo else 404, json.dumps(body).encode(), {"Content-Type": "application/json"})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def run(self, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+        """``args`` in a fresh process whose Hub is this one and whose cache is under ``tmp_path``."""
+        env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{self.server.server_port}",
+               "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path / "home")}  # fmt: skip
+        for name in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+            env.pop(name, None)
+        return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=300)

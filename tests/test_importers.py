@@ -18,6 +18,7 @@ from benchmark.importers import load_checkpoint, torch_file
 from benchmark.method import METHODS, MethodContext, TrainSet
 from benchmark.protocol import BackboneSpec
 from methods.models.mvfa import augment
+from tests.conftest import LocalHub
 
 OFFICIAL = Path(__file__).parent / "data" / "official"
 TINY = BackboneSpec("tiny-vit", "random-init", 0)
@@ -134,3 +135,18 @@ def test_a_pickle_that_would_run_code_is_refused_and_never_run(tmp_path):
     truncated.write_bytes((OFFICIAL / "april_gan_official_tiny.pth").read_bytes()[:5000])
     with pytest.raises(BenchmarkError, match=f"checkpoint '{truncated}' cannot be read"):
         torch_file(truncated)
+
+
+def test_fetch_weights_downloads_medclipseg_checkpoints_and_says_where_the_others_are(tmp_path):
+    name = "BUSI_25/trained_models/seed666/MedCLIPSeg_unimedclip_ViT-B-16_latest.pth"
+    data = (OFFICIAL / "medclipseg_official_tiny.pth").read_bytes()
+    hub = LocalHub({"TahaKoleilat/MedCLIPSeg": {name: data}})
+    fetched = hub.run(tmp_path, "-m", "benchmark", "fetch-weights", "medclipseg", "BUSI_25")
+    assert fetched.returncode == 0, fetched.stderr
+    path, *rest = fetched.stdout.splitlines()
+    assert Path(path).read_bytes() == data and path.startswith(str(tmp_path / "hub"))
+    assert f"medclipseg_authors: {{method: medclipseg, checkpoint: {path}, checkpoint_format: official}}" in rest[1]
+    elsewhere = hub.run(tmp_path, "-m", "benchmark", "fetch-weights", "mvfa", "Brain")
+    assert elsewhere.returncode == 0 and "https://drive.google.com/" in elsewhere.stdout
+    unknown = hub.run(tmp_path, "-m", "benchmark", "fetch-weights", "medclipseg", "BUSI_7")
+    assert unknown.returncode == 2 and "no such checkpoint (expected one of BUSI, BUSI_10" in unknown.stderr

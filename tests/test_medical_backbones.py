@@ -17,6 +17,7 @@ from benchmark.backbones.clip import load_clip
 from benchmark.backbones.identity import agrees, of_label
 from benchmark.errors import WeightsUnavailableError
 from benchmark.protocol import BackboneSpec
+from tests.conftest import LocalHub
 
 DATA = Path(__file__).parent / "data"
 PROMPTS = ["a photo of a lesion in the brain.", "normal liver", "x"]
@@ -180,71 +181,9 @@ def test_the_clip_methods_run_on_a_medical_bert_tower_backbone(method, raw, sett
     assert all(np.isfinite(r["metrics"]["image_auroc"]) for r in latest)
 
 
-class _Hub:
-    """A local stand-in for the Hugging Face Hub on 127.0.0.1 (the endpoints ``hf_hub_download`` and
-    ``snapshot_download`` call), serving ``files[repo][name]``."""
-
-    COMMIT = "c" * 40
-
-    def __init__(self, files: dict[str, dict[str, bytes]]) -> None:
-        import hashlib
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        hub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
-            def _send(self, code: int, body: bytes = b"", headers: dict | None = None, head: bool = False) -> None:
-                self.send_response(code)
-                for key, value in {"Content-Length": str(len(body)), **(headers or {})}.items():
-                    self.send_header(key, value)
-                self.end_headers()
-                if not head:
-                    self.wfile.write(body)
-
-            def _file(self, head: bool) -> None:
-                parts = self.path.split("?")[0].strip("/").split("/")  # REPO/resolve/REVISION/NAME
-                data = files.get("/".join(parts[:2]), {}).get("/".join(parts[4:]))
-                if data is None:
-                    return self._send(404, headers={"X-Error-Code": "EntryNotFound"}, head=head)
-                etag = '"' + hashlib.sha1(data).hexdigest() + '"'
-                self._send(200, data, {"X-Repo-Commit": hub.COMMIT, "ETag": etag}, head)
-
-            def do_HEAD(self) -> None:
-                self._file(True)
-
-            def do_GET(self) -> None:
-                if not self.path.startswith("/api/models/"):
-                    return self._file(False)
-                parts = self.path.split("?")[0].split("/")
-                repo = files.get("/".join(parts[3:5]), {})
-                if "/tree/" in self.path:
-                    body = [{"type": "file", "oid": hashlib.sha1(d).hexdigest(), "size": len(d), "path": n}
-                            for n, d in repo.items()]  # fmt: skip
-                else:
-                    body = {"id": "/".join(parts[3:5]), "sha": hub.COMMIT, "siblings": [{"rfilename": n} for n in repo]}
-                self._send(200 if repo else 404, json.dumps(body).encode(), {"Content-Type": "application/json"})
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def run(self, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-        """``args`` in a fresh process whose Hub is this one and whose cache is under ``tmp_path``."""
-        import os
-
-        env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{self.server.server_port}",
-               "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path / "home")}  # fmt: skip
-        for name in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
-            env.pop(name, None)
-        return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=300)
-
-
 def test_fetch_weights_downloads_unimedclip_and_its_text_towers_files_then_they_resolve(tmp_path):
     bert = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract"
-    hub = _Hub({
+    hub = LocalHub({
         "UzairK/unimed-clip-vit-b16": {"unimed-clip-vit-b16.pt": (DATA / "unimedclip_tiny.pt").read_bytes()},
         bert: {"config.json": b'{"model_type": "bert"}', "vocab.txt": b"[PAD]\n", "pytorch_model.bin": b"0" * 64},
     })  # fmt: skip
@@ -277,7 +216,7 @@ def test_an_hf_hub_model_is_fetched_then_loaded_from_the_cache_without_the_hub(t
     model = open_clip.CLIP(**config["model_cfg"])
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
-    hub = _Hub({"lab/tiny-clip": {"open_clip_config.json": json.dumps(config).encode(),
+    hub = LocalHub({"lab/tiny-clip": {"open_clip_config.json": json.dumps(config).encode(),
                                   "open_clip_pytorch_model.bin": buffer.getvalue()}})  # fmt: skip
     name = "hf-hub:lab/tiny-clip"
     assert hub.run(tmp_path, "-m", "benchmark", "fetch-weights", name, "bundled").returncode == 0

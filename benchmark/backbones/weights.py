@@ -171,8 +171,13 @@ def hub_unreachable(timeout_s: float = 3.0) -> str | None:
 
 
 def fetch_weights(model: str, weights: str) -> str:
-    """Download an open_clip pretrained tag (or, for ``timm:MODEL``, a timm tag) into the caches (needs a
-    network); offline or on a failed download, one line."""
+    """Download an open_clip pretrained tag (or, for ``timm:MODEL``, a timm tag; for a method, its authors'
+    checkpoint ``weights``: ``fetch_checkpoint``) into the caches (needs a network); offline or on a failed
+    download, one line. What to print: the file, or where to get it."""
+    from benchmark.method import METHODS
+
+    if model in METHODS:
+        return fetch_checkpoint(METHODS.get(model), weights)
     what = f"{model} / {weights}"
     problem = hub_unreachable()
     if problem:
@@ -194,6 +199,38 @@ def fetch_weights(model: str, weights: str) -> str:
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise BenchmarkError(f"fetch-weights {what}: the download failed ({reason})") from None
+
+
+def fetch_checkpoint(cls, name: str) -> str:
+    """Method ``cls``'s authors' checkpoint ``name`` downloaded into the Hugging Face cache where they publish it
+    there, with the protocol entry that evaluates it; else where they publish it."""
+    released = cls.released
+    if released is None:
+        raise BenchmarkError(f"fetch-weights {cls.name}: its authors publish no checkpoint this harness imports")
+    entry = f"  {cls.name}_authors: {{method: {cls.name}, checkpoint: PATH, checkpoint_format: official}}"
+    setup = f"on its configuration: {released.configuration}"
+    if not released.hub_repo:
+        return "\n".join([
+            f"{cls.name}: its authors' checkpoints are not on Hugging Face, and a script cannot fetch them from "
+            f"{released.where}",
+            f"download them there ({released.files}), put them in any folder (e.g. checkpoints/{cls.name}/) and name "
+            "one in a protocol's methods:", entry, setup,
+        ])  # fmt: skip
+    if name not in released.names:
+        raise BenchmarkError(
+            f"fetch-weights {cls.name} {name}: no such checkpoint (expected one of {', '.join(released.names)})"
+        )
+    problem = hub_unreachable()
+    if problem:
+        raise BenchmarkError(f"fetch-weights {cls.name} {name}: no network to download from: {problem}")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        path = hf_hub_download(released.hub_repo, released.hub_path.format(name=name))
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise BenchmarkError(f"fetch-weights {cls.name} {name}: the download failed ({reason})") from None
+    return "\n".join([path, "name it in a protocol's methods:", entry.replace("PATH", path), setup])
 
 
 def weights_identity(weights: str) -> str:
