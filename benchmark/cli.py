@@ -488,9 +488,13 @@ def _cmd_synth(args) -> int:
 
 
 def _cmd_fetch(args) -> int:
-    from benchmark.backbones.weights import fetch_weights
+    from benchmark.backbones.weights import fetch_checkpoint, fetch_weights
+    from benchmark.method import METHODS
 
-    print(fetch_weights(args.model, args.tag))
+    if args.model in METHODS:  # a method's authors' checkpoint, or where it is published
+        print(fetch_checkpoint(METHODS.get(args.model), args.tag))
+    else:
+        print(fetch_weights(args.model, args.tag))
     return 0
 
 

@@ -14,7 +14,6 @@ a cell whose key is being trained waits for it, then loads it.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -30,7 +29,6 @@ from benchmark.errors import BenchmarkError
 if TYPE_CHECKING:
     import torch
 
-    from benchmark.cells import Cell
     from benchmark.method import Method, TrainSet
 
 FORMAT = "medad-bench-fit/1"
@@ -227,25 +225,23 @@ def samples_hash(samples) -> str:
     return hashlib.sha256("\n".join(rows).encode()).hexdigest()
 
 
-def fit_key(cell: Cell, cls: type[Method], train: TrainSet, precision: str) -> str:
-    """The key of what ``cls.fit`` makes of ``train`` in ``cell``: the method, its fit parameters and maths
-    version, backbone and weights, image size, resizing, precision, seed, setting, and the content of every image
-    it trains on (target and auxiliary pools, validation images); the target's card where the fit reads it."""
+def fit_key(cls: type[Method], cell: dict[str, Any], train: TrainSet, precision: str) -> str:
+    """The key of what ``cls.fit`` makes of ``train`` in a cell (``cell``: its fields, ``dataclasses.asdict``): the
+    method, its fit parameters and maths version, backbone and weights, image size, resizing, precision, seed,
+    setting, K, and the content of every image it trains on (target and auxiliary pools, validation images); the
+    target's card where the fit reads it."""
     cards = {s.dataset for s in (*train.samples, *train.auxiliary, *train.valid)}
     if cls.fit_reads_target:
-        cards.add(cell.dataset)
+        cards.add(cell["dataset"])
+    method = cell["plugin"] or cell["method"]
     blob = {
-        "method": cell.plugin_name,
+        "method": method,
         "fit_version": cls.fit_version,
-        "params": {k: v for k, v in cell.params.items() if k not in cls.test_params},
-        "backbone": dataclasses.asdict(cell.backbone),
-        "weights": weights_identity(cell.backbone.weights),
-        "image_size": cell.image_size,
-        "resize": cell.resize,
+        "params": {k: v for k, v in cell["params"].items() if k not in cls.test_params},
+        "backbone": cell["backbone"],
+        "weights": weights_identity(cell["backbone"]["weights"]),
+        **{k: cell[k] for k in ("image_size", "resize", "seed", "setting", "shots")},
         "precision": precision,
-        "seed": cell.seed,
-        "setting": cell.setting,
-        "shots": cell.shots,
         "train": samples_hash(train.samples),
         "auxiliary": samples_hash(train.auxiliary),
         "valid": samples_hash(train.valid),
@@ -253,7 +249,7 @@ def fit_key(cell: Cell, cls: type[Method], train: TrainSet, precision: str) -> s
                   for n in sorted(cards)},
     }  # fmt: skip
     text = json.dumps(blob, sort_keys=True, default=str)
-    return f"{cell.plugin_name.replace(':', '-')}-{hashlib.sha256(text.encode()).hexdigest()[:20]}"
+    return f"{method.replace(':', '-')}-{hashlib.sha256(text.encode()).hexdigest()[:20]}"
 
 
 class FitStore:

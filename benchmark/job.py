@@ -305,7 +305,7 @@ def obtain_fit(
         method.fit(train)
         efficiency.synchronise(device)
         return time.perf_counter() - started, {"fit_source": "retrain"}
-    key = fits.fit_key(cell, type(method), train, computing)
+    key = fits.fit_key(type(method), dataclasses.asdict(cell), train, computing)
     store = fits.FitStore(fits_dir)
     with store.claim(key):  # a cell of the same key in another process waits here, then loads it
         found, problem = store.find(key, refit_before)

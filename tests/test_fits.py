@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from benchmark.backbones.cache import FeatureCache
 from benchmark.cells import Cell
 from benchmark.cli import main
+from benchmark.data.catalog import load_catalog
 from benchmark.data.loading import iterate_batches
 from benchmark.data.splits import make_split
 from benchmark.data.synthetic import write_segmentation_dataset
@@ -136,38 +137,53 @@ ROUND_TRIPS = {  # method: (params, backbone, setting, shots, image size), tiny 
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ROUND_TRIPS)
-def test_every_trained_method_round_trips_its_fit_bit_for_bit(name, catalog, synth_root, tmp_path):
-    """A fit stored by one instance and loaded by a fresh one: the same scores, maps and uncertainty, bit for bit;
-    the file holds no frozen backbone."""
+def fit_and_predict(name: str, root: str, fits: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Method ``name`` of ``ROUND_TRIPS`` fitted through the fit store ``fits`` (trained, or loaded where stored)
+    on the synthetic sets under ``root``, and its prediction of the first test batch."""
+    catalog = load_catalog()
     params, spec, setting, shots, size = ROUND_TRIPS[name]
     cls = METHODS.get(name)
     loo = ("SynthLiver", "SynthRetina") if setting in cls.auxiliary_settings else ()
     quiet = {"progress": False} if "progress" in {f.name for f in dataclasses.fields(cls.Params)} else {}
     parsed = dataclasses.asdict(cls.parse_params({**params, **quiet}, name))
     cell = Cell(name, "SynthBrain", setting, shots, 0, 0, parsed, spec, size, loo)
-    split = make_split(synth_root, catalog, "SynthBrain", setting, shots, 0, loo)
+    split = make_split(Path(root), catalog, "SynthBrain", setting, shots, 0, loo)
     specs = {n: catalog[n] for n in {s.dataset for s in (*split.train, *split.auxiliary)} | {"SynthBrain"}}
     train = TrainSet(split.train, setting, shots, size, specs, split.valid, None, split.auxiliary)
-    batch = next(iterate_batches(split.test, size, 8)).unlabelled()
+    seed_everything(0)
+    context = MethodContext(
+        catalog["SynthBrain"], setting, shots, 0, size, torch.device("cpu"), spec, FeatureCache(None)
+    )
+    method = cls.build(cls.Params(**parsed), context)
+    _, info = obtain_fit(method, cell, train, fits, 0.0, "fp32", CellResult(cell.cell_id, ""))
+    seed_everything(0)
+    with torch.no_grad():
+        pred = method.predict(next(iterate_batches(split.test, size, 8)).unlabelled())
+    out = {"scores": pred.image_scores, "maps": pred.maps}
+    return info, out | ({"uncertainty": pred.uncertainty} if pred.uncertainty is not None else {})
 
-    def fitted():
-        seed_everything(0)
-        context = MethodContext(catalog["SynthBrain"], setting, shots, 0, size, torch.device("cpu"), spec,
-                                FeatureCache(None))  # fmt: skip
-        method = cls.build(cls.Params(**parsed), context)
-        _, info = obtain_fit(method, cell, train, str(tmp_path / "fits"), 0.0, "fp32", CellResult(cell.cell_id, ""))
-        seed_everything(0)
-        with torch.no_grad():
-            return info, method.predict(batch)
 
-    (first, a), (second, b) = fitted(), fitted()
-    assert first["fit"].startswith("trained ") and second["fit"] == first["fit"].replace("trained", "reused")
-    assert torch.equal(a.image_scores, b.image_scores) and torch.equal(a.maps, b.maps)
-    assert (a.uncertainty is None and b.uncertainty is None) or torch.equal(a.uncertainty, b.uncertainty)
-    (stored,) = (tmp_path / "fits").glob("*.safetensors")
-    keys = list(load_file(stored))
-    assert keys and not [k for k in keys if any(p in k for p in ("backbone.", "feature_extractor.", "teacher_model."))]
+def test_every_trained_method_round_trips_its_fit_bit_for_bit_in_a_fresh_process(synth_root, tmp_path):
+    """Each method's fit stored here and loaded by a fresh process: the same scores, maps and uncertainty, bit for
+    bit; no file holds a frozen backbone."""
+    fits = tmp_path / "fits"
+    here = {name: fit_and_predict(name, str(synth_root), str(fits)) for name in ROUND_TRIPS}
+    assert all(info["fit"].startswith("trained ") for info, _ in here.values())
+    code = (
+        "import sys, torch\nfrom tests.test_fits import ROUND_TRIPS, fit_and_predict\n"
+        "torch.save({n: fit_and_predict(n, sys.argv[1], sys.argv[2]) for n in ROUND_TRIPS}, sys.argv[3])"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(synth_root), str(fits), str(tmp_path / "fresh.pt")],
+                          capture_output=True, text=True, cwd=Path(__file__).parents[1])  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    fresh = torch.load(tmp_path / "fresh.pt", weights_only=True)
+    for name, (info, ours) in here.items():
+        again, theirs = fresh[name]
+        assert again["fit"] == info["fit"].replace("trained", "reused"), name
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
+        stored = load_file(fits / f"{info['fit_key']}.safetensors")
+        frozen = [k for k in stored if any(p in k for p in ("backbone.", "feature_extractor.", "teacher_model."))]
+        assert stored and not frozen, name
 
 
 MVFA_FAST = {"mode": "official", "layers": [2, 4], "epochs": 1, "progress": False}

@@ -171,13 +171,8 @@ def hub_unreachable(timeout_s: float = 3.0) -> str | None:
 
 
 def fetch_weights(model: str, weights: str) -> str:
-    """Download an open_clip pretrained tag (or, for ``timm:MODEL``, a timm tag; for a method, its authors'
-    checkpoint ``weights``: ``fetch_checkpoint``) into the caches (needs a network); offline or on a failed
-    download, one line. What to print: the file, or where to get it."""
-    from benchmark.method import METHODS
-
-    if model in METHODS:
-        return fetch_checkpoint(METHODS.get(model), weights)
+    """Download an open_clip pretrained tag (or, for ``timm:MODEL``, a timm tag) into the caches (needs a
+    network); offline or on a failed download, one line."""
     what = f"{model} / {weights}"
     problem = hub_unreachable()
     if problem:
