@@ -148,7 +148,7 @@ def expand(protocol: Protocol, catalog: dict[str, DatasetSpec], methods=None, da
         if resize is not None and resize not in RESIZES:
             raise BenchmarkError(f"{where}: methods.{m}.resize: expected one of {', '.join(RESIZES)}, got {resize!r}")
         resize = None if resize == "bicubic" else resize
-        checkpoint, checkpoint_format = _checkpoint(where, m, raw, cls, backbone, image_size)
+        checkpoint, checkpoint_format, fitted = _checkpoint(where, m, raw, cls, backbone, image_size)
         supported = [s for s in protocol.settings if s.name in cls.settings]
         if not supported:
             names = ", ".join(s.name for s in protocol.settings)
@@ -175,7 +175,7 @@ def expand(protocol: Protocol, catalog: dict[str, DatasetSpec], methods=None, da
                                     k,
                                     seed,
                                     sampling_seed,
-                                    dict(asdict(params)),
+                                    {**asdict(params), **fitted},
                                     backbone,
                                     image_size,
                                     loo,
@@ -192,9 +192,10 @@ def expand(protocol: Protocol, catalog: dict[str, DatasetSpec], methods=None, da
 
 def _checkpoint(
     where: str, name: str, raw: dict[str, Any], cls: type, backbone: BackboneSpec, image_size: int
-) -> tuple[str | None, str | None]:
-    """A method entry's ``checkpoint`` (an existing file, of a method that learns a fit; ours: of this method,
-    backbone and image size, read from its metadata) and its format."""
+) -> tuple[str | None, str | None, dict[str, Any]]:
+    """A method entry's ``checkpoint`` (an existing file, of a method that learns a fit), its format, and for a fit
+    of ours the parameters it was trained with (the entry's own must agree; its method, backbone and image size
+    too, read from its metadata)."""
     from benchmark.importers import FORMATS
 
     fmt = raw.get("checkpoint_format")
@@ -206,7 +207,7 @@ def _checkpoint(
     if path is None:
         if fmt is not None:
             raise BenchmarkError(f"{where}: methods.{name}.checkpoint_format: given without a checkpoint")
-        return None, None
+        return None, None, {}
     if not isinstance(path, str) or not path:
         raise BenchmarkError(f"{where}: methods.{name}.checkpoint: expected a file path, got {path!r}")
     if not cls.fit_state or not cls.learns:
@@ -217,20 +218,24 @@ def _checkpoint(
     if not Path(path).is_file():
         raise BenchmarkError(f"{where}: methods.{name}.checkpoint: file '{path}' does not exist")
     if fmt == "official":
-        return path, fmt
+        return path, fmt, {}
     try:  # a fit of another method, backbone or size is refused before anything runs
         meta = fits.read_meta(Path(path))
     except BenchmarkError as exc:
         raise BenchmarkError(f"{where}: methods.{name}.checkpoint: {exc}") from None
     wanted = {"method": cls.name, "backbone": backbone.label(), "image_size": image_size}
-    for key, value in wanted.items():
-        if meta.get(key) != value:
+    fitted = {k: v for k, v in meta.get("cell_params", {}).items() if k not in cls.test_params}
+    given = {k: v for k, v in raw.items() if k in fitted}  # the others are the fit's
+    for key, value in [*wanted.items(), *given.items()]:
+        found = meta.get(key) if key in wanted else fitted[key]
+        if found != (list(value) if isinstance(value, tuple) else value):
             hint = " (an authors' file needs checkpoint_format: official)" if key == "method" else ""
+            what = key if key in wanted else f"parameter {key}"
             raise BenchmarkError(
-                f"{where}: methods.{name}.checkpoint: '{path}' is a fit of {key} {meta.get(key)!r}, this entry's is "
+                f"{where}: methods.{name}.checkpoint: '{path}' is a fit of {what} {found!r}, this entry's is "
                 f"{value!r}{hint}"
             )
-    return path, None
+    return path, None, {k: tuple(v) if isinstance(v, list) else v for k, v in fitted.items()}
 
 
 def cell_resources(protocol: Protocol, cell: Cell) -> dict[str, float]:

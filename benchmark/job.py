@@ -323,6 +323,7 @@ def obtain_fit(
             "method": method.name,
             "fit_version": method.fit_version,
             "params": method.effective_params(),
+            "cell_params": cell.params,  # as the protocol gave them: a checkpoint entry takes them (cells.expand)
             "backbone": cell.backbone.label(),
             "backbone_weights": weights_identity(cell.backbone.weights),
             "image_size": cell.image_size,
