@@ -148,7 +148,7 @@ def expand(protocol: Protocol, catalog: dict[str, DatasetSpec], methods=None, da
         if resize is not None and resize not in RESIZES:
             raise BenchmarkError(f"{where}: methods.{m}.resize: expected one of {', '.join(RESIZES)}, got {resize!r}")
         resize = None if resize == "bicubic" else resize
-        checkpoint, checkpoint_format, fitted = _checkpoint(where, m, raw, cls, backbone, image_size)
+        files, checkpoint_format = _checkpoints(where, m, raw, cls, backbone, image_size)
         supported = [s for s in protocol.settings if s.name in cls.settings]
         if not supported:
             names = ", ".join(s.name for s in protocol.settings)
@@ -163,6 +163,11 @@ def expand(protocol: Protocol, catalog: dict[str, DatasetSpec], methods=None, da
                 loo = tuple(x for x in protocol.datasets if x != d) if others else ()
                 if setting.name == "domain_generalization":
                     loo = (setting.source,)
+                trained_on = setting.source if setting.name == "domain_generalization" else d
+                if files and None not in files and trained_on not in files:
+                    raise BenchmarkError(f"{where}: methods.{m}.checkpoint: no file for dataset '{trained_on}' (it "
+                                         f"names {', '.join(map(str, files))})")  # fmt: skip
+                checkpoint, fitted = files.get(None) or files.get(trained_on) or (None, {})
                 for k in setting.shots or (None,):
                     for design in protocol.prompt_designs or (None,):
                         # a seed-free cell runs once, under the first seed picked
@@ -190,12 +195,13 @@ def expand(protocol: Protocol, catalog: dict[str, DatasetSpec], methods=None, da
     return cells
 
 
-def _checkpoint(
+def _checkpoints(
     where: str, name: str, raw: dict[str, Any], cls: type, backbone: BackboneSpec, image_size: int
-) -> tuple[str | None, str | None, dict[str, Any]]:
-    """A method entry's ``checkpoint`` (an existing file, of a method that learns a fit), its format, and for a fit
-    of ours the parameters it was trained with (the entry's own must agree; its method, backbone and image size
-    too, read from its metadata)."""
+) -> tuple[dict[str | None, tuple[str, dict[str, Any]]], str | None]:
+    """A method entry's ``checkpoint``: one file for every cell (key None), or one per dataset its fit was trained
+    on (a mapping: the authors release one file per dataset); each an existing file of a method that keeps a fit,
+    with, for a fit of ours, the parameters it was trained with (the entry's own must agree; its method, backbone
+    and image size too, read from its metadata). And the files' format."""
     from benchmark.importers import FORMATS
 
     fmt = raw.get("checkpoint_format")
@@ -203,26 +209,41 @@ def _checkpoint(
         raise BenchmarkError(
             f"{where}: methods.{name}.checkpoint_format: expected one of {', '.join(FORMATS)}, got {fmt!r}"
         )
-    path = raw.get("checkpoint")
-    if path is None:
+    given = raw.get("checkpoint")
+    if given is None:
         if fmt is not None:
             raise BenchmarkError(f"{where}: methods.{name}.checkpoint_format: given without a checkpoint")
-        return None, None, {}
-    if not isinstance(path, str) or not path:
-        raise BenchmarkError(f"{where}: methods.{name}.checkpoint: expected a file path, got {path!r}")
-    if not cls.fit_state or not cls.learns:
+        return {}, None
+    if not cls.fit_state:
         raise BenchmarkError(
             f"{where}: methods.{name}.checkpoint: method '{cls.name}' learns no fit state; there is no checkpoint "
             "to evaluate"
         )
-    if not Path(path).is_file():
-        raise BenchmarkError(f"{where}: methods.{name}.checkpoint: file '{path}' does not exist")
-    if fmt == "official":
-        return path, fmt, {}
-    try:  # a fit of another method, backbone or size is refused before anything runs
+    if fmt == "official" and cls.released is None:
+        raise BenchmarkError(f"{where}: methods.{name}.checkpoint_format: '{cls.name}' has no importer of its "
+                             "authors' checkpoints")  # fmt: skip
+    paths = given if isinstance(given, dict) else {None: given}
+    files = {}
+    for dataset, path in paths.items():
+        key = f"methods.{name}.checkpoint" + (f".{dataset}" if dataset is not None else "")
+        if not isinstance(path, str) or not path:
+            raise BenchmarkError(
+                f"{where}: {key}: expected a file path or a mapping of datasets to files, got {path!r}"
+            )
+        if not Path(path).is_file():
+            raise BenchmarkError(f"{where}: {key}: file '{path}' does not exist")
+        files[dataset] = (path, {} if fmt == "official" else _fitted(f"{where}: {key}", path, raw, cls, backbone,
+                                                                     image_size))  # fmt: skip
+    return files, fmt
+
+
+def _fitted(where: str, path: str, raw: dict[str, Any], cls: type, backbone: BackboneSpec, image_size: int) -> dict:
+    """The parameters a fit file of ours was trained with, once its method, backbone, image size and the
+    parameters the entry gives agree with the fit's."""
+    try:
         meta = fits.read_meta(Path(path))
     except BenchmarkError as exc:
-        raise BenchmarkError(f"{where}: methods.{name}.checkpoint: {exc}") from None
+        raise BenchmarkError(f"{where}: {exc}") from None
     wanted = {"method": cls.name, "backbone": backbone.label(), "image_size": image_size}
     fitted = {k: v for k, v in meta.get("cell_params", {}).items() if k not in cls.test_params}
     given = {k: v for k, v in raw.items() if k in fitted}  # the others are the fit's
@@ -231,11 +252,8 @@ def _checkpoint(
         if found != (list(value) if isinstance(value, tuple) else value):
             hint = " (an authors' file needs checkpoint_format: official)" if key == "method" else ""
             what = key if key in wanted else f"parameter {key}"
-            raise BenchmarkError(
-                f"{where}: methods.{name}.checkpoint: '{path}' is a fit of {what} {found!r}, this entry's is "
-                f"{value!r}{hint}"
-            )
-    return path, None, {k: tuple(v) if isinstance(v, list) else v for k, v in fitted.items()}
+            raise BenchmarkError(f"{where}: '{path}' is a fit of {what} {found!r}, this entry's is {value!r}{hint}")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in fitted.items()}
 
 
 def cell_resources(protocol: Protocol, cell: Cell) -> dict[str, float]:

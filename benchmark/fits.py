@@ -15,6 +15,7 @@ a cell whose key is being trained waits for it, then loads it.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 from collections.abc import Iterator
@@ -32,6 +33,14 @@ if TYPE_CHECKING:
     from benchmark.method import Method, TrainSet
 
 FORMAT = "medad-bench-fit/1"
+PACKAGES = ("torch", "open_clip_torch", "timm", "transformers", "anomalib", "FrEIA")  # their versions key a fit
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _resolve(obj: Any, path: str) -> tuple[Any, str]:
@@ -44,15 +53,17 @@ def _resolve(obj: Any, path: str) -> tuple[Any, str]:
 
 def _frozen(module: torch.nn.Module) -> tuple[str, ...]:
     """Prefixes (``name.``) of the frozen backbones inside ``module``: never part of a fit (``ClipBackbone``,
-    ``CnnBackbone``, anomalib's ``TimmFeatureExtractor``, a timm model none of whose weights train)."""
+    ``CnnBackbone``, and an anomalib ``TimmFeatureExtractor`` or timm model none of whose weights train)."""
     from benchmark.backbones.clip import ClipBackbone
     from benchmark.backbones.cnn import CnnBackbone
 
     def frozen(m: torch.nn.Module) -> bool:
-        if isinstance(m, ClipBackbone | CnnBackbone) or type(m).__name__ == "TimmFeatureExtractor":
+        if isinstance(m, ClipBackbone | CnnBackbone):
             return True
-        weights = list(m.parameters())
-        return type(m).__module__.startswith("timm.") and bool(weights) and not any(w.requires_grad for w in weights)
+        if type(m).__name__ == "TimmFeatureExtractor":  # its flag: runs under no_grad (STFPM's student trains)
+            return not m.requires_grad
+        weights = list(m.parameters()) if type(m).__module__.startswith("timm.") else []
+        return bool(weights) and not any(w.requires_grad for w in weights)
 
     return tuple(f"{name}." for name, m in module.named_modules() if name and frozen(m))
 
@@ -125,9 +136,10 @@ def restore(method: Method, tensors: dict[str, torch.Tensor], layout: dict[str, 
     """Put a fit state back into a freshly built ``method``."""
     import torch
 
-    if set(layout) != set(method.fit_state):
-        missing = sorted(set(method.fit_state) - set(layout)) or sorted(set(layout) - set(method.fit_state))
-        raise BenchmarkError(f"the fit holds attributes {sorted(layout)}; '{method.name}' needs {missing[0]!r} too")
+    missing, unknown = sorted(set(method.fit_state) - set(layout)), sorted(set(layout) - set(method.fit_state))
+    if missing or unknown:
+        problem = f"no {missing[0]!r}, which" if missing else f"{unknown[0]!r}, which no"
+        raise BenchmarkError(f"the fit holds {problem} '{method.name}' of this version keeps")
     device = method.context.device
     for path, value in layout.items():
         owner, leaf = _resolve(method, path)
@@ -149,8 +161,9 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save_fit(folder: Path, key: str, method: Method, meta: dict[str, Any]) -> Path:
-    """``folder/<key>.safetensors`` and ``folder/<key>.json`` (last: the fit is complete once it is there)."""
+def save_fit(folder: Path, key: str, method: Method, meta: dict[str, Any]) -> dict[str, Any]:
+    """``folder/<key>.safetensors`` and ``folder/<key>.json`` (last: the fit is complete once it is there); the
+    metadata written (``meta`` with the key, the layout, the tensor file's SHA-256 and size)."""
     from safetensors.torch import save_file
 
     tensors, layout = state_of(method)
@@ -166,7 +179,7 @@ def save_fit(folder: Path, key: str, method: Method, meta: dict[str, Any]) -> Pa
         os.replace(tmp, folder / f"{key}.json")
     finally:
         tmp.unlink(missing_ok=True)
-    return path
+    return info
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -218,26 +231,32 @@ def check_fits(meta: dict[str, Any], method: Method, where: str) -> None:
 
 
 def samples_hash(samples) -> str:
-    """One hash of what a set of samples holds: each image's and mask's bytes, label and description."""
+    """One hash of what a set of samples holds: each image's and mask's bytes, label, mask threshold and
+    description."""
     rows = sorted(
-        f"{file_hash(s.path)} {s.label} {file_hash(s.mask) if s.mask else '-'} {s.text or ''}" for s in samples
+        f"{file_hash(s.path)} {s.label} {file_hash(s.mask) if s.mask else '-'} {s.mask_threshold} {s.text or ''}"
+        for s in samples
     )
     return hashlib.sha256("\n".join(rows).encode()).hexdigest()
 
 
 def fit_key(cls: type[Method], cell: dict[str, Any], train: TrainSet, precision: str) -> str:
     """The key of what ``cls.fit`` makes of ``train`` in a cell (``cell``: its fields, ``dataclasses.asdict``): the
-    method, its fit parameters and maths version, backbone and weights, image size, resizing, precision, seed,
-    setting, K, and the content of every image it trains on (target and auxiliary pools, validation images); the
-    target's card where the fit reads it."""
+    method, its fit parameters and maths version, the versions of the libraries that compute it, backbone and
+    weights, image size, resizing, precision, seed, setting, K, and the content of every image it trains on (target
+    and auxiliary pools, validation images); the target's card where the fit reads it."""
     cards = {s.dataset for s in (*train.samples, *train.auxiliary, *train.valid)}
     if cls.fit_reads_target:
         cards.add(cell["dataset"])
     method = cell["plugin"] or cell["method"]
     blob = {
+        "format": FORMAT,
         "method": method,
         "fit_version": cls.fit_version,
-        "params": {k: v for k, v in cell["params"].items() if k not in cls.test_params},
+        "packages": {name: _version(name) for name in PACKAGES},
+        # a parameter naming a file (MCMIAD's text weights) is that file as it is now
+        "params": {k: weights_identity(v) if isinstance(v, str) else v for k, v in cell["params"].items()
+                   if k not in cls.test_params},
         "backbone": cell["backbone"],
         "weights": weights_identity(cell["backbone"]["weights"]),
         **{k: cell[k] for k in ("image_size", "resize", "seed", "setting", "shots")},
@@ -271,8 +290,8 @@ class FitStore:
             yield
 
     def find(self, key: str, newer_than: float = 0.0) -> tuple[tuple[dict, dict] | None, str]:
-        """The stored fit of ``key`` (tensors, metadata) made after ``newer_than``, else None; and why a stored one
-        was not usable (corrupt, truncated), "" otherwise."""
+        """The stored fit of ``key`` (tensors, metadata) whose training began after ``newer_than``, else None; and
+        why a stored one was not usable (corrupt, truncated), "" otherwise."""
         path = self.path(key)
         if not path.with_suffix(".json").is_file():
             return None, ""
@@ -280,6 +299,6 @@ class FitStore:
             tensors, meta = read_fit(path)
         except BenchmarkError as exc:
             return None, f"{exc}; training it again"
-        if meta.get("created", 0.0) < newer_than:
+        if meta.get("started", 0.0) < newer_than:  # trained by a run that began before this one (--refit)
             return None, ""
         return (tensors, meta), ""

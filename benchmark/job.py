@@ -290,32 +290,51 @@ def cell_figures(ev: Evaluation, title: str, thresholds: dict[str, float]) -> di
 
 
 def obtain_fit(
-    method: Method, cell: Cell, train: TrainSet, fits_dir: str, refit_before: float, computing: str, result: CellResult
-) -> tuple[float, dict]:
-    """The method's fit: a given checkpoint loaded; else the stored fit of its key in ``fits_dir`` (made after
-    ``refit_before``); else trained and stored. The fit's duration (that of the cell that trained it, for a stored
-    one) and what the record says of it; warnings and the trained fit's file go into ``result``."""
+    method: Method,
+    cell: Cell,
+    train: TrainSet,
+    fits_dir: str,
+    refit_before: float,
+    policy: precision.Policy,
+    result: CellResult,
+) -> tuple[Method, float, dict]:
+    """The method with its fit: a given checkpoint loaded; else the stored fit of its key in ``fits_dir`` (begun
+    after ``refit_before``); else trained and stored (also a stored fit that no longer loads, in a freshly built
+    method). The fit's duration (that of the cell that trained it, for a stored one) and what the record says of
+    it; warnings and the trained fit's file go into ``result``, its precision into ``policy``."""
     device = method.context.device
     started = time.perf_counter()
     if cell.checkpoint:
         source = load_checkpoint(method, cell.checkpoint, cell.checkpoint_format or "ours", train)
         efficiency.synchronise(device)
-        return time.perf_counter() - started, {"fit": f"{source} {cell.checkpoint}", "fit_source": source}
+        return method, time.perf_counter() - started, {"fit": f"{source} {cell.checkpoint}", "fit_source": source}
     if not method.fit_state or not fits_dir:
         method.fit(train)
         efficiency.synchronise(device)
-        return time.perf_counter() - started, {"fit_source": "retrain"}
-    key = fits.fit_key(type(method), dataclasses.asdict(cell), train, computing)
+        return method, time.perf_counter() - started, {"fit_source": "retrain"}
+    key = fits.fit_key(type(method), dataclasses.asdict(cell), train, policy.name)
     store = fits.FitStore(fits_dir)
     with store.claim(key):  # a cell of the same key in another process waits here, then loads it
         found, problem = store.find(key, refit_before)
+        if found is not None:
+            tensors, meta = found
+            try:
+                fits.restore(method, tensors, meta["layout"])
+            except (BenchmarkError, RuntimeError) as exc:  # a fit of an older version of the method
+                found, problem = (
+                    None,
+                    f"fit '{store.path(key)}' does not load ({str(exc).splitlines()[0]}); training it again",
+                )
+                seed_everything(cell.seed)
+                method = type(method)(method.params, method.context)
         if problem:
             result.warnings.append(problem)
         if found is not None:
-            tensors, meta = found
-            fits.restore(method, tensors, meta["layout"])
-            info = {"fit": f"reused {key}", "fit_key": key, "fit_cell": meta["cell"], "fit_source": "retrain"}
-            return float(meta["fit_s"]), {**info, "fit_load_s": round(time.perf_counter() - started, 3)}
+            policy.trained_in = meta.get("training_precision")
+            info = {"fit": f"reused {key}", "fit_key": key, "fit_sha256": meta["sha256"], "fit_cell": meta["cell"]}
+            info |= {"fit_source": "retrain", "fit_load_s": round(time.perf_counter() - started, 3)}
+            return method, float(meta["fit_s"]), info
+        begun = time.time()
         method.fit(train)
         efficiency.synchronise(device)
         fit_s = time.perf_counter() - started
@@ -328,19 +347,20 @@ def obtain_fit(
             "backbone_weights": weights_identity(cell.backbone.weights),
             "image_size": cell.image_size,
             "resize": cell.resize or "bicubic",
-            "precision": computing,
+            "precision": policy.name,
+            "training_precision": policy.trained_in,
             "seed": cell.seed,
             "setting": cell.setting,
             "cell": cell.cell_id,
             "fit_s": fit_s,
             "manifest_sha256": hashlib.sha256(json.dumps(result.manifest, sort_keys=True).encode()).hexdigest(),
-            "created": time.time(),
+            "started": begun,
         }
-        path = fits.save_fit(store.root, key, method, meta)
+        saved = fits.save_fit(store.root, key, method, meta)
     kill_point("fit_saved")
-    result.fit_file = str(path)
-    info = {"fit": f"trained {key}", "fit_key": key, "fit_source": "retrain", "fit_file_bytes": path.stat().st_size}
-    return fit_s, info
+    result.fit_file = str(store.path(key))
+    info = {"fit": f"trained {key}", "fit_key": key, "fit_sha256": saved["sha256"], "fit_source": "retrain"}
+    return method, fit_s, info | {"fit_file_bytes": saved["bytes"]}
 
 
 def run_job(job: CellJob) -> CellResult:
@@ -376,7 +396,7 @@ def run_job(job: CellJob) -> CellResult:
         computing = precision.resolve(cell.precision, cls.reference_precision, device.type)
         with precision.running(computing, device.type) as policy:
             method = cls.build(cls.Params(**cell.params), context)
-            fit_s, fit_info = obtain_fit(method, cell, train, job.fits_dir, job.refit_before, computing, result)
+            method, fit_s, fit_info = obtain_fit(method, cell, train, job.fits_dir, job.refit_before, policy, result)
             seed_everything(cell.seed)  # evaluation draws (Monte Carlo samples) alike after a fit trained or loaded
             thresholds = choose_thresholds(
                 method, split.valid, spec.masks, protocol, cell.image_size, loader, image_level
@@ -442,7 +462,7 @@ def run_job(job: CellJob) -> CellResult:
                 result.info["published_as"] = ""
         if cell.checkpoint:  # a row of its own, never counted as a retrain
             result.info["variant"] = f"{result.info.get('variant', cell.method)} ({fit_info['fit_source']})"
-        if cell.setting == "domain_generalization":
+        if cell.setting == "domain_generalization" and not cell.checkpoint:  # a checkpoint's own data is unknown
             result.info["trained_on"] = cell.loo_sources[0]
         result.status = "finished"
     except Exception as exc:

@@ -122,6 +122,7 @@ class Released:
     where: str  # the page or links of the release
     files: str  # what it holds, per dataset or training set
     configuration: str  # the backbone, image size and parameters its files need (our names)
+    per_dataset: bool = False  # one file per dataset (a protocol maps each dataset to its file), not one for all
     hub_repo: str = ""
     hub_path: str = ""
     names: tuple[str, ...] = ()  # the NAMEs hub_path takes
@@ -154,12 +155,12 @@ class Method:
     # protocol or the method entry sets ``precision`` (``benchmark.precision``)
     reference_precision: ClassVar[str] = "fp32"
     # what ``fit`` sets that ``predict`` needs beyond the frozen backbone: attributes as dotted paths (modules,
-    # tensors, memory banks, constants), saved and loaded by ``benchmark.fits``; empty: nothing to keep
+    # tensors, memory banks, constants), saved and loaded by ``benchmark.fits``; empty: nothing learnt to keep
+    # (WinCLIP: its fit only encodes the cell's own reference images, which the feature cache keeps)
     fit_state: ClassVar[tuple[str, ...]] = ()
     fit_version: ClassVar[int] = 1  # raise it when the maths of fit or predict change: stored fits are retrained
     fit_reads_target: ClassVar[bool] = True  # fit reads the target's card (organ word, masks): part of the fit key
     test_params: ClassVar[frozenset[str]] = frozenset({"progress", "cache_features"})  # params fit never reads
-    learns: ClassVar[bool] = True  # False: fit only encodes the cell's own references; no checkpoint to give
     released: ClassVar[Released | None] = None  # its authors' checkpoints (``import_official`` reads them)
 
     @classmethod

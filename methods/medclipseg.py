@@ -68,6 +68,7 @@ class MedCLIPSeg(Method):
         files="one per training set: BUSI, BTMRI, ISIC, Kvasir, Covid19, EUS at 100 % (also the domain "
         "generalisation sources), and NAME_10, NAME_25, NAME_50 for the data fractions",
         configuration="backbone UniMedCLIP-ViT-B-16 / unimedclip, image_size 224, backbone_variant unimedclip",
+        per_dataset=True,
         hub_repo="TahaKoleilat/MedCLIPSeg",
         hub_path="{name}/trained_models/seed666/MedCLIPSeg_unimedclip_ViT-B-16_latest.pth",
         names=tuple(

@@ -43,4 +43,5 @@ class MVFA(Method):
         "https://drive.google.com/file/d/1nGhcK32CrkgTR5Rav6rNfptUHaASfRnU/view",
         files="few-shot/{Brain,Liver,Retina_RESC,Retina_OCT2017,Chest,Histopathology}.pth and the same in zero-shot/",
         configuration="backbone ViT-L-14-336 / openai, image_size 240, mode official, layers [6, 12, 18, 24]",
+        per_dataset=True,
     )

@@ -38,5 +38,3 @@ class WinCLIP(Method):
     reference_precision = "fp16"
     default_image_size = 240
     implementation = "methods.models.winclip:WinCLIPImpl"
-    fit_state = ("model.memory", "references")
-    learns = False  # its fit encodes the cell's own reference images

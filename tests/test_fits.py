@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from benchmark import fits, precision
 from benchmark.backbones.cache import FeatureCache
 from benchmark.cells import Cell
 from benchmark.cli import main
@@ -100,7 +101,7 @@ def test_one_source_three_targets_train_once_and_a_rerun_reuses_it_bit_for_bit(
 
 
 def test_a_cell_killed_after_its_fit_resumes_without_training(write_protocol, dg_root, tmp_path):
-    path = write_protocol(datasets=["SynthBrain"])
+    path = write_protocol(methods={"mvfa": MVFA_FAST}, **FEW)
     env = {**os.environ, "MEDAD_BENCH_TEST_KILL_AT": "fit_saved"}
     killed = subprocess.run([sys.executable, "-m", "benchmark", "run", str(path)], capture_output=True, env=env)
     assert killed.returncode == 137
@@ -128,7 +129,6 @@ ROUND_TRIPS = {  # method: (params, backbone, setting, shots, image size), tiny 
     ),
     "bgad": ({"meta_epochs": 1, "sub_epochs": 1, "n_batch": 256, "coupling_blocks": 2, "pos_embed_dim": 16}, CNN,
              "few_shot", 2, 64),
-    "winclip": ({"scales": [2]}, VIT, "few_normal", 2, 32),
     "anomalib:Patchcore": ({"batch_size": 4, "coreset_sampling_ratio": 0.5}, RESNET, "few_normal", 2, 64),
     "anomalib:Fastflow": ({"batch_size": 4, "epochs": 1}, RESNET, "few_normal", 2, 64),
 }  # fmt: skip
@@ -152,7 +152,7 @@ def fit_and_predict(name: str, root: str, fits: str) -> tuple[dict, dict[str, to
         catalog["SynthBrain"], setting, shots, 0, size, torch.device("cpu"), spec, FeatureCache(None)
     )
     method = cls.build(cls.Params(**parsed), context)
-    _, info = obtain_fit(method, cell, train, fits, 0.0, "fp32", CellResult(cell.cell_id, ""))
+    method, _, info = obtain_fit(method, cell, train, fits, 0.0, precision.Policy(), CellResult(cell.cell_id, ""))
     seed_everything(0)
     with torch.no_grad():
         pred = method.predict(next(iterate_batches(split.test, size, 8)).unlabelled())
@@ -226,6 +226,10 @@ def test_bad_checkpoints_are_one_line_errors_and_nothing_is_recorded_finished(wr
         ({"mvfa": {**MVFA_FAST, "checkpoint": str(fit), "layers": [1, 2]}},
          "is a fit of parameter layers [2, 4], this entry's is [1, 2]"),
         ({"winclip": {"checkpoint": str(fit)}}, "method 'winclip' learns no fit state"),
+        ({"mvfa": {**MVFA_FAST, "checkpoint": {"SynthLiver": str(fit)}}},
+         "checkpoint: no file for dataset 'SynthBrain' (it names SynthLiver)"),
+        ({"bgad": {"checkpoint": str(fit), "checkpoint_format": "official"}},
+         "'bgad' has no importer of its authors' checkpoints"),
         ({"mvfa": {**MVFA_FAST, "checkpoint": str(OFFICIAL / "mvfa_official_tiny.pth")}}, "has no metadata"),
         ({"mvfa": {**MVFA_FAST, "checkpoint": str(fit), "checkpoint_format": "theirs"}},
          "expected one of ours, official"),
@@ -250,3 +254,17 @@ def test_bad_checkpoints_are_one_line_errors_and_nothing_is_recorded_finished(wr
         assert main(["run", str(write_protocol(name=f"d{i}", methods=methods, **FEW))]) == 2
         assert message in capsys.readouterr().out
         assert [r["status"] for r in ResultStore(results, f"d{i}").latest().values()] == ["failed"]
+
+
+def test_a_timm_network_that_trains_is_kept_in_the_fit_a_frozen_one_is_not():
+    """STFPM's student is a ``TimmFeatureExtractor`` that trains: part of the fit; its teacher is frozen: not."""
+    from types import SimpleNamespace
+
+    from anomalib.models.components import TimmFeatureExtractor
+
+    module = torch.nn.Module()
+    module.teacher = TimmFeatureExtractor("resnet18", ["layer1"], pre_trained=False)
+    module.student = TimmFeatureExtractor("resnet18", ["layer1"], pre_trained=False, requires_grad=True)
+    tensors, _ = fits.state_of(SimpleNamespace(fit_state=("module",), module=module))
+    assert any(k.startswith("module.student.") for k in tensors)
+    assert not any(k.startswith("module.teacher.") for k in tensors)

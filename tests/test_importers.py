@@ -100,11 +100,22 @@ def test_medclipseg_official_file_predicts_as_its_test_code(catalog):
     assert (out.uncertainty - expected["uncertainty"]).abs().max() < 1e-6
 
 
+def test_a_medclipseg_file_of_another_backbone_is_refused(catalog):
+    """Its file holds its frozen backbone: a backbone of the same shapes but other weights is not the one it
+    was trained on."""
+    spec = BackboneSpec("tiny-unimedclip", "random-init", 29, quick_gelu=True)  # random, not the file's weights
+    params = {"backbone_variant": "unimedclip", "layers": [0, 1], "adapter_dim": 4, "upscale_blocks": 2}
+    method = _method(catalog, "medclipseg", params, spec)
+    with pytest.raises(BenchmarkError, match=r"key 'vision_model\.conv1\.weight' differs from this cell's backbone"):
+        load_checkpoint(method, str(OFFICIAL / "medclipseg_official_tiny.pth"), "official", TrainSet((), "", None, 32))
+
+
 @pytest.mark.parametrize(
     ("name", "params", "file", "message"),
     [
         ("anomalyclip", {"layers": [1, 2, 3, 4], "dpam_blocks": 3, "deep_depth": 2}, "april_gan_official_tiny.pth",
          "expected a state dict under 'prompt_learner', found \\['trainable_linearlayer'\\]"),
+        ("mvfa", {"mode": "paper", "layers": [2, 4]}, "mvfa_official_tiny.pth", "this entry has mode: paper"),
         ("april_gan", {**APRIL_GAN, "layers": [1, 2]}, "april_gan_official_tiny.pth",
          "key 'fc.2.weight' has no place in April-GAN's projections"),
         ("anomalyclip", {"layers": [1, 2, 3, 4], "dpam_blocks": 3, "deep_depth": 2, "prompt_length": 8},
@@ -145,7 +156,8 @@ def test_fetch_weights_downloads_medclipseg_checkpoints_and_says_where_the_other
     assert fetched.returncode == 0, fetched.stderr
     path, *rest = fetched.stdout.splitlines()
     assert Path(path).read_bytes() == data and path.startswith(str(tmp_path / "hub"))
-    assert f"medclipseg_authors: {{method: medclipseg, checkpoint: {path}, checkpoint_format: official}}" in rest[1]
+    entry = f"medclipseg_authors: {{method: medclipseg, checkpoint: {{BUSI: {path}}}, checkpoint_format: official}}"
+    assert entry in rest[1]
     elsewhere = hub.run(tmp_path, "-m", "benchmark", "fetch-weights", "mvfa", "Brain")
     assert elsewhere.returncode == 0 and "https://drive.google.com/" in elsewhere.stdout
     unknown = hub.run(tmp_path, "-m", "benchmark", "fetch-weights", "medclipseg", "BUSI_7")

@@ -202,14 +202,15 @@ def fetch_checkpoint(cls, name: str) -> str:
     released = cls.released
     if released is None:
         raise BenchmarkError(f"fetch-weights {cls.name}: its authors publish no checkpoint this harness imports")
-    entry = f"  {cls.name}_authors: {{method: {cls.name}, checkpoint: PATH, checkpoint_format: official}}"
+    where = "{DATASET: PATH}" if released.per_dataset else "PATH"
+    entry = f"  {cls.name}_authors: {{method: {cls.name}, checkpoint: {where}, checkpoint_format: official}}"
     setup = f"on its configuration: {released.configuration}"
     if not released.hub_repo:
         return "\n".join([
-            f"{cls.name}: its authors' checkpoints are not on Hugging Face, and a script cannot fetch them from "
-            f"{released.where}",
-            f"download them there ({released.files}), put them in any folder (e.g. checkpoints/{cls.name}/) and name "
-            "one in a protocol's methods:", entry, setup,
+            f"{cls.name}: its authors' checkpoints are published at {released.where} (fetch-weights downloads from "
+            "Hugging Face only)",
+            f"download them ({released.files}), put them in any folder (e.g. checkpoints/{cls.name}/) and name them in "
+            "a protocol's methods:", entry, setup,
         ])  # fmt: skip
     if name not in released.names:
         raise BenchmarkError(
@@ -225,7 +226,10 @@ def fetch_checkpoint(cls, name: str) -> str:
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise BenchmarkError(f"fetch-weights {cls.name} {name}: the download failed ({reason})") from None
-    return "\n".join([path, "name it in a protocol's methods:", entry.replace("PATH", path), setup])
+    dataset = name.split("_")[0]  # a data fraction's file is its dataset's (the cells of data_fraction p)
+    return "\n".join(
+        [path, "name it in a protocol's methods:", entry.replace("DATASET", dataset).replace("PATH", path), setup]
+    )
 
 
 def weights_identity(weights: str) -> str:

@@ -14,7 +14,9 @@ Every image holds a lesion (segmentation sets): label 1, and an empty mask is al
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +46,14 @@ class Sample:
 
 
 def file_hash(path: str | Path) -> str:
-    """SHA-1 of a file's bytes: the identity of an image in caches and manifests."""
+    """SHA-1 of a file's bytes: the identity of an image in caches, manifests and fit keys (read once per process
+    while its size and modification time stay the same: a grid hashes a pool once, not once per cell)."""
+    stat = os.stat(path)
+    return _bytes_hash(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def _bytes_hash(path: str, _size: int, _mtime_ns: int) -> str:
     return hashlib.sha1(Path(path).read_bytes()).hexdigest()
 
 

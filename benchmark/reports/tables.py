@@ -132,6 +132,11 @@ class Row:
     seed_free: bool = False  # every cell ran once, as no seed changes its result: no spread to show
     other_backbone: str = ""  # ours, on another backbone than the published numbers of its method: theirs
 
+    @property
+    def retrain(self) -> bool:
+        """Whether the row's models were trained here, not a given checkpoint evaluated (ranked apart)."""
+        return not self.key or self.key[ROW_KEYS.index("fit_source")] == "retrain"
+
     def label(self) -> str:
         """The full label (Markdown): ``name (setting)``; published and difference rows say what they are."""
         if self.kind == "published":
@@ -214,8 +219,8 @@ def backbone_note(rows: list[Row]) -> str:
 
 
 def _ranks(rows: list[Row], columns) -> dict[tuple, dict[int, int]]:
-    """Per column, rank 0 (best) and 1 (second) of our rows, within each setting group; tied means share a
-    rank; a group whose rows all tie (or that has one row) is not marked."""
+    """Per column, rank 0 (best) and 1 (second) of our rows trained here (not an evaluated checkpoint), within each
+    setting group; tied means share a rank; a group whose rows all tie (or that has one row) is not marked."""
     ranks: dict[tuple, dict[int, int]] = {col: {} for col in columns}
     groups = dict.fromkeys(r.group for r in rows)
     for col in columns:
@@ -224,8 +229,9 @@ def _ranks(rows: list[Row], columns) -> dict[tuple, dict[int, int]]:
             scored = {
                 i: r.values[col][0]
                 for i, r in enumerate(rows)
-                if r.kind == "ours" and r.group == group and col in r.values and not math.isnan(r.values[col][0])
-            }
+                if r.kind == "ours" and r.retrain and r.group == group and col in r.values
+                and not math.isnan(r.values[col][0])
+            }  # fmt: skip
             distinct = sorted(set(scored.values()), reverse=better)
             if len(distinct) < 2:
                 continue

@@ -215,6 +215,10 @@ def soft_contrastive(patches: torch.Tensor, text: torch.Tensor, temperature: flo
 
 # its checkpoints: the frozen backbone's prefixes, and its names inside an adapter -> ours
 OFFICIAL_FROZEN = ("vision_model.", "text_model.", "clip_model.", "logit_scale")
+# the frozen patch embedding its file holds, by variant: unimedclip, clip and pubmedclip, biomedclip
+OFFICIAL_PATCH_EMBEDDINGS = (
+    "vision_model.conv1.weight", "clip_model.visual.conv1.weight", "vision_model.trunk.patch_embed.proj.weight"
+)  # fmt: skip
 OFFICIAL_NAMES = (
     ("proj_vis_down.0.", "vision_down."),
     ("proj_txt_down.", "text_down."),
@@ -326,9 +330,10 @@ class MedCLIPSegImpl(MedCLIPSeg):
         """Its ``train.py``: ``torch.save({'model': model.state_dict(), 'epoch', 'optimizer', 'scheduler', ...})``;
         of ``model`` the trainable ``pvl_adapters.*``, ``mask_head.*`` and ``upscale.*`` (its frozen backbone,
         ``vision_model.*``, ``text_model.*``, ``clip_model.*``, ``logit_scale``, is this cell's)."""
+        tensors = {k.removeprefix("module."): v for k, v in tensors_of(state, where, "model").items()}
+        self._check_backbone(tensors, where)
         mapped, origin = {}, {}
-        for key, tensor in tensors_of(state, where, "model").items():
-            key = key.removeprefix("module.")
+        for key, tensor in tensors.items():
             if key.startswith(OFFICIAL_FROZEN):
                 continue
             ours = key
@@ -339,6 +344,22 @@ class MedCLIPSegImpl(MedCLIPSeg):
             mapped[ours], origin[ours] = tensor, key
         load_mapped(self.model, mapped, origin, where, "MedCLIPSeg's adapters and head")
         self.model.eval()
+
+    def _check_backbone(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        """Refuse a file trained on another backbone than this cell's: the patch embedding its file holds (a copy
+        of its frozen backbone) against ours, within the fp16 rounding its PubMedCLIP loader applies."""
+        visual = self.backbone.visual
+        ours = visual.trunk.patch_embed.proj.weight if self.backbone.timm_vision else visual.conv1.weight
+        for key in OFFICIAL_PATCH_EMBEDDINGS:
+            if key in tensors:
+                theirs = tensors[key].to(ours)
+                gap = float((theirs - ours).abs().max()) if theirs.shape == ours.shape else math.inf
+                if gap > 1e-3 * float(ours.abs().max()):
+                    raise BenchmarkError(
+                        f"{where}: key '{key}' differs from this cell's backbone ({self.context.backbone.label()}) by "
+                        f"{gap:.3g}: a file trained on another backbone"
+                    )
+                return
 
     @staticmethod
     def _rotate(images, masks, generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -53,6 +53,7 @@ from benchmark.backbones.adapters import DualAdapters
 from benchmark.backbones.cache import FeatureCache
 from benchmark.backbones.clip import ClipBackbone, shared_clip
 from benchmark.data.loading import ImageBatch, LabelledBatch
+from benchmark.errors import BenchmarkError
 from benchmark.importers import load_mapped, tensors_of
 from benchmark.method import MethodContext, Prediction, TrainSet
 from benchmark.metrics import ImageMetrics, PixelMetrics
@@ -341,13 +342,13 @@ class MVFAImpl(MVFA):
         """Its ``train_few.py``/``train_zero.py``: ``torch.save({'seg_adapters': ..., 'det_adapters': ...})``, each
         ``{i}.fc1.0.weight`` ``[bottleneck, width]`` and ``{i}.fc2.0.weight`` ``[width, bottleneck]`` for the
         adapter after block ``--features_list[i]``: our ``seg.{i}.down``/``seg.{i}.up`` (and ``det``)."""
+        if not self.official:
+            raise BenchmarkError(f"{where}: its files are of MVFA's official code; this entry has mode: paper")
         mapped, origin = {}, {}
         for head in ("seg", "det"):
             for key, tensor in tensors_of(state, where, f"{head}_adapters").items():
                 index, _, rest = key.removeprefix("module.").partition(".")
-                ours = (
-                    f"{head}.{index}.{ {'fc1.0.weight': 'down.weight', 'fc2.0.weight': 'up.weight'}.get(rest, rest) }"
-                )
+                ours = f"{head}.{index}.{OFFICIAL_NAMES.get(rest, rest)}"
                 mapped[ours], origin[ours] = tensor, f"{head}_adapters.{key}"
         load_mapped(self.model.adapters, mapped, origin, where, "MVFA's adapters")
         self.model.adapters.eval()
