@@ -238,21 +238,15 @@ def _checkpoints(
 
 
 def _fitted(where: str, path: str, raw: dict[str, Any], cls: type, backbone: BackboneSpec, image_size: int) -> dict:
-    """The parameters a fit file of ours was trained with, once its method, backbone, image size and the
-    parameters the entry gives agree with the fit's."""
+    """The parameters a fit file of ours was trained with, once its method, maths version, backbone, image size
+    and the parameters the entry gives agree with the fit's."""
     try:
         meta = fits.read_meta(Path(path))
     except BenchmarkError as exc:
         raise BenchmarkError(f"{where}: {exc}") from None
-    wanted = {"method": cls.name, "backbone": backbone.label(), "image_size": image_size}
     fitted = {k: v for k, v in meta.get("cell_params", {}).items() if k not in cls.test_params}
     given = {k: v for k, v in raw.items() if k in fitted}  # the others are the fit's
-    for key, value in [*wanted.items(), *given.items()]:
-        found = meta.get(key) if key in wanted else fitted[key]
-        if found != (list(value) if isinstance(value, tuple) else value):
-            hint = " (an authors' file needs checkpoint_format: official)" if key == "method" else ""
-            what = key if key in wanted else f"parameter {key}"
-            raise BenchmarkError(f"{where}: '{path}' is a fit of {what} {found!r}, this entry's is {value!r}{hint}")
+    fits.check_fits(meta, fits.identity(cls, backbone.label(), image_size), f"{where} '{path}'", given)
     return {k: tuple(v) if isinstance(v, list) else v for k, v in fitted.items()}
 
 

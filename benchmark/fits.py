@@ -5,7 +5,7 @@ A method lists in ``fit_state`` the attributes its ``fit`` sets that ``predict``
 them as ``<key>.safetensors`` (every tensor) and ``<key>.json`` (the rest as JSON, the layout that rebuilds them,
 the metadata: method, effective params, backbone, image size, fit key, the method's ``fit_version``, training
 manifest hash, and the SHA-256 of the tensor file). The JSON is written last: a fit without it was never finished.
-``load_fit`` puts them back into a freshly built method; predictions then equal the original's bit for bit.
+``restore`` puts them back into a freshly built method; predictions then equal the original's bit for bit.
 
 A fit key (``fit_key``) hashes everything a fit depends on. ``FitStore`` keeps fits under the results folder (a
 shared file system on a cluster, as the feature cache) and lets one process at a time train a key (a file lock):
@@ -216,18 +216,22 @@ def read_fit(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raise BenchmarkError(f"fit file '{path}' cannot be read ({exc})") from None
 
 
-def check_fits(meta: dict[str, Any], method: Method, where: str) -> None:
-    """Refuse, in one line, a fit of another method, backbone, image size or maths version than ``method``'s."""
-    context = method.context
-    wanted = {
-        "method": method.name,
-        "fit_version": method.fit_version,
-        "backbone": context.backbone.label(),
-        "image_size": context.image_size,
-    }
-    for key, value in wanted.items():
-        if meta.get(key) != value:
-            raise BenchmarkError(f"{where}: a fit of {key} {meta.get(key)!r}; this cell's is {value!r}")
+def check_fits(meta: dict[str, Any], wanted: dict[str, Any], where: str, params: dict[str, Any] | None = None) -> None:
+    """Refuse, in one line, a fit whose metadata differs from ``wanted`` (method, maths version, backbone, image
+    size) or whose parameters, as the protocol gave them, from ``params``."""
+    given = meta.get("cell_params", {})
+    checks = [(key, meta.get(key), value) for key, value in wanted.items()]
+    checks += [(f"parameter {key}", given.get(key), value) for key, value in (params or {}).items()]
+    for what, found, value in checks:
+        if found != (list(value) if isinstance(value, tuple) else value):
+            hint = " (an authors' file needs checkpoint_format: official)" if what == "method" else ""
+            raise BenchmarkError(f"{where}: {what} {found!r} in the fit, {value!r} here{hint}")
+
+
+def identity(method: type[Method] | Method, backbone_label: str, image_size: int) -> dict[str, Any]:
+    """What a fit must share with the cell that loads it: the method, its maths version, backbone and image size."""
+    return {"method": method.name, "fit_version": method.fit_version, "backbone": backbone_label,
+            "image_size": image_size}  # fmt: skip
 
 
 def samples_hash(samples) -> str:

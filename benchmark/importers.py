@@ -46,7 +46,8 @@ def load_checkpoint(method: Method, path: str, fmt: str, train: TrainSet) -> str
         method.complete_import(train)
     else:
         tensors, meta = fits.read_fit(Path(path))
-        fits.check_fits(meta, method, where)
+        context = method.context
+        fits.check_fits(meta, fits.identity(method, context.backbone.label(), context.image_size), where)
         fits.restore(method, tensors, meta["layout"])
     return SOURCES[fmt]
 

@@ -192,7 +192,7 @@ def run_protocol(
 
 @dataclass(frozen=True)
 class Fitting:
-    refit_before: float  # stored fits made before this time are trained again (``--refit``); 0: none
+    refit_before: float  # stored fits whose training began before this time are trained again (``--refit``); 0: none
     log: bool  # each trained fit logged as an MLflow artifact (``--save-fits``)
 
 

@@ -220,11 +220,12 @@ def test_bad_checkpoints_are_one_line_errors_and_nothing_is_recorded_finished(wr
     other = {"model": "tiny-vit-8l", "weights": "random-init", "seed": 0}
     before = [  # refused before anything runs: nothing recorded
         ({"mvfa": {**MVFA_FAST, "checkpoint": str(tmp_path / "none.safetensors")}}, "does not exist"),
-        ({"april_gan": {"checkpoint": str(fit)}}, "is a fit of method 'mvfa', this entry's is 'april_gan'"),
-        ({"mvfa": {**MVFA_FAST, "checkpoint": str(fit), "backbone": other}}, "is a fit of backbone 'tiny-vit /"),
-        ({"mvfa": {**MVFA_FAST, "checkpoint": str(fit), "image_size": 48}}, "is a fit of image_size 32, this entry"),
+        ({"april_gan": {"checkpoint": str(fit)}}, "method 'mvfa' in the fit, 'april_gan' here"),
+        ({"mvfa": {**MVFA_FAST, "checkpoint": str(fit), "backbone": other}},
+         "backbone 'tiny-vit / random-init (random-init, seed 0)' in the fit"),
+        ({"mvfa": {**MVFA_FAST, "checkpoint": str(fit), "image_size": 48}}, "image_size 32 in the fit, 48 here"),
         ({"mvfa": {**MVFA_FAST, "checkpoint": str(fit), "layers": [1, 2]}},
-         "is a fit of parameter layers [2, 4], this entry's is [1, 2]"),
+         "parameter layers [2, 4] in the fit, [1, 2] here"),
         ({"winclip": {"checkpoint": str(fit)}}, "method 'winclip' learns no fit state"),
         ({"mvfa": {**MVFA_FAST, "checkpoint": {"SynthLiver": str(fit)}}},
          "checkpoint: no file for dataset 'SynthBrain' (it names SynthLiver)"),
