@@ -164,7 +164,8 @@ def run_protocol(
     refit: bool = False,
     log_fits: bool = True,
 ) -> RunSummary:
-    """Run ``cells``; ``refit``: ignore the fits stored before now; ``log_fits``: log each trained fit in MLflow."""
+    """Run ``cells``; ``refit``: train again the fits whose training began before now; ``log_fits``: log each
+    trained fit in MLflow."""
     executor = executor or SerialExecutor()
     fitting = Fitting(time.time() if refit else 0.0, log_fits)
     uri = tracking_uri(protocol)
