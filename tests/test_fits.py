@@ -188,7 +188,9 @@ FEW = {"datasets": ["SynthBrain"], "settings": [{"name": "few_shot", "shots": [2
 OFFICIAL = Path(__file__).parent / "data" / "official"
 
 
-def test_a_trained_fit_is_an_mlflow_artifact_and_evaluates_as_a_given_checkpoint(write_protocol, tmp_path):
+def test_a_trained_fit_is_an_mlflow_artifact_a_checkpoint_and_bad_checkpoints_are_one_line_errors(
+    write_protocol, tmp_path, capsys
+):
     from mlflow.tracking import MlflowClient
 
     results = tmp_path / "results"
@@ -212,11 +214,7 @@ def test_a_trained_fit_is_an_mlflow_artifact_and_evaluates_as_a_given_checkpoint
     assert record["fit_source"] == "checkpoint" and record["variant"] == "MVFA (official) (checkpoint)"
     assert record["metrics"] == trained["metrics"]
 
-
-def test_bad_checkpoints_are_one_line_errors_and_nothing_is_recorded_finished(write_protocol, tmp_path, capsys):
-    results = tmp_path / "results"
-    assert main(["run", str(write_protocol(name="fit", methods={"mvfa": MVFA_FAST}, **FEW))]) == 0
-    (fit,) = (results / "fits").glob("*.safetensors")
+    # bad checkpoints: one line each, exit 2, nothing recorded finished
     other = {"model": "tiny-vit-8l", "weights": "random-init", "seed": 0}
     before = [  # refused before anything runs: nothing recorded
         ({"mvfa": {**MVFA_FAST, "checkpoint": str(tmp_path / "none.safetensors")}}, "does not exist"),
