@@ -55,7 +55,7 @@ class CellJob:
     save_predictions: bool = False
     device: str = "auto"
     fits_dir: str = ""  # the fit store (``benchmark.fits``); empty: no store (every cell trains)
-    refit_before: float = 0.0  # stored fits made before this time are ignored (``--refit``: the invocation's start)
+    refit_before: float = 0.0  # stored fits whose training began before this are ignored (``--refit``: the run's start)
 
 
 @dataclass
