@@ -312,6 +312,8 @@ def _run(
                 summary.finished.append(cell.cell_id)
                 summary.rows.append({"cell": cell.cell_id, **result.metrics, "seconds": result.duration})
                 label = " [random-init backbone]" if cell.backbone.random_init else ""
+                if str(result.info.get("fit", "")).startswith("reused "):  # not trained here: the fit was stored
+                    label += f" [fit reused from {result.info['fit_cell']}]"
                 say(f"{tag}: {cell_line(result, result.info['threshold_dice'])} ({result.duration:.1f} s){label}")
             else:
                 summary.failed.append((cell.cell_id, result.error))

@@ -56,6 +56,7 @@ def test_one_source_three_targets_train_once_and_a_rerun_reuses_it_bit_for_bit(
     write_protocol, dg_root, tmp_path, workers, capsys
 ):
     results = tmp_path / "results"
+    capsys.readouterr()
     if workers == "ray":
         ray = pytest.importorskip("ray", reason="the dev extra installs ray")
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -73,6 +74,7 @@ def test_one_source_three_targets_train_once_and_a_rerun_reuses_it_bit_for_bit(
     hows = sorted(r["params"]["fit"] for r in records)
     assert hows == [f"reused {key}", f"reused {key}", f"trained {key}"]
     trainer = next(r for r in records if r["params"]["fit"].startswith("trained"))
+    assert capsys.readouterr().out.count(f"[fit reused from {trainer['cell_id']}]") == 2  # on the cells' lines
     assert all(r["params"]["fit_cell"] == trainer["cell_id"] for r in records if r is not trainer)
     assert {r["efficiency"]["fit_s"] for r in records} == {trainer["efficiency"]["fit_s"]}  # the fit's own time
     if workers != "1":

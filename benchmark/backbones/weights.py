@@ -202,7 +202,7 @@ def fetch_checkpoint(cls, name: str) -> str:
     released = cls.released
     if released is None:
         raise BenchmarkError(f"fetch-weights {cls.name}: its authors publish no checkpoint this harness imports")
-    where = "{DATASET: PATH}" if released.per_dataset else "PATH"
+    where = f"{{{name if name else 'DATASET'}: PATH}}" if released.per_dataset else "PATH"
     entry = f"  {cls.name}_authors: {{method: {cls.name}, checkpoint: {where}, checkpoint_format: official}}"
     setup = f"on its configuration: {released.configuration}"
     if not released.hub_repo:
