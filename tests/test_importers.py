@@ -160,5 +160,6 @@ def test_fetch_weights_downloads_medclipseg_checkpoints_and_says_where_the_other
     assert entry in rest[1]
     elsewhere = hub.run(tmp_path, "-m", "benchmark", "fetch-weights", "mvfa", "Brain")
     assert elsewhere.returncode == 0 and "https://drive.google.com/" in elsewhere.stdout
+    assert "mvfa_authors: {method: mvfa, checkpoint: {Brain: PATH}, checkpoint_format: official}" in elsewhere.stdout
     unknown = hub.run(tmp_path, "-m", "benchmark", "fetch-weights", "medclipseg", "BUSI_7")
     assert unknown.returncode == 2 and "no such checkpoint (expected one of BUSI, BUSI_10" in unknown.stderr

@@ -202,7 +202,9 @@ def fetch_checkpoint(cls, name: str) -> str:
     released = cls.released
     if released is None:
         raise BenchmarkError(f"fetch-weights {cls.name}: its authors publish no checkpoint this harness imports")
-    where = f"{{{name if name else 'DATASET'}: PATH}}" if released.per_dataset else "PATH"
+    # the dataset whose cells evaluate it (a data fraction's file, BUSI_25, is its dataset's)
+    dataset = (name.split("_")[0] if released.hub_repo else name) or "DATASET"
+    where = f"{{{dataset}: PATH}}" if released.per_dataset else "PATH"
     entry = f"  {cls.name}_authors: {{method: {cls.name}, checkpoint: {where}, checkpoint_format: official}}"
     setup = f"on its configuration: {released.configuration}"
     if not released.hub_repo:
@@ -226,10 +228,7 @@ def fetch_checkpoint(cls, name: str) -> str:
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise BenchmarkError(f"fetch-weights {cls.name} {name}: the download failed ({reason})") from None
-    dataset = name.split("_")[0]  # a data fraction's file is its dataset's (the cells of data_fraction p)
-    return "\n".join(
-        [path, "name it in a protocol's methods:", entry.replace("DATASET", dataset).replace("PATH", path), setup]
-    )
+    return "\n".join([path, "name it in a protocol's methods:", entry.replace("PATH", path), setup])
 
 
 def weights_identity(weights: str) -> str:
