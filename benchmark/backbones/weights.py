@@ -192,8 +192,13 @@ def fetch_weights(model: str, weights: str) -> str:
     except BenchmarkError:
         raise
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise BenchmarkError(f"fetch-weights {what}: the download failed ({reason})") from None
+        raise download_failed(what, exc) from None
+
+
+def download_failed(what: str, exc: Exception) -> BenchmarkError:
+    """The one-line error of a failed ``fetch-weights WHAT``: the first line of the reason."""
+    reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    return BenchmarkError(f"fetch-weights {what}: the download failed ({reason})")
 
 
 def fetch_checkpoint(cls, name: str) -> str:
@@ -226,8 +231,7 @@ def fetch_checkpoint(cls, name: str) -> str:
     try:
         path = hf_hub_download(released.hub_repo, released.hub_path.format(name=name))
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise BenchmarkError(f"fetch-weights {cls.name} {name}: the download failed ({reason})") from None
+        raise download_failed(f"{cls.name} {name}", exc) from None
     return "\n".join([path, "name it in a protocol's methods:", entry.replace("PATH", path), setup])
 
 
