@@ -1,11 +1,14 @@
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from benchmark.cli import main
 from benchmark.data.catalog import DatasetSpec, read_card
 from benchmark.data.layout import read_split
+from benchmark.data.loading import load_sample
 from benchmark.data.splits import make_split
 from benchmark.data.synthetic import render
 from benchmark.errors import BenchmarkError
@@ -40,7 +43,8 @@ def test_layout_accepts_label_folder_and_rejects_mismatch(tmp_path):
     _toy(tmp_path / "one", mask_folder="label")
     assert read_split(tmp_path / "one", SPEC, "test")[-1].mask.endswith("label/b.png")
     _toy(tmp_path / "two", masks=("a.png", "c.png"))
-    with pytest.raises(BenchmarkError, match=r"no mask .* for image 'b\.png'"):
+    with pytest.raises(BenchmarkError, match=r"1 of 2 anomalous test images .* \(looked for .*; e\.g\. 'b\.png'\); "
+                       r"1 of 2 masks there match no image \(e\.g\. 'c\.png'\); set mask_suffix"):  # fmt: skip
         read_split(tmp_path / "two", SPEC, "test")
 
 
@@ -49,6 +53,106 @@ def test_card_front_matter(tmp_path):
     card.write_text("---\nname: X\nfolder: X_AD\nmodality: m\norgan: lung\nmasks: true\ncolour: red\n---\n")
     with pytest.raises(BenchmarkError, match="unknown key 'colour'"):
         read_card(card)
+
+
+def _card(folder, extra="", layout=""):
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "Toy.md"
+    path.write_text(f"---\nname: Toy\nfolder: Toy_AD\nmodality: toy\norgan: toy\nmasks: true\n{layout}{extra}---\n")
+    return path
+
+
+def _lesion(path, rows):
+    """An 8x8 mask whose lesion fills ``rows``; returns it as booleans."""
+    mask = np.zeros((8, 8), dtype=np.uint8)
+    mask[rows] = 255
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(mask).save(path)
+    return mask > 0
+
+
+def _suffixed(root, names=("a", "b"), image=".jpg"):
+    """A BMAD-layout set whose anomalous images ``<name><image>`` have masks ``<name>_mask.png``, each its own."""
+    for name in ("y", "z"):
+        _png(root / "Toy_AD/train/good/img" / f"{name}.png")
+        _png(root / "Toy_AD/test/good/img" / f"{name}.png")
+    lesions = {}
+    for i, name in enumerate(names):
+        _png(root / "Toy_AD/test/Ungood/img" / f"{name}{image}", 90)
+        lesions[name] = _lesion(root / "Toy_AD/test/Ungood/label" / f"{name}_mask.png", slice(i, i + 2))
+    return lesions
+
+
+def test_card_mask_suffix_and_extension_pair_masks_by_name(tmp_path):
+    lesions = _suffixed(tmp_path)
+    _lesion(tmp_path / "Toy_AD/test/Ungood/label/b_mask.tif", slice(6, 8))  # not .png: not b's mask
+    spec = read_card(_card(tmp_path / "cards", "mask_suffix: _mask\nmask_extension: .png\n"))
+    anomalous = [s for s in read_split(tmp_path, spec, "test") if s.label]
+    assert [Path(s.mask).name for s in anomalous] == ["a_mask.png", "b_mask.png"]
+    for sample in anomalous:
+        mask = load_sample(sample, 8)[2].numpy().astype(bool)
+        assert np.array_equal(mask, lesions[Path(sample.path).stem])
+
+
+def test_card_mask_suffix_pairs_medclipseg_masks(tmp_path):
+    _png(tmp_path / "Toy_AD/Test_Folder/img/a.png")
+    _lesion(tmp_path / "Toy_AD/Test_Folder/label/a_mask.png", slice(0, 2))
+    layout = "layout: medclipseg\nsegmentation_only: true\n"
+    spec = read_card(_card(tmp_path / "cards", "mask_suffix: _mask\n", layout))
+    (sample,) = read_split(tmp_path, spec, "test")
+    assert Path(sample.mask).name == "a_mask.png"
+
+
+def test_unpaired_masks_are_all_counted_in_one_line_with_the_rule(tmp_path):
+    _suffixed(tmp_path, names=("a", "b", "c", "d"), image=".png")
+    img_dir, mask_dir = tmp_path / "Toy_AD/test/Ungood/img", tmp_path / "Toy_AD/test/Ungood/label"
+    card = _card(tmp_path / "cards")
+    with pytest.raises(BenchmarkError) as default:
+        read_split(tmp_path, read_card(card), "test")
+    message = str(default.value)
+    assert "\n" not in message
+    assert message == (
+        f"{card}: 4 of 4 anomalous test images in '{img_dir}' have no mask in '{mask_dir}' (looked for "
+        "<stem>{.png,.jpg,.jpeg,.bmp,.tif,.tiff}; e.g. 'a.png', 'b.png', 'c.png', ...); 4 of 4 masks there match "
+        "no image (e.g. 'a_mask.png', 'b_mask.png', 'c_mask.png', ...); set mask_suffix/mask_extension in the card if "
+        "masks are named otherwise"
+    )
+    (mask_dir / "c_mask.png").rename(mask_dir / "c_mask.jpg")
+    with pytest.raises(BenchmarkError, match=r"1 of 4 .* \(looked for <stem>_mask\.png; e\.g\. 'c\.png'\); set"):
+        read_split(tmp_path, read_card(_card(tmp_path / "cards", "mask_suffix: _mask\nmask_extension: .png\n")), "test")
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("mask_suffix: 5", "key 'mask_suffix' must be text added to an image's file stem (e.g. _mask), got 5"),
+        ("mask_suffix: masks/_m", "key 'mask_suffix' must be text"),
+        ("mask_extension: png", "key 'mask_extension' must be one of .png, .jpg, .jpeg, .bmp, .tif, .tiff"),
+        ("mask_extension: [.png]", "key 'mask_extension' must be one of"),
+    ],
+)
+def test_mask_naming_keys_are_checked(tmp_path, line, expected):
+    card = _card(tmp_path, line + "\n")
+    with pytest.raises(BenchmarkError) as error:
+        read_card(card)
+    assert str(error.value).startswith(f"{card}: {expected}") and "\n" not in str(error.value)
+
+
+def test_dry_run_pairs_masks_as_the_card_says(write_protocol, tmp_path, capsys):
+    """Through the CLI: without the key a one-line error (exit 2); with it, the run's splits list; a wrong type
+    is one line naming the card and the key."""
+    _suffixed(tmp_path / "data")
+    path = write_protocol(datasets=["Toy"], dataset_cards=[str(tmp_path / "cards")], data_root=str(tmp_path / "data"),
+                          fresh_results=True)  # fmt: skip
+    for extra, code, expected in (
+        ("", 2, "Toy.md: 2 of 2 anomalous test images in"),
+        ("mask_suffix: _mask\n", 0, None),
+        ("mask_suffix: [_mask]\n", 2, "Toy.md: key 'mask_suffix' must be text"),
+    ):
+        _card(tmp_path / "cards", extra)
+        assert main(["run", str(path), "--dry-run"]) == code
+        err = capsys.readouterr().err
+        assert err.count("\n") == (1 if expected else 0) and (expected is None or expected in err)
 
 
 def test_synthetic_masks_are_exact_and_deterministic():

@@ -167,7 +167,7 @@ def test_every_data_fault_of_a_grid_is_reported_at_once(write_protocol, data, tm
     lines = capsys.readouterr().err.splitlines()
     assert all(line.startswith("error: ") for line in lines)
     text = "\n".join(lines)
-    for expected in ("orphan.png' in", "SynthLiver_AD/test' not found", "'SynthRetina': 8-shot needs 8 normal"):
+    for expected in ("(e.g. 'orphan.png')", "SynthLiver_AD/test' not found", "'SynthRetina': 8-shot needs 8 normal"):
         assert expected in text
     assert len(lines) == 3  # one line per fault
     assert not (tmp_path / "results").exists()

@@ -17,9 +17,10 @@ from benchmark.errors import BenchmarkError
 CARDS_DIR = Path(__file__).resolve().parents[2] / "datasets"
 _CARD_KEYS = {
     "name", "folder", "modality", "organ", "masks", "synthetic", "mvfa_seed_folder", "mask_threshold", "layout",
-    "segmentation_only", "source",
+    "segmentation_only", "source", "mask_suffix", "mask_extension",
 }  # fmt: skip
 LAYOUTS = ("bmad", "medclipseg")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,8 @@ class DatasetSpec:
     layout: str = "bmad"  # bmad: <Obj>_AD/{train,valid,test}/...; medclipseg: {Train,Val,Test}_Folder/{img,label}
     segmentation_only: bool = False  # every image holds a lesion: image-level metrics do not apply
     source: str = ""  # where the data come from (a citation or an address)
+    mask_suffix: str = ""  # a mask is named <image stem><mask_suffix><mask_extension>
+    mask_extension: str | None = None  # None: any of IMAGE_SUFFIXES
     card: str = ""
 
 
@@ -64,6 +67,16 @@ def read_card(path: Path) -> DatasetSpec:
     threshold = front.get("mask_threshold")
     if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int | float)):
         raise BenchmarkError(f"{path}: key 'mask_threshold' must be a number, got {threshold!r}")
+    suffix = front.get("mask_suffix", "")
+    if not isinstance(suffix, str) or "/" in suffix or "\\" in suffix:
+        raise BenchmarkError(
+            f"{path}: key 'mask_suffix' must be text added to an image's file stem (e.g. _mask), got {suffix!r}"
+        )
+    extension = front.get("mask_extension")
+    if extension is not None and (not isinstance(extension, str) or extension.lower() not in IMAGE_SUFFIXES):
+        raise BenchmarkError(
+            f"{path}: key 'mask_extension' must be one of {', '.join(IMAGE_SUFFIXES)} (any case), got {extension!r}"
+        )
     return DatasetSpec(card=str(path), **{k: front[k] for k in front})
 
 

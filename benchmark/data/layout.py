@@ -3,6 +3,8 @@
 BMAD (``layout: bmad``): ``<root>/<Obj>_AD/{train,valid,test}/{good,Ungood}/img/`` holds images; masks of
 anomalous images lie in ``Ungood/anomaly_mask/`` (BMAD's own configs call the folder ``Ungood/label``: both
 are accepted) and are paired with images by file stem, never by sorted position. Listings are always sorted.
+Where masks are paired by name, a mask is named ``<image stem><mask_suffix><mask_extension>`` (card keys; by
+default the image's stem with any image extension).
 
 MedCLIPSeg (``layout: medclipseg``): ``<root>/<Name>/{Train,Val,Test}_Folder/{img,label}/`` and
 ``Prompts_Folder/*.xlsx`` (columns ``Image``, ``Ground Truth``, ``Description``, read with pandas): a split's
@@ -21,10 +23,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmark.data.catalog import DatasetSpec
+from benchmark.data.catalog import IMAGE_SUFFIXES, DatasetSpec
 from benchmark.errors import BenchmarkError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MASK_FOLDERS = ("anomaly_mask", "label")
 SPLITS = ("train", "valid", "test")
 SEGMENTATION_FOLDERS = {"train": "Train_Folder", "valid": "Val_Folder", "test": "Test_Folder"}
@@ -66,6 +67,35 @@ def _mask_dir(state_dir: Path) -> Path | None:
         if (state_dir / name).is_dir():
             return state_dir / name
     return None
+
+
+def _pair_masks(
+    spec: DatasetSpec, img_dir: Path, images: list[Path], mask_dir: Path, what: str, orphans_fail: bool
+) -> dict[Path, str]:
+    """Each image's mask in ``mask_dir``, named as the card says; else one line counting every image without a
+    mask and every mask without an image (the latter an error by itself only where ``orphans_fail``)."""
+    extension = spec.mask_extension
+    listing = _images(mask_dir) if mask_dir.is_dir() else []
+    masks = {p.stem: p for p in listing if extension is None or p.suffix.lower() == extension.lower()}
+    missing = [p.name for p in images if p.stem + spec.mask_suffix not in masks]
+    extra = sorted(masks[stem].name for stem in set(masks) - {p.stem + spec.mask_suffix for p in images})
+    if missing or (extra and orphans_fail):
+        rule = f"<stem>{spec.mask_suffix}{extension or '{' + ','.join(IMAGE_SUFFIXES) + '}'}"
+        if missing:
+            parts = [f"{len(missing)} of {len(images)} {what} in '{img_dir}' have no mask in '{mask_dir}' (looked "
+                     f"for {rule}; e.g. {_first(missing)})"]  # fmt: skip
+            if extra:
+                parts.append(f"{len(extra)} of {len(masks)} masks there match no image (e.g. {_first(extra)})")
+            parts.append("set mask_suffix/mask_extension in the card if masks are named otherwise")
+        else:
+            parts = [f"{len(extra)} of {len(masks)} masks in '{mask_dir}' are not named {rule} after an image in "
+                     f"'{img_dir}' (e.g. {_first(extra)})"]  # fmt: skip
+        raise BenchmarkError(f"{spec.card or f'dataset {spec.name!r}'}: " + "; ".join(parts))
+    return {p: str(masks[p.stem + spec.mask_suffix]) for p in images}
+
+
+def _first(names: list[str], count: int = 3) -> str:
+    return ", ".join(f"'{n}'" for n in names[:count]) + (", ..." if len(names) > count else "")
 
 
 def dataset_dir(root: Path, spec: DatasetSpec) -> Path:
@@ -127,12 +157,9 @@ def read_segmentation_split(
         what = f"data fraction {fraction} %" if split != "test" else f"prompt design '{design}'"
         raise BenchmarkError(f"dataset '{spec.name}': {what} needs '{listing}', which is not there")
     else:
-        masks = {p.stem: p for p in _images(mask_dir)} if mask_dir.is_dir() else {}
         images = _images(img_dir) if img_dir.is_dir() else []
-        unpaired = [p.name for p in images if p.stem not in masks]
-        if unpaired:
-            raise BenchmarkError(f"dataset '{spec.name}': no mask in '{mask_dir}' for image '{unpaired[0]}'")
-        samples = [Sample(str(p), 1, str(masks[p.stem]), spec.name, spec.mask_threshold, None, True) for p in images]
+        masks = _pair_masks(spec, img_dir, images, mask_dir, f"{split} images", orphans_fail=False)
+        samples = [Sample(str(p), 1, masks[p], spec.name, spec.mask_threshold, None, True) for p in images]
     if not samples:
         raise BenchmarkError(f"dataset '{spec.name}': split '{base}' holds no images")
     blank = sum(s.text is None for s in samples)
@@ -147,7 +174,7 @@ _SAID: set[Path] = set()  # prompt tables whose blank descriptions were reported
 
 
 def read_split(root: Path, spec: DatasetSpec, split: str, states: tuple[str, ...] = ("good", "Ungood")) -> list[Sample]:
-    """All samples of one split, normal images first, each sorted by name; masks paired by file stem."""
+    """All samples of one split, normal images first, each sorted by name; masks paired by file name."""
     if spec.layout == "medclipseg":
         return read_segmentation_split(root, spec, split) if "Ungood" in states else []
     base = dataset_dir(root, spec) / split
@@ -171,14 +198,8 @@ def read_split(root: Path, spec: DatasetSpec, split: str, states: tuple[str, ...
             raise BenchmarkError(
                 f"dataset '{spec.name}': '{state_dir}' has no mask folder (expected one of {MASK_FOLDERS})"
             )
-        masks = {p.stem: p for p in _images(mask_dir)}
-        missing = [p.name for p in images if p.stem not in masks]
-        if missing:
-            raise BenchmarkError(f"dataset '{spec.name}': no mask in '{mask_dir}' for image '{missing[0]}'")
-        extra = sorted(set(masks) - {p.stem for p in images})
-        if extra:
-            raise BenchmarkError(f"dataset '{spec.name}': mask '{masks[extra[0]].name}' in '{mask_dir}' has no image")
-        samples += [Sample(str(p), 1, str(masks[p.stem]), spec.name, spec.mask_threshold) for p in images]
+        masks = _pair_masks(spec, img_dir, images, mask_dir, f"anomalous {split} images", orphans_fail=True)
+        samples += [Sample(str(p), 1, masks[p], spec.name, spec.mask_threshold) for p in images]
     if not samples:
         raise BenchmarkError(f"dataset '{spec.name}': split '{base}' holds no images")
     return samples
