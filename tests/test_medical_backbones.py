@@ -75,8 +75,10 @@ def test_unimedclip_checkpoint_loads_strictly_and_equals_its_official_code():
     unimedclip.load_into(backbone.model, str(DATA / "unimedclip_tiny.pt"))  # strictly
     reference = torch.load(DATA / "unimedclip_tiny_reference.pt", weights_only=True)
     with torch.no_grad():
-        assert torch.equal(backbone.model.encode_text(reference["text"]), reference["encode_text"])
-        assert torch.equal(_text_block_by_block(backbone, reference["text"]), reference["encode_text"])
+        # float32 rounding only: bit equality held on the machine that wrote the reference, not on every CPU's
+        # kernels (1.2e-7 seen on another x86_64)
+        assert (backbone.model.encode_text(reference["text"]) - reference["encode_text"]).abs().max() < 1e-6
+        assert (_text_block_by_block(backbone, reference["text"]) - reference["encode_text"]).abs().max() < 1e-6
         image = backbone.model.encode_image(reference["images"])
     # float32 rounding: its fork's attention runs sequence-first, pip open_clip's batch-first
     assert (image - reference["encode_image"]).abs().max() < 2e-6
@@ -85,7 +87,7 @@ def test_unimedclip_checkpoint_loads_strictly_and_equals_its_official_code():
     unimedclip.load_into(larger.model, str(DATA / "unimedclip_tiny.pt"))
     assert larger.model.visual.positional_embedding.shape == (1 + 6 * 6, 64) and larger.grid_size == (6, 6)
     with torch.no_grad():
-        assert torch.equal(larger.model.encode_text(reference["text"]), reference["encode_text"])
+        assert (larger.model.encode_text(reference["text"]) - reference["encode_text"]).abs().max() < 1e-6
     # a model of other shapes is refused in one line naming the first key that does not fit
     other = load_clip(BackboneSpec("tiny-vit-bert", "random-init", 0), 32)
     with pytest.raises(WeightsUnavailableError, match=r"does not fit UniMedCLIP-ViT-B-16: .* \(and \d+ more\)$"):
