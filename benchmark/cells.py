@@ -102,8 +102,17 @@ def plugin_of(name: str, raw: dict[str, Any]) -> str:
     return raw.get("method", name)
 
 
-def expand(protocol: Protocol, catalog: dict[str, DatasetSpec], methods=None, datasets=None, seeds=None) -> list[Cell]:
-    """The protocol's grid, optionally narrowed by ``--methods``/``--datasets``/``--seeds``; names checked."""
+def expand(
+    protocol: Protocol,
+    catalog: dict[str, DatasetSpec],
+    methods=None,
+    datasets=None,
+    seeds=None,
+    settings=None,
+    shots=None,
+) -> list[Cell]:
+    """The protocol's grid, optionally narrowed by ``--methods``/``--datasets``/``--seeds``/``--settings``/
+    ``--shots`` (K, or a data fraction's percentage: settings without one are left out); names checked."""
     where = protocol.path
     for i, name in enumerate(protocol.datasets):
         if name not in catalog:
@@ -117,6 +126,13 @@ def expand(protocol: Protocol, catalog: dict[str, DatasetSpec], methods=None, da
         METHODS.get(plugin, where=f"{where}: methods.{name}" + (".method" if "method" in raw else ""))
     picked_methods = _narrow(list(protocol.methods), methods, "--methods")
     picked_datasets = _narrow(list(protocol.datasets), datasets, "--datasets")
+    picked_settings = _narrow(list(dict.fromkeys(s.name for s in protocol.settings)), settings, "--settings")
+    if shots is not None:
+        offered = sorted({k for s in protocol.settings if s.name in picked_settings for k in s.shots})
+        for k in shots:
+            if k not in offered:
+                raise BenchmarkError(f"--shots: {k} is not a K (or fraction) of the settings picked (they list "
+                                     f"{', '.join(map(str, offered)) or 'none'})")  # fmt: skip
     seed_pairs = list(zip(protocol.seeds, protocol.sampling_seeds, strict=True))
     if seeds is not None:
         unknown = [s for s in seeds if s not in protocol.seeds]
@@ -169,6 +185,8 @@ def expand(protocol: Protocol, catalog: dict[str, DatasetSpec], methods=None, da
                                          f"names {', '.join(map(str, files))})")  # fmt: skip
                 checkpoint, fitted = files.get(None) or files.get(trained_on) or (None, {})
                 for k in setting.shots or (None,):
+                    if setting.name not in picked_settings or (shots is not None and k not in shots):
+                        continue
                     for design in protocol.prompt_designs or (None,):
                         # a seed-free cell runs once, under the first seed picked
                         for seed, sampling_seed in seed_pairs[:1] if seed_free(cls, setting.name) else seed_pairs:

@@ -31,6 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--methods", type=_csv(str), help="run only these method entries of the protocol (a,b)")
     run.add_argument("--datasets", type=_csv(str), help="run only these datasets of the protocol (x,y)")
     run.add_argument("--seeds", type=_csv(int), help="run only these model seeds of the protocol (0,1)")
+    run.add_argument("--settings", type=_csv(str), help="run only these settings of the protocol (few_shot,...)")
+    run.add_argument(
+        "--shots", type=_csv(int), help="run only these K (data_fraction: percentages) of the protocol's settings "
+        "(2,4); settings without K are left out"
+    )  # fmt: skip
     run.add_argument("--data-root", help="folder holding the datasets (overrides the protocol's data_root)")
     run.add_argument("--results-dir", help="overrides the protocol's results_dir")
     run.add_argument("--resume", action="store_true", help="skip cells already finished with the same config")
@@ -169,7 +174,7 @@ def _cmd_run(args) -> int:
         changes["results_dir"] = args.results_dir
     protocol = dataclasses.replace(protocol, **changes)
     catalog = load_catalog([Path(p) for p in protocol.dataset_cards])
-    cells = expand(protocol, catalog, args.methods, args.datasets, args.seeds)
+    cells = expand(protocol, catalog, args.methods, args.datasets, args.seeds, args.settings, args.shots)
     root = Path(protocol.data_root)
     note = skipped_note(skipped_pairs(protocol, catalog, args.methods, args.datasets), catalog)
     if args.dry_run:
@@ -179,6 +184,8 @@ def _cmd_run(args) -> int:
     print(f"{protocol.name} (protocol version {protocol.version}): {len(cells)} cells, data root '{root}'")
     if note:
         print(f"note: {note}")
+    if not args.resume:
+        print(*_rerun_note(protocol, cells), sep="", end="")
     executor = _executor(args, protocol)
     print(f"cells run on: {executor.describe()}")
     summary = run_protocol(
@@ -391,25 +398,46 @@ def _cmd_compare(args) -> int:
         stem.with_suffix(".png").write_bytes(to_png(fig))
         written += [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
     sys.stdout.write(compare.render(result, args.experiment, args.format, args.resamples))
-    logged = _log_to_parent(args.results_dir, args.experiment, written, "compare")
+    logged = _log_analysis(args.results_dir, args.experiment, written, "compare", f"compare {args.metric}")
     print(f"wrote {', '.join(str(p) for p in written)} ({time.perf_counter() - started:.1f} s); {logged}")
     return 0
 
 
-def _log_to_parent(results_dir: str, experiment: str, files: list[Path], folder: str) -> str:
-    """Log ``files`` into the newest parent MLflow run of the experiment; what was done, in words."""
+def _rerun_note(protocol, cells) -> list[str]:
+    """The line saying how many of ``cells`` finished before (computed again without ``--resume``), if any."""
+    from benchmark.store import ResultStore
+
+    store = ResultStore(protocol.results_dir, protocol.name)
+    done = store.finished_hashes()
+    again = sum(c.config_hash(protocol) in done for c in cells)
+    if not again:
+        return []
+    return [
+        f"note: {again} of these {len(cells)} cells finished before ({store.path}): they are computed again and "
+        "appended, and tables show their newest lines; --resume skips them\n"
+    ]
+
+
+def _log_analysis(results_dir: str, experiment: str, files: list[Path], folder: str, what: str) -> str:
+    """Log ``files`` under ``folder`` in an MLflow run of their own in the experiment, named for what they cover
+    (``what`` and the finished cells they read): an analysis belongs to no one invocation's run. What was done,
+    in words."""
+    from benchmark.store import ResultStore
     from benchmark.tracking import Tracker, results_uri
 
     uri = results_uri(results_dir)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         return f"no MLflow store at {uri}: nothing logged"
     tracker = Tracker(uri, experiment, Path(results_dir) / "mlartifacts" / experiment)
-    parent = tracker.latest_parent()
+    cells = len(ResultStore(results_dir, experiment).finished_hashes())
+    name = f"{what}: {experiment}, {cells} finished cells"
+    run = tracker.start(name, {"analysis": folder, "cells": str(cells)}) if tracker.experiment_id else None
     for path in files:
-        tracker.log_artifact(parent, path, folder)
-    if parent is None or tracker.behind:
+        tracker.log_artifact(run, path, folder)
+    tracker.end(run, "FINISHED")
+    if run is None or tracker.behind:
         return f"not logged to MLflow ({tracker.behind or 'the experiment has no run'})"
-    return f"logged to MLflow run {parent} under {folder}/"
+    return f"logged to MLflow run '{name}' ({run}) under {folder}/"
 
 
 def _cmd_report(args) -> int:
@@ -426,7 +454,7 @@ def _cmd_report(args) -> int:
     folder.mkdir(exist_ok=True)
     for name, png in figures.items():
         (folder / name).write_bytes(png)
-    logged = _log_to_parent(args.results_dir, args.experiment, [out, *sorted(folder.iterdir())], "report")
+    logged = _log_analysis(args.results_dir, args.experiment, [out, *sorted(folder.iterdir())], "report", "report")
     took = time.perf_counter() - started
     print(f"wrote {out} ({len(page) / 1e6:.1f} MB, {len(figures)} figures, {took:.1f} s); {logged}")
     return 0

@@ -9,6 +9,7 @@ that any number of workers may run jobs while the driver alone writes records. E
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -107,11 +108,46 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class FigurePicks:
+    """The test images a cell's samples figure shows, chosen in the one streaming pass with ``n`` held at most:
+    the highest-scored normal images (the likeliest false alarms) and, of the anomalous ones, the lowest-scored
+    (the worst missed) then the highest-scored (the best found). Without normal images (a segmentation-only
+    set) every pick is anomalous. Ties keep the earlier image."""
+
+    def __init__(self, n: int, image_level: bool = True) -> None:
+        anomalous = n // 2 if image_level else n
+        self.quota = {(0, 1.0): n - anomalous, (1, -1.0): (anomalous + 1) // 2, (1, 1.0): anomalous // 2}
+        self.kept: dict[tuple[int, float], list[tuple[float, int, SampleView]]] = {k: [] for k in self.quota}
+        self.seen = 0
+
+    def offer(self, score: float, label: int, view) -> None:
+        """``view()`` builds the image's ``SampleView``, only when it is kept."""
+        self.seen += 1
+        built = None
+        for (wanted, sign), quota in self.quota.items():
+            kept = self.kept[(wanted, sign)]
+            if wanted != label or not quota or (len(kept) == quota and sign * score <= kept[-1][0]):
+                continue
+            built = built or view()
+            kept.append((sign * score, -self.seen, built))
+            kept.sort(key=lambda k: k[:2], reverse=True)
+            del kept[quota:]
+
+    def views(self) -> list[SampleView]:
+        """Normal picks, then the worst and the best anomalous ones; an image picked twice is shown once."""
+        out: dict[str, SampleView] = {}
+        for (_, sign), kept in self.kept.items():
+            why = "highest score" if sign > 0 else "lowest score"
+            for _, _, v in kept:
+                out.setdefault(v.name, dataclasses.replace(v, note=why))
+        return list(out.values())
+
+
 @dataclass
 class Evaluation:
     metrics: dict[str, float]
     sweep: list[dict[str, float]]
-    figure: list[SampleView]
+    figure: list[SampleView]  # the samples figure's images (``FigurePicks``)
     test_hash: str
     roc: dict[str, Curve]
     evidence: Evidence | None  # per-image evidence (not kept for a validation pass)
@@ -132,6 +168,19 @@ def _check_prediction(method: Method, scores: torch.Tensor, maps: torch.Tensor, 
         if not torch.isfinite(t).all() or t.min() < -1e-5 or t.max() > 1 + 1e-5:
             raise RuntimeError(f"method '{method.name}' returned {what} outside [0, 1] or not finite")
     return scores.clamp(0, 1), maps.clamp(0, 1)
+
+
+def _sample_view(batch, scores: torch.Tensor, maps: torch.Tensor, uncertainty, i: int) -> SampleView:
+    """A batch's ``i``-th test image as the figures draw it."""
+    return SampleView(
+        Path(batch.paths[i]).name,
+        batch.images[i].permute(1, 2, 0).clamp(0, 1).numpy(),
+        batch.masks[i].bool().numpy(),
+        maps[i].numpy(),
+        float(scores[i]),
+        int(batch.labels[i]),
+        uncertainty[i].numpy() if uncertainty is not None else None,
+    )
 
 
 def evaluate(
@@ -161,7 +210,8 @@ def evaluate(
     pixels = PixelMetrics((*sweep, thresholds["dice"])) if has_masks else None
     segments = SegmentationMetrics(thresholds["dice"]) if has_masks else None
     calibration = CalibrationMetrics() if has_masks else None
-    figure: list[SampleView] = []
+    first: list[SampleView] = []  # the first images of each class: every method's evidence shows the same ones
+    picks = FigurePicks(figure_samples, image_level)
     keys: list[str] = []
     evidence = EvidenceWriter((*sweep, thresholds["dice"]), has_masks) if keep_evidence else None
     want = {0: (figure_samples + 1) // 2, 1: figure_samples // 2}
@@ -178,7 +228,11 @@ def evaluate(
         images.update(scores, batch.labels)
         if pixels is not None:
             pixels.update(maps, batch.masks)
-            segments.update(maps, batch.masks, [native_mask(by_path[p]) for p in batch.paths] if native else None)
+            # per-image DSC and NSD over the anomalous images where a set also holds normal ones: on a normal
+            # image an empty prediction would score 1 (MedCLIPSeg defines them on sets where every image is)
+            scored = [i for i, label in enumerate(batch.labels.tolist()) if label or not image_level]
+            at_native = [native_mask(by_path[batch.paths[i]]) for i in scored] if native else None
+            segments.update(maps[scored], batch.masks[scored], at_native)
             calibration.update(maps, batch.masks, uncertainty)
         if writer is not None:
             writer.add(batch.paths, scores, batch.labels, maps, batch.masks, uncertainty)
@@ -186,19 +240,11 @@ def evaluate(
             names = [Path(p).name for p in batch.paths]
             evidence.update(batch.keys, names, scores, batch.labels, maps, batch.masks)
         for i, label in enumerate(batch.labels.tolist()):
+            view = functools.partial(_sample_view, batch, scores, maps, uncertainty, i)
+            picks.offer(float(scores[i]), label, view)
             if want[label] > 0:
                 want[label] -= 1
-                figure.append(
-                    SampleView(
-                        Path(batch.paths[i]).name,
-                        batch.images[i].permute(1, 2, 0).clamp(0, 1).numpy(),
-                        batch.masks[i].bool().numpy(),
-                        maps[i].numpy(),
-                        float(scores[i]),
-                        label,
-                        uncertainty[i].numpy() if uncertainty is not None else None,
-                    )
-                )
+                first.append(view())
         keys += batch.keys
     anomalous = int(images.labels.sum())
     if image_level and (not anomalous or anomalous == len(images.labels)):
@@ -246,16 +292,16 @@ def evaluate(
     if pixels is not None:
         roc["pixel"] = Curve(*pixels.roc(), metrics["pixel_auroc"])
     examples = {
-        "names": np.array([s.name for s in figure]),
-        "images": np.stack([(s.image * 255).round().astype(np.uint8) for s in figure]) if figure else np.zeros(0),
-        "masks": np.stack([s.mask for s in figure]) if figure else np.zeros(0),
-        "maps": np.stack([s.amap.astype(np.float16) for s in figure]) if figure else np.zeros(0),
+        "names": np.array([s.name for s in first]),
+        "images": np.stack([(s.image * 255).round().astype(np.uint8) for s in first]) if first else np.zeros(0),
+        "masks": np.stack([s.mask for s in first]) if first else np.zeros(0),
+        "maps": np.stack([s.amap.astype(np.float16) for s in first]) if first else np.zeros(0),
     }
-    if figure and all(s.uncertainty is not None for s in figure):  # evidence.npz: an MLflow artifact
-        examples["uncertainty"] = np.stack([s.uncertainty.astype(np.float16) for s in figure])
+    if first and all(s.uncertainty is not None for s in first):  # evidence.npz: an MLflow artifact
+        examples["uncertainty"] = np.stack([s.uncertainty.astype(np.float16) for s in first])
     pixel_roc = (roc["pixel"].fpr, roc["pixel"].tpr) if "pixel" in roc else None
     kept = evidence.build(examples, pixel_roc) if evidence is not None else None
-    return Evaluation(metrics, rows, figure, content_hash(keys), roc, kept)
+    return Evaluation(metrics, rows, picks.views(), content_hash(keys), roc, kept)
 
 
 def choose_thresholds(
@@ -448,6 +494,8 @@ def run_job(job: CellJob) -> CellResult:
             "test_count": len(split.test),
             "threshold_dice": thresholds["dice"],
             "threshold_accuracy": thresholds["accuracy"],
+            # the images that the per-image DSC and NSD average over (``evaluate``)
+            **({"segmentation_images": "anomalous" if image_level else "all"} if spec.masks else {}),
             "published_as": method.published_as(),
             "precision": computing,
             **({"training_precision": policy.trained_in} if policy.trained_in else {}),

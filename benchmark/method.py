@@ -161,6 +161,12 @@ class Method:
     fit_version: ClassVar[int] = 1  # raise it when the maths of fit or predict change: stored fits are retrained
     fit_reads_target: ClassVar[bool] = True  # fit reads the target's card (organ word, masks): part of the fit key
     test_params: ClassVar[frozenset[str]] = frozenset({"progress", "cache_features"})  # params fit never reads
+    # fit reads only the normal training images (a one-class method): its cells in settings that differ only in the
+    # anomalous training images compute one result (``benchmark.runner.result_identity``)
+    one_class: ClassVar[bool] = False
+    # neither fit nor predict reads the setting's name or K, only the data they bring (zero-shot LOO, whose target
+    # files are never read, stays apart): cells of settings that bring the same data compute one result
+    setting_blind: ClassVar[bool] = False
     released: ClassVar[Released | None] = None  # its authors' checkpoints (``import_official`` reads them)
 
     @classmethod

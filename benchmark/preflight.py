@@ -136,13 +136,16 @@ def check_folders(protocol: Protocol, uri: str) -> list[str]:
     return problems
 
 
-def preflight(protocol: Protocol, catalog: dict[str, DatasetSpec], cells: list[Cell], root: Path, uri: str) -> None:
+def preflight(
+    protocol: Protocol, catalog: dict[str, DatasetSpec], cells: list[Cell], root: Path, uri: str
+) -> dict[str, Split]:
     """Fail before anything is recorded, naming every fault at once: folders, the tracking server (asked once,
-    with a short timeout), data layout, weights."""
+    with a short timeout), data layout, weights. Every cell's split (files listed, not read), by cell id."""
     problems = check_folders(protocol, uri)
     problems += [p for p in (check_server(uri),) if p]
-    _, found, missing = check_splits(protocol, catalog, cells, root)
+    splits, found, missing = check_splits(protocol, catalog, cells, root)
     problems += [*missing.values(), *found]
     problems += check_weights(cells)
     if problems:
         raise PreflightError(problems)
+    return splits

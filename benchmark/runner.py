@@ -9,6 +9,7 @@ the local records (see ``benchmark.recording``).
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import sys
 import time
@@ -23,6 +24,7 @@ from benchmark import environment
 from benchmark.cells import Cell
 from benchmark.claims import Claims
 from benchmark.data.catalog import DatasetSpec
+from benchmark.data.splits import Split
 from benchmark.errors import BenchmarkError
 from benchmark.executors import Executor, SerialExecutor
 from benchmark.killpoints import kill_point
@@ -58,18 +60,33 @@ def cell_line(result, threshold: float | None) -> str:
     return " ".join(parts)
 
 
+def _row_fields(cell: Cell, result) -> dict[str, Any]:
+    """What the closing summary groups a cell's line by, beside its metrics and time."""
+    setting = cell.setting + (f" K={cell.shots}" if cell.shots else "")
+    return {"method": result.info.get("variant", cell.method), "setting": setting, **result.metrics,
+            "seconds": result.duration}  # fmt: skip
+
+
 def summary_table(rows: list[dict[str, Any]]) -> str:
-    """The run's cells against their main metrics (failed cells with their reason), as a text table."""
+    """The run at a glance: per method variant and setting, its cells (failed ones counted), the means of its
+    main metrics over datasets and seeds, and its cells' time in seconds."""
     from tabulate import tabulate
 
     columns = [c for c in (*SHOWN, "dice", "dice_oracle", "image_accuracy") if any(c in r for r in rows)]
-    headers = ["cell", *(columns or ["status"]), "s"]  # every cell failed: their reasons under "status"
-    body = []
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
-        values = [f"{r[c]:.3f}" if c in r else "" for c in columns]
-        if "error" in r:
-            values = [f"FAILED: {r['error'][:60]}"] + [""] * (len(headers) - 3)
-        body.append([r["cell"], *values, f"{r['seconds']:.1f}"])
+        groups.setdefault((r["method"], r["setting"]), []).append(r)
+    body = []
+    for (method, setting), part in groups.items():
+        done = [r for r in part if "error" not in r]
+        means = []
+        for c in columns:
+            values = [r[c] for r in done if c in r]
+            means.append(f"{sum(values) / len(values):.3f}" if values else "")
+        failed = len(part) - len(done)
+        cells = f"{len(part)}" + (f" ({failed} failed)" if failed else "")
+        body.append([method, setting, cells, *means, f"{sum(r['seconds'] for r in part):.1f}"])
+    headers = ["method", "setting", "cells", *(f"{c} (mean)" for c in columns), "time (s)"]
     return tabulate(body, headers=headers, tablefmt="simple", disable_numparse=True)
 
 
@@ -172,7 +189,7 @@ def run_protocol(
     executor.prepare(cells)  # first: local workers start (import torch) while the data are checked
     try:
         prepare_synthetic(protocol, catalog, data_root)
-        preflight(protocol, catalog, cells, data_root, uri)
+        splits = preflight(protocol, catalog, cells, data_root, uri)
         store = ResultStore(protocol.results_dir, protocol.name)
         claims = Claims(store)
         try:
@@ -180,7 +197,7 @@ def run_protocol(
             elsewhere = claims.take([c.config_hash(protocol) for c in cells])
             return _run(
                 protocol, catalog, cells, data_root, uri, executor, store, elsewhere, claims.touch, resume,
-                save_predictions, echo, fitting,
+                save_predictions, echo, fitting, splits,
             )  # fmt: skip
         finally:
             try:
@@ -209,6 +226,33 @@ def fit_group(cell: Cell) -> tuple:
     )  # fmt: skip
 
 
+def result_identity(cell: Cell, split: Split) -> tuple:
+    """Everything a cell's result depends on: cells alike in it compute one result. The setting counts only for a
+    method that reads it (``Method.setting_blind``) or in zero-shot LOO, and the training images only as far as
+    the method reads them (the normal ones of a ``Method.one_class`` method); the data are compared as files."""
+    cls = METHODS.get(cell.plugin_name)
+    train = tuple(s for s in split.train if not s.label) if cls.one_class else split.train
+    setting = cell.setting if not cls.setting_blind or cell.setting == "zero_shot_loo" else ""
+    shots = cell.shots if not cls.setting_blind else None
+
+    def files(samples) -> tuple:
+        return tuple((str(s.path), s.label) for s in samples)
+
+    return (
+        cell.plugin_name, repr(sorted(cell.params.items())), cell.backbone, cell.image_size, cell.resize,
+        cell.precision, cell.seed, cell.checkpoint, cell.checkpoint_format, cell.prompt_design, setting, shots,
+        cell.dataset, files(train), files(split.auxiliary), files(split.valid), files(split.test),
+    )  # fmt: skip
+
+
+def copy_result(result, cell: Cell):
+    """``result``, computed for another cell alike (``result_identity``), as this cell's."""
+    info = {k: v for k, v in result.info.items() if k != "trained_on"}
+    if cell.setting == "domain_generalization" and not cell.checkpoint:
+        info["trained_on"] = cell.loo_sources[0]
+    return dataclasses.replace(result, cell_id=cell.cell_id, info=info, duration=0.0)  # nothing computed for it
+
+
 def fits_first(jobs: list) -> list:
     """The jobs with the first of each fit group ahead of the others, which then load its fit instead of waiting
     for it (given checkpoints need no fit)."""
@@ -235,10 +279,12 @@ def _run(
     save_predictions: bool,
     echo: Callable[[str], None],
     fitting: Fitting,
+    splits: dict[str, Split],
 ) -> RunSummary:
     """The grid on a prepared executor: records cell by cell as results come back. ``elsewhere``: the cells
     another live invocation runs (config hash -> host:pid); ``alive()`` after each record keeps this
-    invocation's claims fresh."""
+    invocation's claims fresh. A cell whose result another cell of the grid computes (``result_identity``) is
+    not run: it is recorded from that cell's result, with ``same_result_as`` naming it."""
     from benchmark.job import CellJob
 
     summary = RunSummary()
@@ -260,6 +306,8 @@ def _run(
             echo("MLflow reconciled with results.jsonl: " + ", ".join(f"{n} runs {what}" for what, n in done.items()))
 
     jobs, index, bases, running = [], {}, {}, {}
+    computing: dict[tuple, str] = {}  # result identity -> the cell that computes it
+    copies: dict[str, list[Cell]] = {}  # cell id -> the cells recorded from its result
     cache_dir = str(Path(protocol.results_dir) / "cache")
     fits_dir = str(Path(protocol.results_dir) / "fits")
     for position, cell in enumerate(cells, 1):
@@ -278,12 +326,22 @@ def _run(
             cell, protocol, catalog, str(data_root), cache_dir, str(store.dir / cell.cell_id), save_predictions,
             protocol.device, fits_dir, fitting.refit_before,
         )  # fmt: skip
-        jobs.append(job)
         index[cell.cell_id], bases[cell.cell_id] = position, base
+        identity = result_identity(cell, splits[cell.cell_id])
+        if identity in computing:
+            copies.setdefault(computing[identity], []).append(cell)
+            continue
+        computing[identity] = cell.cell_id
+        jobs.append(job)
     jobs = fits_first(jobs)
+    if copies:
+        alike = sum(len(c) for c in copies.values())
+        echo(f"{alike} cells are alike another cell of the grid in method, the data its fit reads and test split: "
+             "each is recorded from that cell's result (same_result_as), not computed again")  # fmt: skip
 
     # one live line on a terminal (cells done / running / failed, ETA); per-cell lines above it; none in logs
-    bar = tqdm(total=len(jobs), unit="cell", desc=protocol.name, disable=None, dynamic_ncols=True, leave=False)
+    total = len(jobs) + sum(len(c) for c in copies.values())
+    bar = tqdm(total=total, unit="cell", desc=protocol.name, disable=None, dynamic_ncols=True, leave=False)
     say = bar.write if not bar.disable else echo
 
     def on_start(job: CellJob) -> None:
@@ -292,35 +350,43 @@ def _run(
         kill_point("cell_started")
 
     try:
-        for job, result in executor.run(jobs, on_start):
+        for job, computed in executor.run(jobs, on_start):
             kill_point("cell_computed")
-            cell = job.cell
-            run_id = running.get(cell.cell_id)
-            record = _record(bases[cell.cell_id], result, cell, protocol, run_id)
-            if result.fit_file and fitting.log:
-                record["fit_file"] = result.fit_file
-            recorder.write(record, cell_files(result, cell.config(protocol), result.environment or env))
-            recorder.log(record, run_id)
-            running.pop(cell.cell_id, None)
-            alive()
-            kill_point("cell_ended")
-            bar.update(1)
-            tag = f"[{index[cell.cell_id]}/{len(cells)}] {cell.cell_id}"
-            for warning in result.warnings:
-                say(f"{tag}: {warning}")
-            if result.status == "finished":
-                summary.finished.append(cell.cell_id)
-                summary.rows.append({"cell": cell.cell_id, **result.metrics, "seconds": result.duration})
-                label = " [random-init backbone]" if cell.backbone.random_init else ""
-                if str(result.info.get("fit", "")).startswith("reused "):  # not trained here: the fit was stored
-                    label += f" [fit reused from {result.info['fit_cell']}]"
-                say(f"{tag}: {cell_line(result, result.info['threshold_dice'])} ({result.duration:.1f} s){label}")
-            else:
-                summary.failed.append((cell.cell_id, result.error))
-                summary.rows.append({"cell": cell.cell_id, "error": result.error, "seconds": result.duration})
-                summary.bad_input |= result.bad_input
-                say(f"{tag}: FAILED: {result.error} (traceback in {store.dir / cell.cell_id / 'error.txt'})")
-            bar.set_postfix(running=len(running), failed=len(summary.failed))
+            for cell in (job.cell, *copies.get(job.cell.cell_id, ())):
+                result = computed if cell is job.cell else copy_result(computed, cell)
+                if cell is not job.cell:
+                    running[cell.cell_id] = recorder.start(bases[cell.cell_id])
+                run_id = running.get(cell.cell_id)
+                record = _record(bases[cell.cell_id], result, cell, protocol, run_id)
+                if cell is not job.cell:
+                    record["same_result_as"] = job.cell.cell_id
+                if result.fit_file and fitting.log:
+                    record["fit_file"] = result.fit_file
+                recorder.write(record, cell_files(result, cell.config(protocol), result.environment or env))
+                recorder.log(record, run_id)
+                running.pop(cell.cell_id, None)
+                alive()
+                kill_point("cell_ended")
+                bar.update(1)
+                tag = f"[{index[cell.cell_id]}/{len(cells)}] {cell.cell_id}"
+                for warning in result.warnings if cell is job.cell else ():
+                    say(f"{tag}: {warning}")
+                if result.status == "finished":
+                    summary.finished.append(cell.cell_id)
+                    summary.rows.append({"cell": cell.cell_id, **_row_fields(cell, result)})
+                    label = " [random-init backbone]" if cell.backbone.random_init else ""
+                    if cell is not job.cell:
+                        label += f" [same result as {job.cell.cell_id}: not computed again]"
+                    elif str(result.info.get("fit", "")).startswith("reused "):  # not trained here: the fit was stored
+                        label += f" [fit reused from {result.info['fit_cell']}]"
+                    line = cell_line(result, result.info["threshold_dice"])
+                    say(f"{tag}: {line} ({result.duration:.1f} s){label}")
+                else:
+                    summary.failed.append((cell.cell_id, result.error))
+                    summary.rows.append({"cell": cell.cell_id, "error": result.error, **_row_fields(cell, result)})
+                    summary.bad_input |= result.bad_input
+                    say(f"{tag}: FAILED: {result.error} (traceback in {store.dir / cell.cell_id / 'error.txt'})")
+                bar.set_postfix(running=len(running), failed=len(summary.failed))
     except BaseException:
         bar.close()
         for run_id in running.values():

@@ -24,6 +24,15 @@ RECORD_KEYS = (
 )  # fmt: skip
 
 
+OVER_NORMAL_IMAGES_TOO = ("dice_per_image", "nsd")
+
+
+def _over_normal_images_too(rec: dict[str, Any]) -> bool:
+    """Whether a record's per-image DSC and NSD averaged normal test images in (records written before they were
+    taken over the anomalous images only): there an empty prediction scored 1, so they are not shown."""
+    return "image_auroc" in rec["metrics"] and rec.get("params", {}).get("segmentation_images") != "anomalous"
+
+
 def strict_json(value: Any) -> Any:
     """``value`` with every non-finite float replaced by None, so that ``json.dumps`` writes strict JSON."""
     if isinstance(value, float):
@@ -94,6 +103,8 @@ class ResultStore:
                 rows.append({**base, "status": rec["status"], "metric": None, "value": float("nan")})
                 continue
             for metric, value in rec["metrics"].items():
+                if metric in OVER_NORMAL_IMAGES_TOO and _over_normal_images_too(rec):
+                    continue
                 rows.append({**base, "status": "finished", "metric": metric, "value": value})
         import pandas as pd
 

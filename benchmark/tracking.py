@@ -237,13 +237,6 @@ class Tracker:
         if run_id is not None:
             self._call(self.client.log_artifact, run_id, str(path), folder)
 
-    def latest_parent(self) -> str | None:
-        """The newest invocation's parent run of the experiment (the runs of its cells hang under it)."""
-        parents = [
-            r for r in self.runs() if "mlflow.parentRunId" not in r.data.tags and r.data.tags.get("sync") != "true"
-        ]
-        return max(parents, key=lambda r: r.info.start_time).info.run_id if parents else None
-
     def end(self, run_id: str | None, status: str, even_if_behind: bool = False) -> None:
         """``status``: FINISHED, FAILED or KILLED; a parent run is ended even after a failure (one more try)."""
         if run_id is not None and self.client is not None:

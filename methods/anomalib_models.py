@@ -73,6 +73,8 @@ class AnomalibMethod(Method):
     default_image_size = 256
     implementation = "methods.models.anomalib_bridge:AnomalibImpl"
     fit_state = ("module", "calibration", "history")
+    one_class = True  # the bridge trains on the normal training images only
+    setting_blind = True
     model_class: ClassVar[str] = ""
     constructor: ClassVar[dict[str, Any]] = {}  # name -> default
 

@@ -2,6 +2,7 @@
 read, and ``--published`` that says when nothing matches."""
 
 import argparse
+import dataclasses
 
 import numpy as np
 import pytest
@@ -26,9 +27,17 @@ def test_a_run_talks_and_ends_with_a_summary_and_the_next_commands(write_protoco
     rec = next(r for r in ResultStore(tmp_path / "results", "t").latest().values() if r["setting"] == "few_normal")
     best = max(range(1, 10), key=lambda t: rec["metrics"][f"dice_t{t / 10:g}"])
     assert f"dice@0.5={rec['metrics']['dice']:.3f} (oracle {rec['metrics']['dice_oracle']:.3f} @{best / 10:g})" in cell
-    header = next(i for i, line in enumerate(out) if line.startswith("cell ") and "dice_oracle" in line)
-    assert out[header + 2].split()[0] == "winclip-SynthBrain-few_normal-k2-seed0"
-    assert f"{rec['metrics']['image_auroc']:.3f}" in out[header + 2]
+    # WinCLIP+ sees only the normal images: its few-shot cell is its few-normal-shot cell, computed once
+    copy = next(line for line in out if line.startswith("[2/2] winclip-SynthBrain-few_shot-k2-seed0: "))
+    assert copy.endswith("[same result as winclip-SynthBrain-few_normal-k2-seed0: not computed again]")
+    both = ResultStore(tmp_path / "results", "t").latest().values()
+    shot = next(r for r in both if r["setting"] == "few_shot")
+    assert shot["same_result_as"] == rec["cell_id"] and shot["metrics"] == rec["metrics"] and shot["duration_s"] == 0
+    # the closing summary: a line per method variant and setting, means over its cells, time in seconds
+    header = next(i for i, line in enumerate(out) if line.startswith("method ") and "dice_oracle (mean)" in line)
+    assert out[header].split()[-2:] == ["time", "(s)"]
+    assert out[header + 2].split()[:5] == ["WinCLIP+", "few_normal", "K=2", "1", f"{rec['metrics']['image_auroc']:.3f}"]
+    assert out[header + 3].split()[:3] == ["WinCLIP+", "few_shot", "K=2"] and out[header + 3].split()[-1] == "0.0"
     following = out[out.index("next:") + 1 :]
     assert following[0].strip().startswith(f"python -m benchmark tables t --results-dir {tmp_path / 'results'}")
     assert following[1].strip().startswith(f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'results'}")
@@ -36,6 +45,41 @@ def test_a_run_talks_and_ends_with_a_summary_and_the_next_commands(write_protoco
     assert main(["run", str(path), "--dry-run"]) == 0
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
     assert len(notes) == 1 and "mvfa: few_normal" in notes[0]
+
+    # run again without --resume: it says that the finished cells are computed again
+    assert main(["run", str(path), "--methods", "winclip", "--seeds", "0", "--settings", "few_normal"]) == 0
+    again = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert again == [
+        f"note: 1 of these 1 cells finished before ({tmp_path / 'results' / 't' / 'results.jsonl'}): they are computed "
+        "again and appended, and tables show their newest lines; --resume skips them"
+    ]
+
+
+def test_run_narrows_to_settings_and_shots(write_protocol, capsys):
+    path = write_protocol(
+        methods={"winclip": {"scales": [2]}},
+        settings=["zero_shot_loo", {"name": "few_normal", "shots": [1, 2]}, {"name": "few_shot", "shots": [2]}],
+        datasets=["SynthBrain", "SynthLiver"],
+    )
+
+    def cells(*flags: str) -> list[str]:
+        assert main(["run", str(path), "--dry-run", "--seeds", "0", "--datasets", "SynthBrain", *flags]) == 0
+        return [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("winclip-")]
+
+    assert cells("--settings", "few_normal") == ["winclip-SynthBrain-few_normal-k1-seed0",
+                                                 "winclip-SynthBrain-few_normal-k2-seed0"]  # fmt: skip
+    assert cells("--shots", "2") == ["winclip-SynthBrain-few_normal-k2-seed0", "winclip-SynthBrain-few_shot-k2-seed0"]
+    assert cells("--settings", "few_normal,zero_shot_loo", "--shots", "1") == ["winclip-SynthBrain-few_normal-k1-seed0"]
+    assert main(["run", str(path), "--settings", "few_shots"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "error: --settings: 'few_shots' is not in the protocol (it lists zero_shot_loo, few_normal, few_shot)"
+    ]
+    assert main(["run", str(path), "--settings", "few_shot", "--shots", "1"]) == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == "error: --shots: 1 is not a K (or fraction) of the settings picked (they list 2)"
+    )
 
 
 def test_run_suggests_the_protocol_file(capsys):
@@ -118,12 +162,68 @@ def test_figures_have_the_expected_panels(tmp_path):
     png.write_bytes(to_png(fig))
     assert Image.open(png).size[0] > 400
     rows = [{"threshold": t / 10, "image_accuracy": 0.5, "dice": t / 20} for t in range(1, 10)]
-    sweep = sweep_figure(rows, "t", 0.5)
+    title = "threshold sweep | medclipseg-SynthRetina-few_shot-k2-seed0 | backbone tiny-vit / random-init (seed 0)"
+    sweep = sweep_figure(rows, title, 0.5)
     assert [line.get_label() for line in sweep.axes[0].get_lines()][:2] == ["Dice", "accuracy"]
+    assert sweep.axes[0].get_ylabel() == "Dice / image accuracy"
+    assert _inside(sweep, sweep._suptitle)  # a cell's long title is wrapped, not cut at the sides
+    # a method with uncertainty maps: their column has a colour bar of its own; the rows say why they were picked
+    unsure = [dataclasses.replace(v, uncertainty=np.full((32, 32), 0.3), note="highest score") for v in samples]
+    fig = samples_figure(unsure, "t", 0.5)
+    mosaic, maps, uncertainty = fig.axes
+    assert maps.get_ylabel().startswith("anomaly map") and uncertainty.get_ylabel() == "uncertainty (entropy, nats)"
+    assert uncertainty.get_ylim() == pytest.approx((0.0, np.log(2)))
+    assert next(t.get_text() for t in mosaic.texts if "score" in t.get_text()) == "normal, highest score\nscore 0.100"
+    assert all(_inside(fig, a) for a in fig.axes[1:])
     roc = roc_figure(
         {"image": Curve(np.r_[0, 1.0], np.r_[0, 1.0], 0.5), "pixel": Curve(np.r_[0, 1.0], np.r_[0, 1.0], 0.5)}, "t"
     )
     assert len(roc.axes) == 2 and roc.axes[1].get_legend().get_texts()[0].get_text() == "pixel (AUROC 0.500)"
+
+
+def _inside(fig, artist) -> bool:
+    """Whether ``artist`` (a text or an axes with its labels) is drawn whole within the figure."""
+    fig.canvas.draw()
+    box = artist.get_tightbbox(fig.canvas.get_renderer())
+    return box.x0 >= 0 and box.y0 >= 0 and box.x1 <= fig.bbox.x1 and box.y1 <= fig.bbox.y1
+
+
+class _EmptyMaps:
+    """A method that finds nothing anywhere: empty maps, image scores in the order of the images."""
+
+    name = "empty_maps"
+
+    def __init__(self) -> None:
+        self.seen = 0
+
+    def predict(self, batch):
+        import torch
+
+        from benchmark.method import Prediction
+
+        n, size = batch.images.shape[0], batch.images.shape[-1]
+        self.seen += n
+        scores = torch.arange(self.seen - n, self.seen, dtype=torch.float32) / 100
+        return Prediction(scores, torch.zeros(n, size, size))
+
+
+def test_per_image_dsc_counts_anomalous_images_and_the_figure_shows_the_telling_ones(synth_root, catalog):
+    from benchmark.data.splits import make_split
+    from benchmark.job import evaluate
+
+    test = make_split(synth_root, catalog, "SynthBrain", "few_normal", 2, 0).test
+    ev = evaluate(_EmptyMaps(), test, True, {"dice": 0.5, "accuracy": 0.5}, (0.5,), 32, 4, figure_samples=4)
+    # on a set with normal test images, empty maps score 0, not the share of normal images
+    assert ev.metrics["dice_per_image"] == 0.0 and ev.metrics["nsd"] == 0.0
+    names, labels = list(ev.evidence.names), ev.evidence.labels
+    normal = [n for n, label in zip(names, labels, strict=True) if not label]
+    anomalous = [n for n, label in zip(names, labels, strict=True) if label]
+    # the highest-scored normal images, then the lowest- and the highest-scored anomalous one (scores rise in order)
+    assert [(v.name, v.label, v.note) for v in ev.figure] == [
+        (normal[-1], 0, "highest score"), (normal[-2], 0, "highest score"),
+        (anomalous[0], 1, "lowest score"), (anomalous[-1], 1, "highest score"),
+    ]  # fmt: skip
+    assert list(ev.evidence.examples["names"]) == [*normal[:2], *anomalous[:2]]  # every method's: the same images
 
 
 def test_mlflow_shows_effective_params_curves_and_one_sweep_plot(write_protocol, tmp_path):
@@ -175,10 +275,13 @@ def test_tables_of_a_run_render(write_protocol, tmp_path, capsys, fmt):
 def test_the_summary_table_stays_aligned_when_every_cell_failed():
     from benchmark.runner import summary_table
 
-    failed = [{"cell": f"winclip-SynthBrain-seed{i}", "error": "out of memory", "seconds": 1.5} for i in range(2)]
+    failed = [{"cell": f"winclip-SynthBrain-seed{i}", "method": "WinCLIP+", "setting": "few_normal K=2",
+               "error": "out of memory", "seconds": 1.5} for i in range(2)]  # fmt: skip
     lines = summary_table(failed).splitlines()
     header, rule = lines[0], lines[1]
-    assert header.split() == ["cell", "status", "s"] and len(rule.split()) == 3
-    assert all(line.split("  ")[-1].strip() == "1.5" for line in lines[2:])  # seconds under "s", not beside it
-    both = summary_table([*failed, {"cell": "mvfa-SynthBrain-seed0", "image_auroc": 0.5, "seconds": 2.0}])
-    assert both.splitlines()[0].split() == ["cell", "image_auroc", "s"]
+    assert header.split() == ["method", "setting", "cells", "time", "(s)"] and len(rule.split()) == 4
+    assert lines[2].split() == ["WinCLIP+", "few_normal", "K=2", "2", "(2", "failed)", "3.0"]
+    done = {"cell": "mvfa-SynthBrain-seed0", "method": "MVFA", "setting": "few_shot K=2", "image_auroc": 0.5}
+    both = summary_table([*failed, {**done, "seconds": 2.0}, {**done, "image_auroc": 0.7, "seconds": 2.0}])
+    assert both.splitlines()[0].split() == ["method", "setting", "cells", "image_auroc", "(mean)", "time", "(s)"]
+    assert both.splitlines()[3].split() == ["MVFA", "few_shot", "K=2", "2", "0.600", "4.0"]  # a mean over its cells

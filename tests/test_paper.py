@@ -197,7 +197,7 @@ def test_paper_table_shows_our_retrain_beside_the_authors_checkpoint_and_the_pap
     capsys.readouterr()
     assert main(["tables", "k2", "--results-dir", str(results)]) == 0
     table = capsys.readouterr().out
-    assert "| MVFA (official) (authors' checkpoint) (few-shot, K=2)" in table
+    assert "| MVFA (official; authors' checkpoint; few-shot, K=2)" in table
     assert "**" not in table and "<u>" not in table  # a checkpoint is not ranked against the one retrain
     relabel_backbone(results, "k2", "k2b", L14)
     assert main(["paper-table", "mvfa", "Table 7", "--from", "k2b", "--results-dir", str(results)]) == 0

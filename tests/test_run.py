@@ -130,7 +130,7 @@ def test_mvfa_through_the_cli(run, tmp_path, capsys):
     few = next(r for r in mvfa if r["setting"] == "few_shot")
     assert few["params"]["trainable_params"] > 0 and few["params"]["memory_bank"] == 2 * 16
     assert main(["tables", "t", "--results-dir", str(tmp_path / "results"), "--format", "markdown"]) == 0
-    assert "MVFA (paper) (few-shot, K=2)" in capsys.readouterr().out
+    assert "MVFA (paper; few-shot, K=2)" in capsys.readouterr().out
 
 
 def test_aliases_run_one_method_with_different_switches(run, tmp_path, capsys):

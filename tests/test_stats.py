@@ -156,6 +156,23 @@ def test_holm_and_friedman_nemenyi():
     assert result.critical_difference == pytest.approx(2.343 * np.sqrt(3 * 4 / 24), abs=1e-3)
 
 
+def test_rank_tests_need_five_datasets_and_their_diagram_keeps_its_title():
+    from benchmark.reports.compare import cd_figure, rank_tests
+
+    rng = np.random.default_rng(0)
+    methods = [f"a method with a long variant name {i}" for i in range(11)]
+    rows = [{"group": "few-shot, K=4", "dataset": f"D{d}", "method": m, "mean": rng.random()}
+            for d in range(5) for m in methods]  # fmt: skip
+    tests, too_few = rank_tests(pd.DataFrame(rows), True, 0.05)
+    assert list(tests) == ["few-shot, K=4"] and tests["few-shot, K=4"].datasets == 5 and too_few == {}
+    fewer = pd.DataFrame([r for r in rows if r["dataset"] != "D4"])
+    assert rank_tests(fewer, True, 0.05) == ({}, {"few-shot, K=4": 4})
+    fig = cd_figure(tests["few-shot, K=4"], "an experiment with a long name, few-shot, K=4, image_auroc")
+    fig.canvas.draw()
+    box = fig._suptitle.get_window_extent(fig.canvas.get_renderer())
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.x1 and box.y1 <= fig.bbox.y1  # wrapped, not cut
+
+
 def test_per_image_counts_give_the_dataset_dice_bit_for_bit():
     torch.manual_seed(0)
     maps, masks = torch.rand(7, 20, 20), torch.rand(7, 20, 20) > 0.85
@@ -228,8 +245,10 @@ def test_compare_marks_no_difference_between_twins(twins, capsys):
         assert f"{row.mean * 100:.2f} {interval_text(row.ci_low, row.ci_high, row.mc_error)}" in out
     for suffix in ("md", "tex", "csv"):
         assert (twins / "t" / "compare" / f"image_auroc.{suffix}").is_file()
-    cd = sorted((twins / "t" / "compare").glob("cd_image_auroc_*"))
-    assert [p.suffix for p in cd] == [".pdf", ".png"]  # 3 methods x 2 datasets: a rank test
+    # 3 methods on 2 datasets: no rank test to draw, and the output says why
+    assert not list((twins / "t" / "compare").glob("cd_image_auroc_*"))
+    assert "No rank test across datasets (Friedman/Nemenyi, critical-difference diagram) for few-normal-shot, K=2 " \
+           "(2 datasets): it needs at least 5 datasets to separate methods." in out  # fmt: skip
     assert main(["compare", "t", "--results-dir", str(twins), "--metric", "dice", "--resamples", "200"]) == 0
 
 
@@ -258,16 +277,30 @@ class _Images(HTMLParser):
 def test_report_is_one_self_contained_page(twins, tmp_path, capsys):
     out = tmp_path / "report.html"
     assert main(["report", "t", "--results-dir", str(twins), "--out", str(out), "--resamples", "200"]) == 0
-    assert "logged to MLflow run" in capsys.readouterr().out
+    assert "logged to MLflow run 'report: t, 12 finished cells'" in capsys.readouterr().out
     page = _Images()
     page.feed(out.read_text())
     assert page.sources and all(s.startswith("data:image/png;base64,") for s in page.sources)
     headings = {"Results", "Which differences are real", "Curves", "Efficiency", "Provenance of every number"}
     assert headings <= set(page.headings)
     assert "Random-init backbones" in out.read_text()
+    from benchmark.reports.compare import load_entries
+    from benchmark.reports.report import curve_figures
+
+    entries = load_entries(twins, "t")
+    fig = curve_figures(entries)[f"curves_{entries[0].group}_{entries[0].dataset}"]
+    mine = [e for e in entries if (e.group, e.dataset) == (entries[0].group, entries[0].dataset)]
+    legends = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
+    assert legends == [
+        f"{e.name} (AUROC {np.mean([r['metrics']['pixel_auroc'] for r in e.records]):.3f})" for e in mine
+    ]  # the pixel ROC's AUROC: the mean over seeds, as the image ROC's
     client = MlflowClient(f"sqlite:///{twins / 'mlflow.db'}")
-    parent = next(r for r in client.search_runs([client.get_experiment_by_name("t").experiment_id])
-                  if "mlflow.parentRunId" not in r.data.tags)  # fmt: skip
+    runs = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    # the analysis is a run of its own, named for what it covers; the run of the grid's invocation is left as it was
+    (parent,) = [r for r in runs if r.data.tags.get("analysis") == "report"]
+    assert parent.info.run_name == "report: t, 12 finished cells" and parent.info.status == "FINISHED"
+    grid = [r for r in runs if "mlflow.parentRunId" not in r.data.tags and "analysis" not in r.data.tags]
+    assert len(grid) == 1 and not client.list_artifacts(grid[0].info.run_id, "report")
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert "report/report.html" in logged and any(p.startswith("report/curves_") for p in logged)
     assert "report/efficiency.png" in logged  # accuracy against time

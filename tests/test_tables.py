@@ -136,6 +136,36 @@ def test_a_group_that_ties_throughout_is_not_marked(tmp_path):
     assert "**" not in md and "<u>" not in md
 
 
+def test_a_variant_named_with_parentheses_gets_one_label(tmp_path):
+    store = ResultStore(tmp_path, "labels")
+    _record(store, "april_gan", "APRIL-GAN (few-shot)", "few_normal", 2, 0, "RESC", {"image_auroc": 0.7})
+    _record(store, "mvfa", "MVFA (official) (authors' checkpoint)", "few_shot", 2, 0, "RESC", {"image_auroc": 0.6})
+    md = render_markdown(store.frame(), ("image_auroc",), "cap")
+    labels = [line.split("|")[1].strip() for line in md.splitlines()[4:]]
+    assert labels == [
+        "MVFA (official; authors' checkpoint; few-shot, K=2)", "APRIL-GAN (few-shot; few-normal-shot, K=2)"
+    ]  # fmt: skip
+
+
+def test_per_image_dsc_on_sets_with_normal_images_is_over_the_anomalous_ones(tmp_path):
+    from benchmark.reports.tables import caption_for
+
+    store = ResultStore(tmp_path, "dsc")
+    seg = {"dice_per_image": 0.4, "nsd": 0.5}
+    # written before the rule: normal images averaged in (an empty map scored 1 on each); not shown
+    _record(store, "old", "Old", "few_shot", 2, 0, "BrainMRI", {"image_auroc": 0.7, "dice_per_image": 0.5, "nsd": 0.5})
+    store.append({**store.records()[-1], "config_hash": "new", "method": "new", "variant": "New",
+                  "params": {"segmentation_images": "anomalous"}, "metrics": {"image_auroc": 0.6, **seg}})  # fmt: skip
+    _record(store, "seg", "Seg", "few_shot", 2, 0, "Kvasir", seg)  # every image holds a lesion: as before
+    frame = store.frame()
+    shown = frame[frame["metric"] == "dice_per_image"]
+    assert sorted(shown["method"]) == ["new", "seg"]
+    md = render_markdown(frame, ("dice_per_image", "nsd"), caption_for(frame, "dsc", ("dice_per_image", "nsd")))
+    assert "Old" not in md and "| New (few-shot, K=2) |" in md
+    assert "DSC and NSD on BrainMRI (sets with normal test images too): per-image means over the anomalous test " \
+           "images only" in md  # fmt: skip
+
+
 def test_efficiency_table_puts_parameters_beside_mean_auroc(tmp_path):
     from benchmark.reports.tables import efficiency_frame, render_efficiency
 

@@ -8,6 +8,7 @@ evidence is aligned image by image. Two entries of a setting on a dataset are co
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,6 +163,7 @@ class Comparison:
     ranks: dict[str, stats.RankTest]  # per setting group with enough methods and datasets
     alpha: float
     baseline: str | None
+    too_few: dict[str, int] = field(default_factory=dict)  # setting groups not rank-tested: their dataset count
 
 
 def compare(
@@ -215,20 +217,43 @@ def compare(
     frame["p_holm"] = math.nan
     frame.loc[tested, "p_holm"] = stats.holm(frame.loc[tested, "p"].to_numpy())
     frame["significant"] = frame["p_holm"] < alpha
-    return Comparison(metric, frame, rank_tests(frame, better, alpha), alpha, baseline)
+    ranks, too_few = rank_tests(frame, better, alpha)
+    return Comparison(metric, frame, ranks, alpha, baseline, too_few)
 
 
-def rank_tests(frame: pd.DataFrame, better: bool, alpha: float) -> dict[str, stats.RankTest]:
-    """Friedman/Nemenyi per setting group over the datasets every one of its methods ran (>= 3 methods, >= 2
-    datasets)."""
-    out = {}
+# Friedman/Nemenyi across fewer datasets separates almost nothing: Nemenyi's critical difference grows as
+# 1 / sqrt(datasets) (11 methods on 3 datasets: 8.7 of the 10 ranks there are), and Friedman's chi-square is an
+# approximation that wants many blocks (Demsar 2006, sec. 3.2.2); below this count the tables say so instead.
+MIN_RANK_DATASETS = 5
+
+
+def rank_tests(frame: pd.DataFrame, better: bool, alpha: float) -> tuple[dict[str, stats.RankTest], dict[str, int]]:
+    """Friedman/Nemenyi per setting group over the datasets every one of its methods ran (>= 3 methods, >=
+    ``MIN_RANK_DATASETS`` datasets); and the groups of >= 3 methods left untested for too few datasets, with
+    their dataset counts."""
+    out, too_few = {}, {}
     for group, part in frame.groupby("group", sort=False):
         table = part.pivot_table(index="dataset", columns="method", values="mean").dropna(axis=0, how="any")
-        if table.shape[1] >= 3 and table.shape[0] >= 2:
-            test = stats.friedman_nemenyi(table, better, alpha)
-            if np.isfinite(test.p):  # not when every method ties on every dataset
-                out[str(group)] = test
-    return out
+        if table.shape[1] < 3:
+            continue
+        if table.shape[0] < MIN_RANK_DATASETS:
+            too_few[str(group)] = table.shape[0]
+            continue
+        test = stats.friedman_nemenyi(table, better, alpha)
+        if np.isfinite(test.p):  # not when every method ties on every dataset
+            out[str(group)] = test
+    return out, too_few
+
+
+def too_few_text(c: Comparison) -> str:
+    """The sentence on the setting groups not rank-tested for too few datasets ("" when none)."""
+    if not c.too_few:
+        return ""
+    groups = "; ".join(f"{g} ({n} dataset{'s' if n != 1 else ''})" for g, n in c.too_few.items())
+    return (
+        f"No rank test across datasets (Friedman/Nemenyi, critical-difference diagram) for {groups}: it needs at "
+        f"least {MIN_RANK_DATASETS} datasets to separate methods."
+    )
 
 
 def _pct(x: float) -> str:
@@ -293,7 +318,8 @@ def render(c: Comparison, experiment: str, fmt: str, n_resamples: int) -> str:
             + f"; Nemenyi critical difference {r.critical_difference:.2f}"
             for name, r in c.ranks.items()
         )
-        return f"{text}\n\n{table}\n" + (f"\nRank tests across datasets:\n{tests}\n" if tests else "")
+        out = f"{text}\n\n{table}\n" + (f"\nRank tests across datasets:\n{tests}\n" if tests else "")
+        return out + (f"\n{too_few_text(c)}\n" if c.too_few else "")
     from benchmark.reports.tables import _latex_escape
 
     dagger = r"$^\dagger$"
@@ -319,14 +345,14 @@ def cd_figure(test: stats.RankTest, title: str):
 
     longest = max(len(m) for m in test.ranks) + 7  # a label: "name (rank)", at 8 pt ~ 0.075 in a character
     side = 0.075 * longest
-    fig, ax = plt.subplots(figsize=(3.5 + 2 * side, 1.0 + 0.3 * len(test.ranks)))
-    fig.subplots_adjust(left=side / (3.5 + 2 * side), right=1 - side / (3.5 + 2 * side), top=0.8)
+    width, height = 3.5 + 2 * side, 1.6 + 0.3 * len(test.ranks)
+    fig, ax = plt.subplots(figsize=(width, height))
+    fig.subplots_adjust(left=side / width, right=1 - side / width, top=1 - 0.9 / height)
     sp.critical_difference_diagram(pd.Series(test.ranks), test.pairwise, ax=ax, label_props={"fontsize": 8})
-    ax.set_title(
-        f"{title}\nFriedman p = {test.p:.3g} over {test.datasets} datasets; "
-        f"Nemenyi CD = {test.critical_difference:.2f}",
-        fontsize=8,
-    )
+    # on the figure, wrapped to its width (about 0.075 in a character at 8 pt): a title wider than the axes is cut
+    text = f"{title}; Friedman p = {test.p:.3g} over {test.datasets} datasets"
+    text += f"; Nemenyi CD = {test.critical_difference:.2f}"
+    fig.suptitle(textwrap.fill(text, int(width / 0.075)), fontsize=8)
     return fig
 
 

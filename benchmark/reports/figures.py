@@ -35,6 +35,7 @@ class SampleView:
     score: float
     label: int
     uncertainty: np.ndarray | None = None  # the method's uncertainty map, where it gives one
+    note: str = ""  # why it is shown ("highest score": benchmark.job.FigurePicks)
 
 
 @dataclass(frozen=True)
@@ -93,9 +94,9 @@ def sample_panels(sample: SampleView, threshold: float, lo: float, hi: float, un
 
 
 def samples_figure(samples: Sequence[SampleView], title: str, threshold: float):
-    """One row per sample (labelled normal/anomalous with its image score): the image with the ground truth
-    outlined (green), the map over it with a shared colour bar, the predicted mask at ``threshold`` and, for
-    methods that give one, the uncertainty map.
+    """One row per sample (labelled normal/anomalous, why it was picked, and its image score): the image with the
+    ground truth outlined (green), the map over it with a shared colour bar, the predicted mask at ``threshold``
+    and, for methods that give one, the uncertainty map with its own colour bar.
 
     The panels are composed into one image drawn on one axes (a dozen axes cost more than the drawing: this
     figure is rendered for every cell)."""
@@ -110,9 +111,11 @@ def samples_figure(samples: Sequence[SampleView], title: str, threshold: float):
     hi = hi if hi > lo else lo + 1e-6
     uncertainty = any(s.uncertainty is not None for s in samples)
     columns = 4 if uncertainty else 3
-    titles = ["", "anomaly map", f"map >= {threshold:g} (red), truth (green)", "uncertainty (entropy, nats)"]
-    fig = plt.figure(figsize=(2.8 * columns, 2.5 * rows + 0.5))
-    ax = fig.add_axes((0.08, 0.02, 0.8, 1 - 0.6 / (2.5 * rows + 0.5) - 0.02))
+    titles = ["", "anomaly map", f"map >= {threshold:g} (red), truth (green)", "uncertainty (entropy)"]
+    height_in = 2.5 * rows + 0.5
+    fig = plt.figure(figsize=(2.8 * columns + (0.9 if uncertainty else 0), height_in))
+    right = 0.76 if uncertainty else 0.8
+    ax = fig.add_axes((0.08, 0.02, right, 1 - 0.6 / height_in - 0.02))
     ax.axis("off")
     if samples:
         size = samples[0].amap.shape
@@ -125,12 +128,16 @@ def samples_figure(samples: Sequence[SampleView], title: str, threshold: float):
                 mosaic[top : top + size[0], col * width : col * width + size[1]] = panel
                 name = sample.name if col == 0 else titles[col]
                 ax.text(col * width + size[1] / 2, top - gap / 2, name, ha="center", va="bottom", fontsize=7)
-            kind = "anomalous" if sample.label else "normal"
+            kind = ("anomalous" if sample.label else "normal") + (f", {sample.note}" if sample.note else "")
             ax.text(-gap, top + size[0] / 2, f"{kind}\nscore {sample.score:.3f}", rotation=90, ha="right",
                     va="center", fontsize=8)  # fmt: skip
         ax.imshow(mosaic, interpolation="nearest", aspect="equal")
-        scale = ScalarMappable(Normalize(lo, hi), "jet")
-        fig.colorbar(scale, cax=fig.add_axes((0.9, 0.25, 0.02, 0.5)), label="anomaly map (shared scale)")
+        bars = [("jet", lo, hi, "anomaly map (shared scale)")]
+        if uncertainty:
+            bars.append(("nipy_spectral", 0.0, float(np.log(2)), "uncertainty (entropy, nats)"))
+        for i, (cmap, vmin, vmax, label) in enumerate(bars):
+            where = fig.add_axes((0.08 + right + 0.015 + i * 0.075, 0.25, 0.015, 0.5))
+            fig.colorbar(ScalarMappable(Normalize(vmin, vmax), cmap), cax=where, label=label)
     fig.suptitle(title, fontsize=8)
     return fig
 
@@ -153,6 +160,9 @@ def draw_sweep(
     if marked is not None:
         ax.axvline(marked, color="grey", linewidth=0.8, linestyle=":")
     ax.set_xlabel("threshold")
+    drawn = [name for key, name in (("dice", "Dice"), ("image_accuracy", "image accuracy")) if key in what
+             and rows and all(key in r for r in rows)]  # fmt: skip
+    ax.set_ylabel(" / ".join(drawn))
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -170,10 +180,11 @@ def draw_roc(ax, curve: Curve, label: str) -> None:
 
 def sweep_figure(rows: Sequence[dict[str, float]], title: str, marked: float | None = None):
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(4.8, 3.4))
+    fig, ax = plt.subplots(figsize=(4.8, 3.6))
     draw_sweep(ax, rows, marked=marked)
-    ax.set_title(textwrap.fill(title, 75), fontsize=7)  # a cell id and a backbone: wider than the plot
-    fig.subplots_adjust(left=0.11, right=0.97, bottom=0.14, top=0.87)  # fixed: rendered for every cell
+    # a cell id and a backbone are wider than the plot: wrapped on the figure's width, not the axes'
+    fig.suptitle(textwrap.fill(title, 62), fontsize=7)
+    fig.subplots_adjust(left=0.13, right=0.97, bottom=0.13, top=0.82)  # fixed: rendered for every cell
     return fig
 
 

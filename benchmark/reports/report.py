@@ -74,6 +74,8 @@ def comparison_section(entries: list[compare.Entry], experiment: str, metric: st
         cells = {r["dataset"]: html.escape(compare.cell_text(r)) for _, r in part.iterrows()}
         body.append([html.escape(group), html.escape(method), *(cells.get(d, "--") for d in datasets)])
     text = f'<p class="caption">{html.escape(compare.caption(result, experiment, resamples))}</p>'
+    if result.too_few:
+        text += f'<p class="caption">{html.escape(compare.too_few_text(result))}</p>'
     figures = {
         f"cd_{metric}_{group}": compare.cd_figure(test, f"{group}, {metric}") for group, test in result.ranks.items()
     }
@@ -99,7 +101,8 @@ def curve_figures(entries: list[compare.Entry]) -> dict[str, object]:
                 mean_auroc = float(np.mean([auroc_exact(ev.scores, ev.labels.astype(bool)) for ev in e.evidence]))
                 draw_roc(axes[0][0], Curve(fpr, tpr, mean_auroc), e.name)
             if masks and first.pixel_roc is not None:
-                draw_roc(axes[0][1], Curve(*first.pixel_roc, float("nan")), e.name)
+                pixel_auroc = float(np.mean([r["metrics"]["pixel_auroc"] for r in e.records]))
+                draw_roc(axes[0][1], Curve(*first.pixel_roc, pixel_auroc), e.name)
             if masks:
                 dice = np.mean([[ev.dice(t) for t in ev.thresholds] for ev in e.evidence], axis=0)
                 rows = [{"threshold": t, "dice": d} for t, d in zip(first.thresholds, dice, strict=True)]
@@ -109,7 +112,7 @@ def curve_figures(entries: list[compare.Entry]) -> dict[str, object]:
         )
         axes[0][0].set_title(title, fontsize=8)
         if masks:
-            axes[0][1].set_title("pixel ROC (first seed)", fontsize=8)
+            axes[0][1].set_title("pixel ROC (first seed; AUROC: mean over seeds)", fontsize=8)
             axes[0][2].set_title("Dice against the threshold (mean over seeds)", fontsize=8)
         fig.suptitle(f"{dataset}, {group}", fontsize=9)
         fig.tight_layout()

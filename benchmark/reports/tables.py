@@ -138,10 +138,18 @@ class Row:
         return not self.key or self.key[ROW_KEYS.index("fit_source")] == "retrain"
 
     def label(self) -> str:
-        """The full label (Markdown): ``name (setting)``; published and difference rows say what they are."""
+        """The full label (Markdown): ``name (setting)``, the details a variant's name ends with in the same
+        parenthesis (``MVFA (official; authors' checkpoint; few-shot, K=2)``); published and difference rows say
+        what they are."""
         if self.kind == "published":
             return f"published ({self.source})"
-        return "difference" if self.kind == "difference" else f"{self.name} ({self.group})"
+        if self.kind == "difference":
+            return "difference"
+        base, details = self.name, [self.group]
+        while base.endswith(")") and " (" in base:
+            base, _, detail = base.rpartition(" (")
+            details.insert(0, detail[:-1])
+        return f"{base} ({'; '.join(details)})"
 
 
 def build(frame: pd.DataFrame, metrics: tuple[str, ...], published: bool = False):
@@ -463,6 +471,14 @@ def caption_for(frame: pd.DataFrame, experiment: str, metrics: tuple[str, ...], 
             f" DSC and NSD{which}: at each mask's native size (the binary prediction upsampled nearest-neighbour to"
             " it, as MedCLIPSeg's evaluation); the NSD's 2-pixel tolerance is in those pixels."
         )
+    if {"dice_per_image", "nsd"} & set(metrics):
+        shown = frame[frame["metric"].isin(("dice_per_image", "nsd"))]["dataset"]
+        with_normals = sorted(set(shown) & set(frame.loc[frame["metric"] == "image_auroc", "dataset"]))
+        if with_normals:
+            text += (
+                f" DSC and NSD on {', '.join(with_normals)} (sets with normal test images too): per-image means over"
+                " the anomalous test images only (on a normal image an empty prediction would score 100)."
+            )
     if "dice_oracle" in metrics:
         text += " Dice (oracle): the best Dice over the threshold sweep, picked on test data; for reference only."
     if std and frame["seed_free"].eq(True).any():
