@@ -24,6 +24,8 @@ def _csv(kind):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from benchmark.reports.published import published_tables
+
     p = argparse.ArgumentParser(prog="python -m benchmark", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a protocol's grid of cells")
@@ -126,9 +128,13 @@ def _parser() -> argparse.ArgumentParser:
     paper = sub.add_parser(
         "paper-table", help="a published table in its paper's layout, our numbers where runs cover it"
     )
-    paper.add_argument("paper", nargs="?", help="mvfa, medsad-clip or mcmiad")
-    paper.add_argument("table", nargs="?", help='the table as the paper numbers it, e.g. "Table 1"')
-    paper.add_argument("--from", dest="experiments", type=_csv(str), help="experiments holding our runs (a,b)")
+    published = published_tables()  # what the command reads: results/published/published_results.csv
+    listed = "; ".join(f"{name}: " + ", ".join(f'"{t}"' for t in tables) for name, tables in published.items())
+    paper.add_argument("paper", nargs="?", help=f"a paper with published tables: {', '.join(published)}")
+    paper.add_argument("table", nargs="?", help=f"its table, quoted ({listed})")
+    paper.add_argument(
+        "--from", dest="experiments", type=_csv(str), help="experiments holding our runs (a,b); none: the paper's alone"
+    )
     paper.add_argument(
         "--format", choices=("latex", "markdown", "csv"), default="markdown", help="output format (markdown)"
     )
@@ -466,10 +472,12 @@ def _cmd_paper(args) -> int:
     if args.coverage:
         sys.stdout.write(paper.render_coverage(paper.coverage(PROTOCOLS_DIR)))
         return 0
-    if not args.paper or not args.table or not args.experiments:
-        raise BenchmarkError("paper-table: expected PAPER TABLE --from EXPERIMENT[,...] (or --coverage)")
-    table = paper.paper_table(args.paper, args.table, args.results_dir, args.experiments)
-    if not any(c.ours is not None for c in table.cells.values()):
+    if not args.paper or not args.table:
+        raise BenchmarkError("paper-table: expected PAPER TABLE [--from EXPERIMENT[,...]] (or --coverage)")
+    if args.delta and not args.experiments:
+        raise BenchmarkError("paper-table: --delta needs --from EXPERIMENT[,...] (ours minus the paper's number)")
+    table = paper.paper_table(args.paper, args.table, args.results_dir, args.experiments or [])
+    if args.experiments and not any(c.ours is not None for c in table.cells.values()):
         raise BenchmarkError(
             f"{args.paper} {args.table}: {', '.join(args.experiments)} reproduce none of its "
             f"{sum(c.published is not None for c in table.cells.values())} "

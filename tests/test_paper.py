@@ -45,6 +45,87 @@ def test_every_published_row_of_a_method_we_run_is_reachable():
     assert by_table[("medsad-clip", "Table 7")].reproducible == 20  # AnomalyCLIP's Dice at 0.3 ... 0.7 (sweep)
 
 
+def test_paper_table_help_lists_every_published_paper_and_table(capsys, monkeypatch):
+    """The papers and tables in ``--help`` are those of the published CSV the command reads (MedCLIPSeg's were
+    missing from a hand-written list)."""
+    monkeypatch.setenv("COLUMNS", "1000")  # no line wrapped inside a table's name
+    with pytest.raises(SystemExit) as done:
+        main(["paper-table", "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    pub = load_published()
+    papers = list(dict.fromkeys(pub["paper"]))
+    assert "medclipseg" in papers
+    assert f"a paper with published tables: {', '.join(papers)}" in out
+    for paper, table in set(zip(pub["paper"], pub["table"], strict=True)):
+        assert re.search(rf'[(;] ?{re.escape(paper)}: ("[^"]+", )*"{re.escape(table)}"', out), (paper, table)
+
+
+def test_paper_table_without_from_shows_the_papers_numbers_alone(capsys):
+    """No ``--from``: the paper's table in its layout, its numbers unmarked, a caption saying no run is shown and
+    how to add one; ``--delta`` without a run is a one-line error."""
+    assert main(["paper-table", "mvfa", "Table 2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "no run of ours is shown" in lines[0] and "--from EXPERIMENT" in lines[0] and "reproduced" not in lines[0]
+    part = load_published().query("paper == 'mvfa' and table == 'Table 2'")
+    table = [[c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("|")]
+    header, body = table[0], table[2:]
+    short = {"image_auroc": "AC", "pixel_auroc": "AS"}
+    columns = dict.fromkeys(zip(part["dataset"], part["metric"], strict=True))
+    assert header == ["Method", *(f"{d} {short[m]}" for d, m in columns)]
+    settings = dict.fromkeys(part["setting"])
+    expected = [x for s in settings for x in [f"*{s}*", *dict.fromkeys(part.loc[part["setting"] == s, "method"])]]
+    assert [row[0] for row in body] == expected  # its settings and methods in its order
+    rows = {row[0]: row for row in body}
+    for _, r in part.iterrows():
+        column = header.index(f"{r['dataset']} {short[r['metric']]}")
+        assert rows[r["method"]][column] == f"{r['value_percent']:.2f}"  # the paper's number, unmarked
+    assert main(["paper-table", "mvfa", "Table 2", "--format", "latex"]) == 0
+    tex = capsys.readouterr().out
+    assert "no run of ours is shown" in tex and r"$^\dagger$" not in tex and r"\emph{zeroshot\_loo}" in tex
+    assert main(["paper-table", "mvfa", "Table 2", "--delta"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--delta needs --from" in err
+
+
+def test_coverage_names_the_protocols_that_reproduce_each_table(capsys, monkeypatch, tmp_path):
+    """``--coverage`` names per table the shipped protocol files that reproduce it, per setting where they differ
+    (per method where those differ within a setting), and says so where none does."""
+
+    def blocks(out: str) -> dict[str, str]:
+        found = re.split(r"^(\S.*?): \d+ published numbers.*$", out, flags=re.M)
+        return dict(zip(found[1::2], found[2::2], strict=True))
+
+    assert main(["paper-table", "--coverage"]) == 0
+    tables = blocks(capsys.readouterr().out)
+    pub = load_published()
+    assert set(tables) == {f"{p} {t}" for p, t in zip(pub["paper"], pub["table"], strict=True)}
+    assert all("  reproduced by" in block for block in tables.values())
+    assert "\n  reproduced by: protocols/zeroshot_loo.yaml\n" in tables["mvfa Table 2"]
+    assert "\n  reproduced by, per setting:\n" in tables["mvfa Table 7"]
+    for k in (2, 4, 8, 16):
+        assert f"\n    fewshot_k{k}: protocols/fewshot_k{k}.yaml\n" in tables["mvfa Table 7"]
+    assert "\n    few-shot: protocols/medsad_fewshot.yaml\n" in tables["medsad-clip Table 2"]
+    supervised = re.search(r"^    supervised: (.*)$", tables["medsad-clip Table 2"], flags=re.M).group(1)
+    assert "BGAD" in supervised and "MedSAD-CLIP: " in supervised  # its methods differ: grouped by their files
+    domains = ("brain", "bus", "derm", "endo")
+    assert (
+        "reproduced by: " + ", ".join(f"protocols/medclipseg_domain_{d}.yaml" for d in domains)
+        in tables["medclipseg README: Domain Generalization"]
+    )
+    named = set(re.findall(r"protocols/[\w.-]+\.yaml", "".join(tables.values())))
+    assert named and all((PROTOCOLS_DIR.parent / name).is_file() for name in named)
+
+    shipped = tmp_path / "protocols"  # only MVFA's zero-shot protocol: the others' tables are reproduced by none
+    shipped.mkdir()
+    shutil.copy(PROTOCOLS_DIR / "zeroshot_loo.yaml", shipped)
+    monkeypatch.setattr("benchmark.cli.PROTOCOLS_DIR", shipped)
+    assert main(["paper-table", "--coverage"]) == 0
+    tables = blocks(capsys.readouterr().out)
+    assert "\n  reproduced by: protocols/zeroshot_loo.yaml\n" in tables["mvfa Table 2"]
+    assert "\n  reproduced by: none of the shipped protocols\n" in tables["mvfa Table 7"]
+
+
 @pytest.fixture
 def bmad_run(write_protocol, tmp_path, catalog):
     """Small generated data under the BMAD names BrainMRI and LiverCT, and a real few-shot run on them."""
@@ -144,7 +225,7 @@ def test_paper_table_errors_are_one_line(tmp_path, capsys):
     assert main(["paper-table", "mvfa", "Table 99", "--from", "x", "--results-dir", str(tmp_path)]) == 2
     assert "no published table mvfa 'Table 99'" in capsys.readouterr().err
     assert main(["paper-table", "mvfa"]) == 2
-    assert "expected PAPER TABLE --from" in capsys.readouterr().err
+    assert "expected PAPER TABLE [--from" in capsys.readouterr().err
 
 
 def test_a_published_dice_at_another_threshold_is_matched_to_the_sweep(write_protocol, tmp_path, catalog, capsys):

@@ -62,6 +62,7 @@ class PaperTable:
     cells: dict[tuple[str, str, str, str], Cell]  # (setting, method, dataset, metric)
     notes: list[str] = field(default_factory=list)
     provenance: str = ""
+    experiments: list[str] = field(default_factory=list)  # none: the paper's numbers alone
 
 
 def our_summary(results_dir: str | Path, experiments: list[str]) -> pd.DataFrame:
@@ -100,6 +101,7 @@ def aggregate(hits: pd.DataFrame, dataset: str) -> tuple[float, int] | None:
 
 
 def paper_table(paper: str, table: str, results_dir: str | Path, experiments: list[str]) -> PaperTable:
+    """The table with our runs from ``experiments`` in place; with none, the paper's numbers alone."""
     pub = load_published()
     part = pub[(pub["paper"] == paper) & (pub["table"] == table)]
     if part.empty:
@@ -107,7 +109,7 @@ def paper_table(paper: str, table: str, results_dir: str | Path, experiments: li
         raise BenchmarkError(
             f"no published table {paper} '{table}' in {PUBLISHED_CSV.name} (known: {', '.join(known)})"
         )
-    ours = our_summary(results_dir, experiments)
+    ours = our_summary(results_dir, experiments) if experiments else None
     groups = list(dict.fromkeys(part["setting"]))
     # a table that prints one method at several thresholds (MedSAD-CLIP's Table 7) gets a row per threshold
     several = part.groupby(["setting", "method", "dataset", "metric"]).size().max() > 1
@@ -124,7 +126,7 @@ def paper_table(paper: str, table: str, results_dir: str | Path, experiments: li
     for _, r in part.iterrows():
         cell = Cell(float(r["value_percent"]))
         cells[(r["setting"], r["label"], r["dataset"], r["metric"])] = cell
-        if r["our_setting"] is None:
+        if r["our_setting"] is None or ours is None:
             continue
         mine = ours[
             (ours["name_key"] == r["method_key"])
@@ -156,7 +158,8 @@ def paper_table(paper: str, table: str, results_dir: str | Path, experiments: li
     sources = sorted({source for labels in others.values() for source, _ in labels.values()} - {"retrain"})
     notes += [SOURCE_NOTES[source] for source in sources]
     notes += sorted({n for n in part["setting_note"] if n})
-    return PaperTable(paper, table, groups, rows, columns, cells, notes, _provenance(results_dir, experiments))
+    provenance = _provenance(results_dir, experiments) if experiments else ""
+    return PaperTable(paper, table, groups, rows, columns, cells, notes, provenance, experiments)
 
 
 SOURCE_NOTES = {
@@ -212,17 +215,23 @@ def _ranks(t: PaperTable) -> dict[tuple, int]:
     return marks
 
 
-def _text(cell: Cell | None, delta: bool) -> str:
+def _text(cell: Cell | None, delta: bool, copied: str = COPIED) -> str:
     if cell is None:
         return "--"
     if cell.ours is None:
-        return f"{cell.published:.2f}{COPIED}"
+        return f"{cell.published:.2f}{copied}"
     mean, std, n = cell.ours
     text = f"{mean:.2f} ± {std:.2f}" if n > 1 and not math.isnan(std) else f"{mean:.2f}"
     return text + (f" ({mean - cell.published:+.2f})" if delta and cell.published is not None else "")
 
 
 def caption(t: PaperTable, delta: bool) -> str:
+    if not t.experiments:
+        text = (
+            f"{t.paper} {t.table} as published, in the paper's layout: its numbers only, no run of ours is shown "
+            "(add one with --from EXPERIMENT[,...]; paper-table --coverage names the protocols that reproduce it)."
+        )
+        return " ".join([text, *t.notes])
     reproduced = sum(c.ours is not None and c.published is not None for c in t.cells.values())
     printed = sum(c.published is not None for c in t.cells.values())
     text = (
@@ -246,6 +255,7 @@ def render(t: PaperTable, fmt: str, delta: bool = False) -> str:
         ]  # fmt: skip
         return pd.DataFrame(rows).to_csv(index=False)
     latex = fmt == "latex"
+    copied = COPIED if t.experiments else ""  # every number is the paper's: nothing to mark
     body = []
     for group in t.groups:
         body.append(("group", group, []))
@@ -253,7 +263,7 @@ def render(t: PaperTable, fmt: str, delta: bool = False) -> str:
             cells = []
             for d, m in t.columns:
                 cell = t.cells.get((g, meth, d, m))
-                text = _text(cell, delta)
+                text = _text(cell, delta, copied)
                 rank = marks.get((g, meth, d, m))
                 if latex:
                     # true signs on the differences only ("--", no number, stays a dash)
@@ -293,6 +303,7 @@ class Coverage:
     not_run: dict[str, int]  # printed method -> rows
     exceptions: dict[str, int]  # documented reason -> rows
     unreachable: list[str]  # rows of methods we run that no shipped protocol reaches
+    protocols: dict[str, dict[str, set[str]]] = field(default_factory=dict)  # setting -> method -> files reproducing
 
 
 # Rows of methods we run that no protocol can reach, and why (documented in the README)
@@ -302,14 +313,16 @@ EXCEPTIONS = {
 }
 
 
-def reachable_cells(protocols_dir: Path) -> set[tuple[str, str, int, str, str, float | None, str]]:
-    """What the shipped protocols compute: (plugin, setting, K, dataset, metric, Dice threshold, backbone label)."""
+def reachable_cells(protocols_dir: Path) -> dict[tuple[str, str, int, str, str, float | None, str], set[str]]:
+    """What the shipped protocols compute, (plugin, setting, K, dataset, metric, Dice threshold, backbone label),
+    each with the protocol files that compute it (``protocols/fewshot_k2.yaml``)."""
     from benchmark.cells import expand
     from benchmark.data.catalog import load_catalog
     from benchmark.protocol import load_protocol
 
-    out = set()
+    out: dict[tuple[str, str, int, str, str, float | None, str], set[str]] = {}
     for path in sorted(protocols_dir.glob("*.yaml")):
+        name = str(path.relative_to(protocols_dir.parent))
         protocol = load_protocol(path)
         catalog = load_catalog([Path(p) for p in protocol.dataset_cards])
         fixed = protocol.threshold.value if protocol.threshold.mode == "fixed" else None
@@ -319,11 +332,14 @@ def reachable_cells(protocols_dir: Path) -> set[tuple[str, str, int, str, str, f
             if spec.masks:
                 metrics += ["pixel_auroc", "dice", "dice_per_image"]
             backbone = cell.backbone.label()
-            for metric in metrics:
-                out.add((cell.plugin_name, cell.setting, cell.shots or 0, cell.dataset, metric, fixed, backbone))
+            keys = {
+                (cell.plugin_name, cell.setting, cell.shots or 0, cell.dataset, m, fixed, backbone) for m in metrics
+            }
             if catalog[cell.dataset].masks:  # Dice at every threshold of the sweep, too
                 key = (cell.plugin_name, cell.setting, cell.shots or 0, cell.dataset, "dice")
-                out |= {(*key, t, backbone) for t in protocol.sweep}
+                keys |= {(*key, t, backbone) for t in protocol.sweep}
+            for key in keys:
+                out.setdefault(key, set()).add(name)
     return out
 
 
@@ -338,6 +354,7 @@ def coverage(protocols_dir: Path) -> list[Coverage]:
     for (paper, table), part in pub.groupby(["paper", "table"], sort=False):
         cov = Coverage(paper, table, len(part), 0, {}, {}, [])
         for _, r in part.iterrows():
+            by_method = cov.protocols.setdefault(r["setting"], {})
             plugin = plugins.get(r["method_key"])
             if plugin is None:
                 cov.not_run[r["canonical"]] = cov.not_run.get(r["canonical"], 0) + 1
@@ -345,21 +362,30 @@ def coverage(protocols_dir: Path) -> list[Coverage]:
             threshold = None if math.isnan(r["threshold"]) else float(r["threshold"])
             key = (plugin, r["our_setting"], int(r["our_shots"] or 0), r["dataset"], r["metric"])
             if r["dataset"] in AGGREGATES:  # averages over sets: every set they average must be reached
-                have = {k[3] for k in reach if k[:3] == key[:3] and k[4] == r["metric"] and agrees(r["backbone"], k[6])}
+                sets = {
+                    k: f
+                    for k, f in reach.items()
+                    if k[:3] == key[:3] and k[4] == r["metric"] and agrees(r["backbone"], k[6])
+                }
+                have = {k[3] for k in sets}
                 sources = have & set(DOMAIN_SOURCES)
                 efficiency = r["dataset"] == "avg_efficiency_sets"
                 if set(EFFICIENCY_SETS) <= have if efficiency else sources and have - sources:
                     cov.reproducible += 1
+                    by_method.setdefault(r["method"], set()).update(*sets.values())
                 else:
                     cov.unreachable.append(f"{r['method']} | {r['setting']} | {r['dataset']} | {r['metric']}")
                 continue
-            if r["our_setting"] is not None and any(
-                k[:5] == key
+            found = [
+                f
+                for k, f in reach.items()
+                if k[:5] == key
                 and (r["metric"] != "dice" or (k[5] is not None and abs(k[5] - threshold) < 1e-9))
                 and agrees(r["backbone"], k[6])
-                for k in reach
-            ):
+            ]
+            if r["our_setting"] is not None and found:
                 cov.reproducible += 1
+                by_method.setdefault(r["method"], set()).update(*found)
             elif METHODS.get(plugin).requires_masks and r["dataset"] in catalog and not catalog[r["dataset"]].masks:
                 reason = EXCEPTIONS[(plugin, "no masks")]
                 cov.exceptions[reason] = cov.exceptions.get(reason, 0) + 1
@@ -380,6 +406,28 @@ def render_coverage(items: list[Coverage]) -> str:
             lines.append(f"  methods we do not run yet: {missing}")
         for reason, n in c.exceptions.items():
             lines.append(f"  documented exception ({n}): {reason}")
+        lines += _reproduced_by(c)
         lines.append(f"  rows of methods we run that no shipped protocol reaches: {len(c.unreachable)}")
         lines += [f"    {row}" for row in c.unreachable]
     return "\n".join(lines) + "\n"
+
+
+def _reproduced_by(c: Coverage) -> list[str]:
+    """The protocol files that reproduce a table: one line, or one a setting where they differ (within a setting,
+    its methods grouped by the files that reproduce them where those differ)."""
+
+    def listed(files: frozenset[str]) -> str:
+        return ", ".join(sorted(files)) or "none of the shipped protocols"
+
+    def by_files(methods: dict[str, set[str]]) -> str:
+        groups: dict[frozenset[str], list[str]] = {}
+        for method, files in methods.items():
+            groups.setdefault(frozenset(files), []).append(method)
+        if len(groups) <= 1:
+            return listed(next(iter(groups), frozenset()))
+        return "; ".join(f"{', '.join(names)}: {listed(files)}" for files, names in groups.items())
+
+    texts = {setting: by_files(methods) for setting, methods in c.protocols.items()}
+    if len(set(texts.values())) == 1:
+        return [f"  reproduced by: {next(iter(texts.values()))}"]
+    return ["  reproduced by, per setting:", *(f"    {setting}: {text}" for setting, text in texts.items())]

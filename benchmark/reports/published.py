@@ -9,14 +9,16 @@ row states (``benchmark.backbones.identity``).
 
 from __future__ import annotations
 
+import csv
 import math
 import re
 from pathlib import Path
-from typing import NamedTuple
-
-import pandas as pd
+from typing import TYPE_CHECKING, NamedTuple
 
 from benchmark.backbones.identity import agrees
+
+if TYPE_CHECKING:  # the CLI's parser names the published tables without importing pandas
+    import pandas as pd
 
 PUBLISHED_CSV = Path(__file__).resolve().parents[2] / "results" / "published" / "published_results.csv"
 
@@ -112,8 +114,20 @@ def our_setting(paper: str, setting: str) -> OurSetting | None:
     return SETTINGS.get((paper, setting))
 
 
+def published_tables(path: Path = PUBLISHED_CSV) -> dict[str, list[str]]:
+    """Each paper's tables in the CSV's order: ``{"medsad-clip": ["Table 2", "Table 4", "Table 7"], ...}``."""
+    with path.open(newline="", encoding="utf-8") as f:
+        pairs = dict.fromkeys((row["paper"], row["table"]) for row in csv.DictReader(f))
+    tables: dict[str, list[str]] = {}
+    for paper, table in pairs:
+        tables.setdefault(paper, []).append(table)
+    return tables
+
+
 def load_published(path: Path = PUBLISHED_CSV) -> pd.DataFrame:
     """The CSV with each row's normalised method (``method_key``, lower case) and our (setting, K)."""
+    import pandas as pd
+
     frame = pd.read_csv(
         path, dtype={"threshold": "float64", "backbone": "string"}, keep_default_na=False, na_values={"threshold": [""]}
     )
