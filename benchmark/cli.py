@@ -205,7 +205,7 @@ def _cmd_run(args) -> int:
         f"results in {Path(protocol.results_dir) / protocol.name}"
     )
     if summary.finished or summary.skipped:
-        print("next:\n" + "\n".join(f"  {line}" for line in next_commands(protocol)))
+        print("next:\n" + "\n".join(f"  {line}" for line in next_commands(protocol, summary.experiment_id)))
     if summary.elsewhere:
         from benchmark.claims import claims_file
         from benchmark.store import ResultStore

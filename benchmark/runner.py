@@ -45,6 +45,7 @@ class RunSummary:
     bad_input: bool = False
     mlflow_behind: str | None = None
     rows: list[dict[str, Any]] = field(default_factory=list)  # a row per cell run: id, metrics or error
+    experiment_id: str | None = None  # the MLflow experiment's id, where the store answered
 
 
 SHOWN = ("image_auroc", "pixel_auroc", "pixel_aupro")
@@ -96,15 +97,23 @@ def sync_command(protocol: Protocol) -> str:
     return f"python -m benchmark sync {shlex.quote(protocol.path)} --results-dir {shlex.quote(protocol.results_dir)}"
 
 
-def next_commands(protocol: Protocol) -> list[str]:
-    """What to type after a run: the paper-style table and the MLflow UI."""
+# the experiment's runs in MLflow's model-training view, every cell a row (sorted by a metric, nothing nested)
+RUNS_VIEW = "#/experiments/{}/runs?workflowType=machine_learning&orderByKey=metrics.%60image_auroc%60&orderByAsc=false"
+
+
+def next_commands(protocol: Protocol, experiment_id: str | None = None) -> list[str]:
+    """What to type after a run: the paper-style table, and the MLflow UI with the address of the experiment's
+    runs (``RUNS_VIEW``: from 3.10 the UI opens on its GenAI pages unless the address asks for that view)."""
     results = "" if Path(protocol.results_dir) == Path("results") else f" --results-dir {protocol.results_dir}"
     uri = tracking_uri(protocol)
     remote = uri.startswith(("http://", "https://"))
-    ui = f"open {uri} in a browser" if remote else f"mlflow ui --backend-store-uri {uri}"
+    where = f"{uri.rstrip('/') if remote else 'http://127.0.0.1:5000'}/{RUNS_VIEW.format(experiment_id or '')}"
+    if experiment_id is None:
+        where = uri if remote else "http://127.0.0.1:5000"
+    ui = f"open {where} in a browser" if remote else f"mlflow ui --backend-store-uri {uri}   # then open {where}"
     return [
         f"python -m benchmark tables {protocol.name}{results} --format latex   # paper-style table",
-        f"{ui}   # runs side by side (README: 'Reading the results in MLflow')",
+        f"{ui}   (README: 'Reading the results in MLflow')",
     ]
 
 
@@ -359,7 +368,12 @@ def _run(
                 run_id = running.get(cell.cell_id)
                 record = _record(bases[cell.cell_id], result, cell, protocol, run_id)
                 if cell is not job.cell:
-                    record["same_result_as"] = job.cell.cell_id
+                    source = job.cell
+                    record["same_result_as"] = {
+                        "cell": source.cell_id,
+                        "setting": source.setting,
+                        "shots": source.shots,
+                    }
                 if result.fit_file and fitting.log:
                     record["fit_file"] = result.fit_file
                 recorder.write(record, cell_files(result, cell.config(protocol), result.environment or env))
@@ -396,4 +410,5 @@ def _run(
     bar.close()
     tracker.end(parent, "FAILED" if summary.failed else "FINISHED", even_if_behind=True)
     summary.mlflow_behind = tracker.behind
+    summary.experiment_id = tracker.experiment_id
     return summary

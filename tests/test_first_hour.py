@@ -32,7 +32,10 @@ def test_a_run_talks_and_ends_with_a_summary_and_the_next_commands(write_protoco
     assert copy.endswith("[same result as winclip-SynthBrain-few_normal-k2-seed0: not computed again]")
     both = ResultStore(tmp_path / "results", "t").latest().values()
     shot = next(r for r in both if r["setting"] == "few_shot")
-    assert shot["same_result_as"] == rec["cell_id"] and shot["metrics"] == rec["metrics"] and shot["duration_s"] == 0
+    assert shot["same_result_as"] == {"cell": rec["cell_id"], "setting": "few_normal", "shots": 2}
+    assert shot["metrics"] == rec["metrics"] and shot["duration_s"] == 0
+    assert main(["tables", "t", "--results-dir", str(tmp_path / "results"), "--metrics", "image_auroc"]) == 0
+    assert "| WinCLIP+ [same result as few-normal-shot, K=2] (few-shot, K=2) |" in capsys.readouterr().out
     # the closing summary: a line per method variant and setting, means over its cells, time in seconds
     header = next(i for i, line in enumerate(out) if line.startswith("method ") and "dice_oracle (mean)" in line)
     assert out[header].split()[-2:] == ["time", "(s)"]
@@ -41,6 +44,9 @@ def test_a_run_talks_and_ends_with_a_summary_and_the_next_commands(write_protoco
     following = out[out.index("next:") + 1 :]
     assert following[0].strip().startswith(f"python -m benchmark tables t --results-dir {tmp_path / 'results'}")
     assert following[1].strip().startswith(f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'results'}")
+    experiment = MlflowClient(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}").get_experiment_by_name("t")
+    view = f"# then open http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_"
+    assert view in following[1]  # MLflow 3.10 and later open GenAI pages unless the address asks for the runs
 
     assert main(["run", str(path), "--dry-run"]) == 0
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]

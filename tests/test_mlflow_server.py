@@ -29,16 +29,17 @@ def _free_port() -> int:
 class Server:
     """``mlflow server`` with a sqlite backend and its own artifact destination, on loopback."""
 
-    def __init__(self, folder: Path, port: int | None = None) -> None:
+    def __init__(self, folder: Path, port: int | None = None, backend: Path | None = None) -> None:
         self.folder, self.port = folder, port or _free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.artifacts = folder / "artifacts"
+        self.backend = backend or folder / "backend.db"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Server":
         cmd = [
             sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-            "--backend-store-uri", f"sqlite:///{self.folder / 'backend.db'}",
+            "--backend-store-uri", f"sqlite:///{self.backend}",
             "--artifacts-destination", str(self.artifacts), "--workers", "1",
         ]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -188,3 +189,46 @@ def test_a_refused_connection_is_not_read_as_refused_credentials():
     denied = RuntimeError("API request to endpoint /api/2.0/mlflow/experiments/search failed with error code 401")
     assert _server_reason(denied, 5).startswith("it refused the credentials")
     assert not _server_reason(RuntimeError("error code 4011 at port 1401"), 5).startswith("it refused")
+
+
+def test_the_address_a_run_prints_shows_every_cell_in_mlflows_runs_table(write_protocol, tmp_path, capsys):
+    """The MLflow UI as installed, in headless Chromium: from MLflow 3.10 an experiment opens on GenAI pages
+    (traces, token usage) whatever its tags, and the runs table nests a run's cells under one collapsed row;
+    the address printed after a run opens the model-training view with every cell a row. Its screenshot is the
+    README's (``MEDAD_SCREENSHOTS=DIR`` keeps a copy)."""
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Chromium is not installed (.ci/run installs it)")
+    path = write_protocol(
+        methods={"winclip": {"scales": [2]}},
+        settings=[{"name": "few_normal", "shots": [2]}, {"name": "few_shot", "shots": [2]}],
+        datasets=["SynthBrain", "SynthLiver"],
+    )
+    assert main(["run", str(path)]) == 0
+    printed = next(line for line in capsys.readouterr().out.splitlines() if "mlflow ui --backend-store-uri" in line)
+    address = printed.split("# then open ")[1].split()[0]
+    results = tmp_path / "results"
+    cells = [r["cell_id"] for r in ResultStore(results, "t").latest().values()]
+    client = MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    assert len(runs) == len(cells) + 1  # the invocation's run and a run per cell
+    srv = Server(tmp_path / "ui", backend=results / "mlflow.db").start()
+    try:
+        shot = tmp_path / "mlflow-runs.png"
+        page = subprocess.run(
+            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1600,900", "--virtual-time-budget=30000",
+             f"--screenshot={shot}", "--dump-dom", address.replace("http://127.0.0.1:5000", srv.uri)],
+            capture_output=True, text=True, timeout=240,
+        ).stdout  # fmt: skip
+    finally:
+        srv.stop()
+    assert "Run Name" in page and "Token Usage" not in page  # the runs table, not the GenAI overview
+    assert f"<strong>{len(runs)}</strong> matching runs" in page  # every run listed (fewer than a page of 100)
+    assert all(cell in page for cell in cells)  # each cell a row of its own, not nested under its invocation
+    assert shot.stat().st_size > 20_000
+    if os.environ.get("MEDAD_SCREENSHOTS"):
+        shutil.copy(shot, Path(os.environ["MEDAD_SCREENSHOTS"]) / shot.name)

@@ -121,7 +121,8 @@ def curve_figures(entries: list[compare.Entry]) -> dict[str, object]:
 
 
 def examples_figures(entries: list[compare.Entry]) -> dict[str, object]:
-    """Per (setting, dataset): the same example images (rows) under every method's map (columns)."""
+    """Per (setting, dataset): the same example images (rows: the first test images of each class, kept by every
+    cell's evidence) under every method's map (columns)."""
     plt = pyplot()
     figures = {}
     by_cell: dict[tuple[str, str], list[compare.Entry]] = {}
@@ -151,7 +152,11 @@ def examples_figures(entries: list[compare.Entry]) -> dict[str, object]:
                     ax.set_title(e.name, fontsize=7)
                 if col == 0:
                     ax.text(-0.05, 0.5, name, transform=ax.transAxes, rotation=90, ha="right", va="center", fontsize=6)
-        fig.suptitle(f"{dataset}, {group}: anomaly maps (colours 0-1), ground truth outlined", fontsize=8)
+        fig.suptitle(
+            f"{dataset}, {group}: anomaly maps (colours 0-1), ground truth outlined; the first test images of each "
+            "class, the same for every method",
+            fontsize=8,
+        )
         figures[f"examples_{group}_{dataset}"] = fig
     return figures
 

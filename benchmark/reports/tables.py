@@ -152,6 +152,20 @@ class Row:
         return f"{base} ({'; '.join(details)})"
 
 
+def repeated(frame: pd.DataFrame) -> dict[tuple, str]:
+    """Rows (``row_key``) every cell of which was recorded from another setting's cell (``same_result_as``: the
+    method reads nothing that tells the two apart), with that setting's label."""
+    if "same_result_as" not in frame:
+        return {}
+    out = {}
+    for values, part in frame[frame["status"] == "finished"].groupby(ROW_KEYS, dropna=False):
+        sources = [x for x in part["same_result_as"] if isinstance(x, dict)]
+        labels = {setting_label(x["setting"], int(x["shots"] or 0)) for x in sources}
+        if len(sources) == len(part) and len(labels) == 1:
+            out[row_key(dict(zip(ROW_KEYS, values, strict=True)))] = labels.pop()
+    return out
+
+
 def build(frame: pd.DataFrame, metrics: tuple[str, ...], published: bool = False):
     """Rows (``Row``) grouped by setting, and the (dataset, metric) columns."""
     summary = summarize(frame)
@@ -168,6 +182,7 @@ def build(frame: pd.DataFrame, metrics: tuple[str, ...], published: bool = False
     pub = load_published() if published else None
     order = {name: i for i, name in enumerate(SETTING_NAMES)}
     mixed = summary["evaluation_size"].nunique() > 1  # rows scored at both sizes: say which is which
+    copies = repeated(frame)
     summary = summary.assign(_order=summary["setting"].map(order)).sort_values(["_order", "shots", "method", "variant"])
     for values_key, part in summary.groupby(ROW_KEYS, dropna=False, sort=False):
         key = dict(zip(ROW_KEYS, values_key, strict=True))
@@ -177,6 +192,8 @@ def build(frame: pd.DataFrame, metrics: tuple[str, ...], published: bool = False
         name = key["variant"] if isinstance(key["variant"], str) and key["variant"] else key["method"]
         if mixed and key["evaluation_size"] == "native":
             name += " [DSC, NSD at native size]"
+        if row_key(key) in copies:
+            name += f" [same result as {copies[row_key(key)]}]"
         group = setting_label(key["setting"], int(key["shots"]))
         table_rows.append(Row(name, group, values, key=row_key(key), seed_free=bool(part["seed_free"].all())))
         if pub is None:
