@@ -58,6 +58,11 @@ class Cell:
         return seed_free(METHODS.get(self.plugin_name), self.setting)
 
     @property
+    def trained_on(self) -> str | None:
+        """The training dataset of a domain-generalisation cell (a given checkpoint's own data are unknown)."""
+        return self.loo_sources[0] if self.setting == "domain_generalization" and not self.checkpoint else None
+
+    @property
     def cell_id(self) -> str:
         k = (f"-p{self.shots}" if self.setting == "data_fraction" else f"-k{self.shots}") if self.shots else ""
         source = f"-from-{self.loo_sources[0]}" if self.setting == "domain_generalization" else ""
@@ -105,11 +110,11 @@ def plugin_of(name: str, raw: dict[str, Any]) -> str:
 def expand(
     protocol: Protocol,
     catalog: dict[str, DatasetSpec],
-    methods=None,
-    datasets=None,
-    seeds=None,
-    settings=None,
-    shots=None,
+    methods: list[str] | None = None,
+    datasets: list[str] | None = None,
+    seeds: list[int] | None = None,
+    settings: list[str] | None = None,
+    shots: list[int] | None = None,
 ) -> list[Cell]:
     """The protocol's grid, optionally narrowed by ``--methods``/``--datasets``/``--seeds``/``--settings``/
     ``--shots`` (K, or a data fraction's percentage: settings without one are left out); names checked."""
@@ -172,6 +177,8 @@ def expand(
                 f"{where}: settings: method '{m}' supports none of {names} (it supports {sorted(cls.settings)})"
             )
         for setting in supported:
+            if setting.name not in picked_settings:
+                continue
             for d in picked_datasets:
                 if cls.requires_masks and not catalog[d].masks:
                     continue  # reported by skipped_pairs
@@ -185,7 +192,7 @@ def expand(
                                          f"names {', '.join(map(str, files))})")  # fmt: skip
                 checkpoint, fitted = files.get(None) or files.get(trained_on) or (None, {})
                 for k in setting.shots or (None,):
-                    if setting.name not in picked_settings or (shots is not None and k not in shots):
+                    if shots is not None and k not in shots:
                         continue
                     for design in protocol.prompt_designs or (None,):
                         # a seed-free cell runs once, under the first seed picked

@@ -128,7 +128,10 @@ def _parser() -> argparse.ArgumentParser:
     paper = sub.add_parser(
         "paper-table", help="a published table in its paper's layout, our numbers where runs cover it"
     )
-    published = published_tables()  # what the command reads: results/published/published_results.csv
+    try:
+        published = published_tables()  # what the command reads: results/published/published_results.csv
+    except OSError:  # the help names none; paper-table itself says what is missing
+        published = {}
     listed = "; ".join(f"{name}: " + ", ".join(f'"{t}"' for t in tables) for name, tables in published.items())
     paper.add_argument("paper", nargs="?", help=f"a paper with published tables: {', '.join(published)}")
     paper.add_argument("table", nargs="?", help=f"its table, quoted ({listed})")

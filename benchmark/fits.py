@@ -263,11 +263,14 @@ def fit_key(cls: type[Method], cell: dict[str, Any], train: TrainSet, precision:
                    if k not in cls.test_params},
         "backbone": cell["backbone"],
         "weights": weights_identity(cell["backbone"]["weights"]),
-        **{k: cell[k] for k in ("image_size", "resize", "seed", "setting", "shots")},
+        **{k: cell[k] for k in ("image_size", "resize", "seed")},
+        # a setting-blind method's fit depends on the data a setting brings, not its name (zero-shot LOO apart)
+        **({} if cls.setting_blind and cell["setting"] != "zero_shot_loo" else
+           {k: cell[k] for k in ("setting", "shots")}),
         "precision": precision,
         "train": samples_hash(train.samples),
         "auxiliary": samples_hash(train.auxiliary),
-        "valid": samples_hash(train.valid),
+        "valid": samples_hash(train.valid) if cls.reads_valid else "",
         "cards": {n: [train.datasets[n].organ, train.datasets[n].masks, train.datasets[n].segmentation_only]
                   for n in sorted(cards)},
     }  # fmt: skip

@@ -16,6 +16,7 @@ import math
 import random
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,7 +121,7 @@ class FigurePicks:
         self.kept: dict[tuple[int, float], list[tuple[float, int, SampleView]]] = {k: [] for k in self.quota}
         self.seen = 0
 
-    def offer(self, score: float, label: int, view) -> None:
+    def offer(self, score: float, label: int, view: Callable[[], SampleView]) -> None:
         """``view()`` builds the image's ``SampleView``, only when it is kept."""
         self.seen += 1
         built = None
@@ -135,11 +136,11 @@ class FigurePicks:
 
     def views(self) -> list[SampleView]:
         """Normal picks, then the worst and the best anomalous ones; an image picked twice is shown once."""
-        out: dict[str, SampleView] = {}
+        out: dict[int, SampleView] = {}  # by the image's place in the test set (names repeat across folders)
         for (_, sign), kept in self.kept.items():
             why = "highest score" if sign > 0 else "lowest score"
-            for _, _, v in kept:
-                out.setdefault(v.name, dataclasses.replace(v, note=why))
+            for _, order, v in kept:
+                out.setdefault(order, dataclasses.replace(v, note=why))
         return list(out.values())
 
 
@@ -510,8 +511,8 @@ def run_job(job: CellJob) -> CellResult:
                 result.info["published_as"] = ""
         if cell.checkpoint:  # a row of its own, never counted as a retrain
             result.info["variant"] = f"{result.info.get('variant', cell.method)} ({fit_info['fit_source']})"
-        if cell.setting == "domain_generalization" and not cell.checkpoint:  # a checkpoint's own data is unknown
-            result.info["trained_on"] = cell.loo_sources[0]
+        if cell.trained_on:
+            result.info["trained_on"] = cell.trained_on
         result.status = "finished"
     except Exception as exc:
         result.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -167,6 +167,7 @@ class Method:
     # neither fit nor predict reads the setting's name or K, only the data they bring (zero-shot LOO, whose target
     # files are never read, stays apart): cells of settings that bring the same data compute one result
     setting_blind: ClassVar[bool] = False
+    reads_valid: ClassVar[bool] = True  # fit reads ``TrainSet.valid`` (model selection, calibration)
     released: ClassVar[Released | None] = None  # its authors' checkpoints (``import_official`` reads them)
 
     @classmethod

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
@@ -34,6 +35,9 @@ from benchmark.protocol import Protocol
 from benchmark.recording import Recorder, cell_files, store_tag
 from benchmark.store import ResultStore, strict_json
 from benchmark.tracking import Tracker, tracking_uri
+
+if TYPE_CHECKING:
+    from benchmark.job import CellResult
 
 
 @dataclass
@@ -61,11 +65,12 @@ def cell_line(result, threshold: float | None) -> str:
     return " ".join(parts)
 
 
-def _row_fields(cell: Cell, result) -> dict[str, Any]:
-    """What the closing summary groups a cell's line by, beside its metrics and time."""
-    setting = cell.setting + (f" K={cell.shots}" if cell.shots else "")
-    return {"method": result.info.get("variant", cell.method), "setting": setting, **result.metrics,
-            "seconds": result.duration}  # fmt: skip
+def _row_fields(cell: Cell, result: CellResult) -> dict[str, Any]:
+    """What the closing summary groups a cell's line by (its method entry, prompt design and precision; the
+    variant's name where it finished), beside its metrics and time."""
+    k = (f" {cell.shots} %" if cell.setting == "data_fraction" else f" K={cell.shots}") if cell.shots else ""
+    return {"entry": (cell.method, cell.prompt_design, cell.precision), "method": result.info.get("variant"),
+            "setting": cell.setting + k, **result.metrics, "seconds": result.duration}  # fmt: skip
 
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
@@ -74,11 +79,12 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
     from tabulate import tabulate
 
     columns = [c for c in (*SHOWN, "dice", "dice_oracle", "image_accuracy") if any(c in r for r in rows)]
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r["method"], r["setting"]), []).append(r)
+        groups.setdefault((r["entry"], r["setting"]), []).append(r)
     body = []
-    for (method, setting), part in groups.items():
+    for ((entry, *_), setting), part in groups.items():
+        method = next((r["method"] for r in part if r.get("method")), entry)
         done = [r for r in part if "error" not in r]
         means = []
         for c in columns:
@@ -229,18 +235,22 @@ def fit_group(cell: Cell) -> tuple:
     cls = METHODS.get(cell.plugin_name)
     shared = cell.setting == "domain_generalization" and not cls.fit_reads_target
     params = {k: v for k, v in cell.params.items() if k not in cls.test_params}
+    named = not cls.setting_blind or cell.setting == "zero_shot_loo"  # fits.fit_key: the setting, where read
     return (
         cell.plugin_name, repr(sorted(params.items())), cell.backbone, cell.image_size, cell.resize, cell.precision,
-        cell.seed, cell.sampling_seed, cell.setting, cell.shots, cell.loo_sources, None if shared else cell.dataset,
+        cell.seed, cell.sampling_seed, cell.setting if named else "", cell.shots if named else None,
+        cell.loo_sources, None if shared else cell.dataset,
     )  # fmt: skip
 
 
-def result_identity(cell: Cell, split: Split) -> tuple:
+def result_identity(cell: Cell, split: Split, thresholds_from_valid: bool) -> tuple:
     """Everything a cell's result depends on: cells alike in it compute one result. The setting counts only for a
-    method that reads it (``Method.setting_blind``) or in zero-shot LOO, and the training images only as far as
-    the method reads them (the normal ones of a ``Method.one_class`` method); the data are compared as files."""
+    method that reads it (``Method.setting_blind``) or in zero-shot LOO, the training images only as far as the
+    method reads them (the normal ones of a ``Method.one_class`` method), the validation images where the method
+    or the thresholds read them; the data are compared as files."""
     cls = METHODS.get(cell.plugin_name)
     train = tuple(s for s in split.train if not s.label) if cls.one_class else split.train
+    valid = split.valid if cls.reads_valid or thresholds_from_valid else ()
     setting = cell.setting if not cls.setting_blind or cell.setting == "zero_shot_loo" else ""
     shots = cell.shots if not cls.setting_blind else None
 
@@ -250,16 +260,21 @@ def result_identity(cell: Cell, split: Split) -> tuple:
     return (
         cell.plugin_name, repr(sorted(cell.params.items())), cell.backbone, cell.image_size, cell.resize,
         cell.precision, cell.seed, cell.checkpoint, cell.checkpoint_format, cell.prompt_design, setting, shots,
-        cell.dataset, files(train), files(split.auxiliary), files(split.valid), files(split.test),
+        cell.dataset, files(train), files(split.auxiliary), files(valid), files(split.test),
     )  # fmt: skip
 
 
-def copy_result(result, cell: Cell):
-    """``result``, computed for another cell alike (``result_identity``), as this cell's."""
-    info = {k: v for k, v in result.info.items() if k != "trained_on"}
-    if cell.setting == "domain_generalization" and not cell.checkpoint:
-        info["trained_on"] = cell.loo_sources[0]
-    return dataclasses.replace(result, cell_id=cell.cell_id, info=info, duration=0.0)  # nothing computed for it
+def copy_result(result: CellResult, cell: Cell, split: Split, source: Cell) -> CellResult:
+    """``result``, computed for ``source``, a cell alike (``result_identity``), as ``cell``'s: its own training
+    files listed (the method read those it reads of them), no fit of its own, no time spent."""
+    info = {k: v for k, v in result.info.items() if k not in ("trained_on", "fit_key", "fit_sha256", "fit_file_bytes")}
+    info |= {"fit": f"same result as {source.cell_id}", "train_source": split.train_source,
+             "train_count": len(split.train)}  # fmt: skip
+    if cell.trained_on:
+        info["trained_on"] = cell.trained_on
+    return dataclasses.replace(
+        result, cell_id=cell.cell_id, info=info, duration=0.0, manifest=split.manifest(), fit_file=None
+    )
 
 
 def fits_first(jobs: list) -> list:
@@ -315,8 +330,9 @@ def _run(
             echo("MLflow reconciled with results.jsonl: " + ", ".join(f"{n} runs {what}" for what, n in done.items()))
 
     jobs, index, bases, running = [], {}, {}, {}
-    computing: dict[tuple, str] = {}  # result identity -> the cell that computes it
+    alike: dict[tuple, list] = {}  # result identity -> the jobs of the cells it is
     copies: dict[str, list[Cell]] = {}  # cell id -> the cells recorded from its result
+    from_valid = protocol.threshold.mode == "validation"
     cache_dir = str(Path(protocol.results_dir) / "cache")
     fits_dir = str(Path(protocol.results_dir) / "fits")
     for position, cell in enumerate(cells, 1):
@@ -336,16 +352,16 @@ def _run(
             protocol.device, fits_dir, fitting.refit_before,
         )  # fmt: skip
         index[cell.cell_id], bases[cell.cell_id] = position, base
-        identity = result_identity(cell, splits[cell.cell_id])
-        if identity in computing:
-            copies.setdefault(computing[identity], []).append(cell)
-            continue
-        computing[identity] = cell.cell_id
-        jobs.append(job)
+        alike.setdefault(result_identity(cell, splits[cell.cell_id], from_valid), []).append(job)
+    for group in alike.values():
+        # computed by the cell that brings the fewest training files (few_normal's, not few_shot's), then the first
+        first = min(group, key=lambda j: len(splits[j.cell.cell_id].train))
+        jobs.append(first)
+        copies[first.cell.cell_id] = [j.cell for j in group if j is not first]
     jobs = fits_first(jobs)
-    if copies:
-        alike = sum(len(c) for c in copies.values())
-        echo(f"{alike} cells are alike another cell of the grid in method, the data its fit reads and test split: "
+    if any(copies.values()):
+        same = sum(len(c) for c in copies.values())
+        echo(f"{same} cells are alike another cell of the grid in method, the data its fit reads and test split: "
              "each is recorded from that cell's result (same_result_as), not computed again")  # fmt: skip
 
     # one live line on a terminal (cells done / running / failed, ETA); per-cell lines above it; none in logs
@@ -362,18 +378,23 @@ def _run(
         for job, computed in executor.run(jobs, on_start):
             kill_point("cell_computed")
             for cell in (job.cell, *copies.get(job.cell.cell_id, ())):
-                result = computed if cell is job.cell else copy_result(computed, cell)
+                source = job.cell
+                result = computed if cell is source else copy_result(computed, cell, splits[cell.cell_id], source)
                 if cell is not job.cell:
                     running[cell.cell_id] = recorder.start(bases[cell.cell_id])
                 run_id = running.get(cell.cell_id)
                 record = _record(bases[cell.cell_id], result, cell, protocol, run_id)
-                if cell is not job.cell:
-                    source = job.cell
+                if cell is not source:
                     record["same_result_as"] = {
                         "cell": source.cell_id,
                         "setting": source.setting,
                         "shots": source.shots,
+                        "method": source.method,
                     }
+                    kept = store.dir / source.cell_id / "predictions.npz"
+                    if kept.is_file():  # --save-predictions: the same predictions, in this cell's folder too
+                        (store.dir / cell.cell_id).mkdir(parents=True, exist_ok=True)
+                        shutil.copyfile(kept, store.dir / cell.cell_id / "predictions.npz")
                 if result.fit_file and fitting.log:
                     record["fit_file"] = result.fit_file
                 recorder.write(record, cell_files(result, cell.config(protocol), result.environment or env))

@@ -75,6 +75,7 @@ class AnomalibMethod(Method):
     fit_state = ("module", "calibration", "history")
     one_class = True  # the bridge trains on the normal training images only
     setting_blind = True
+    reads_valid = False
     model_class: ClassVar[str] = ""
     constructor: ClassVar[dict[str, Any]] = {}  # name -> default
 

@@ -77,6 +77,7 @@ class MedCLIPSeg(Method):
     )
     fit_reads_target = False  # its prompts at training are the training images' own: one fit per source
     setting_blind = True  # a data fraction of 100 % and an in-domain generalisation cell bring the same data
+    reads_valid = False  # its epochs are fixed: no model selection on the validation images
     test_params = Method.test_params | {"samples"}  # Monte Carlo samples at test time
 
     @classmethod

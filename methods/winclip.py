@@ -34,6 +34,7 @@ class WinCLIP(Method):
     seed_free_settings = settings  # nothing is trained: the scores follow from the backbone and the images
     one_class = True  # its reference images are the normal ones (few_shot's anomalies are never read)
     setting_blind = True  # it reads the setting only to tell zero-shot LOO apart
+    reads_valid = False
     Params = WinCLIPParams
     default_backbone = BackboneSpec("ViT-B-16-plus-240", "laion400m_e31")
     # the common reimplementation (caoyunkang/WinClip, model.py) casts the model to fp16 (open_clip precision='fp16')

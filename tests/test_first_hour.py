@@ -3,6 +3,7 @@ read, and ``--published`` that says when nothing matches."""
 
 import argparse
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -32,10 +33,19 @@ def test_a_run_talks_and_ends_with_a_summary_and_the_next_commands(write_protoco
     assert copy.endswith("[same result as winclip-SynthBrain-few_normal-k2-seed0: not computed again]")
     both = ResultStore(tmp_path / "results", "t").latest().values()
     shot = next(r for r in both if r["setting"] == "few_shot")
-    assert shot["same_result_as"] == {"cell": rec["cell_id"], "setting": "few_normal", "shots": 2}
+    assert shot["same_result_as"] == {"cell": rec["cell_id"], "setting": "few_normal", "shots": 2, "method": "winclip"}
     assert shot["metrics"] == rec["metrics"] and shot["duration_s"] == 0
+    assert shot["params"]["fit"] == f"same result as {rec['cell_id']}" and shot["params"]["train_count"] == 4
+    assert rec["params"]["segmentation_images"] == "anomalous"  # a set with normal test images (DSC rule)
+    manifest = json.loads((tmp_path / "results" / "t" / shot["cell_id"] / "manifest.json").read_text())
+    assert manifest["setting"] == "few_shot" and len(manifest["train"]) == 4  # its own files, 2 normal 2 anomalous
+    # computed on its own, the few-shot cell gives the very numbers recorded for it
+    alone = ["run", str(path), "--methods", "winclip", "--seeds", "0", "--settings", "few_shot"]
+    assert main([*alone, "--results-dir", str(tmp_path / "alone")]) == 0
+    (computed,) = ResultStore(tmp_path / "alone", "t").latest().values()
+    assert computed["metrics"] == shot["metrics"] and "same_result_as" not in computed
     assert main(["tables", "t", "--results-dir", str(tmp_path / "results"), "--metrics", "image_auroc"]) == 0
-    assert "| WinCLIP+ [same result as few-normal-shot, K=2] (few-shot, K=2) |" in capsys.readouterr().out
+    assert "| WinCLIP+ (few-shot, K=2) [same result as few-normal-shot, K=2] |" in capsys.readouterr().out
     # the closing summary: a line per method variant and setting, means over its cells, time in seconds
     header = next(i for i, line in enumerate(out) if line.startswith("method ") and "dice_oracle (mean)" in line)
     assert out[header].split()[-2:] == ["time", "(s)"]
@@ -281,13 +291,17 @@ def test_tables_of_a_run_render(write_protocol, tmp_path, capsys, fmt):
 def test_the_summary_table_stays_aligned_when_every_cell_failed():
     from benchmark.runner import summary_table
 
-    failed = [{"cell": f"winclip-SynthBrain-seed{i}", "method": "WinCLIP+", "setting": "few_normal K=2",
+    entry = ("winclip", None, None)  # a method entry, its prompt design and precision (runner._row_fields)
+    failed = [{"cell": f"winclip-SynthBrain-seed{i}", "entry": entry, "method": None, "setting": "few_normal K=2",
                "error": "out of memory", "seconds": 1.5} for i in range(2)]  # fmt: skip
     lines = summary_table(failed).splitlines()
     header, rule = lines[0], lines[1]
     assert header.split() == ["method", "setting", "cells", "time", "(s)"] and len(rule.split()) == 4
-    assert lines[2].split() == ["WinCLIP+", "few_normal", "K=2", "2", "(2", "failed)", "3.0"]
-    done = {"cell": "mvfa-SynthBrain-seed0", "method": "MVFA", "setting": "few_shot K=2", "image_auroc": 0.5}
-    both = summary_table([*failed, {**done, "seconds": 2.0}, {**done, "image_auroc": 0.7, "seconds": 2.0}])
+    assert lines[2].split() == ["winclip", "few_normal", "K=2", "2", "(2", "failed)", "3.0"]
+    done = {"cell": "winclip-SynthLiver-seed0", "entry": entry, "method": "WinCLIP+", "setting": "few_normal K=2"}
+    both = summary_table([*failed, {**done, "image_auroc": 0.5, "seconds": 2.0}, {**done, "image_auroc": 0.7,
+                                                                              "seconds": 2.0}])  # fmt: skip
     assert both.splitlines()[0].split() == ["method", "setting", "cells", "image_auroc", "(mean)", "time", "(s)"]
-    assert both.splitlines()[3].split() == ["MVFA", "few_shot", "K=2", "2", "0.600", "4.0"]  # a mean over its cells
+    # the failed cells and the finished ones of an entry share its line, named for the variant that finished
+    assert both.splitlines()[2:] == [both.splitlines()[2]]
+    assert both.splitlines()[2].split() == ["WinCLIP+", "few_normal", "K=2", "4", "(2", "failed)", "0.600", "7.0"]

@@ -179,6 +179,35 @@ def test_cells_train_predict_and_log_uncertainty_without_image_metrics(write_pro
     assert main(["report", "t", "--resamples", "100", *results]) == 0
 
 
+def test_an_in_domain_generalisation_cell_is_the_full_data_fraction_cell(write_protocol, seg_root, catalog):
+    """MedCLIPSeg reads the data a setting brings, not its name: trained and tested on the same files, its
+    in-domain generalisation cell and its 100 % data-fraction cell compute one result; the out-of-domain cell
+    and another fraction do not."""
+    from benchmark.cells import expand
+    from benchmark.preflight import cell_split
+    from benchmark.protocol import load_protocol
+    from benchmark.runner import result_identity
+
+    settings = [
+        {"name": "data_fraction", "fractions": [50, 100]},
+        {"name": "domain_generalization", "source": "SynthBrainSeg"},
+    ]
+    path = write_protocol(
+        data_root=str(seg_root), datasets=["SynthBrainSeg", "SynthLiverSeg"], backbone=TINY, settings=settings,
+        methods={"medclipseg": FAST},
+    )  # fmt: skip
+    protocol = load_protocol(path)
+    cells = {c.cell_id: c for c in expand(protocol, catalog)}
+    identity = {i: result_identity(c, cell_split(c, protocol, catalog, seg_root), False) for i, c in cells.items()}
+    same = {frozenset(a for a in identity if identity[a] == identity[b]) for b in identity}
+    assert {len(group) for group in same} == {1, 2}
+    (pair,) = [group for group in same if len(group) == 2]
+    assert pair == {
+        "medclipseg-SynthBrainSeg-data_fraction-p100-seed0",
+        "medclipseg-SynthBrainSeg-domain_generalization-from-SynthBrainSeg-seed0",
+    }
+
+
 def test_native_evaluation_size_is_recorded_and_changes_only_dsc_and_nsd(write_protocol, seg_root, tmp_path, capsys):
     common = {"data_root": str(seg_root), "datasets": ["SynthBrainSeg"], "backbone": TINY,
               "settings": [{"name": "data_fraction", "fractions": [50]}], "methods": {"medclipseg": FAST}}  # fmt: skip

@@ -145,11 +145,14 @@ class Row:
             return f"published ({self.source})"
         if self.kind == "difference":
             return "difference"
-        base, details = self.name, [self.group]
+        base, details, mark = self.name, [self.group], ""
+        if base.endswith("]") and " [" in base:  # a mark (``[same result as ...]``) stays last
+            base, _, mark = base.rpartition(" [")
+            mark = f" [{mark}"
         while base.endswith(")") and " (" in base:
             base, _, detail = base.rpartition(" (")
             details.insert(0, detail[:-1])
-        return f"{base} ({'; '.join(details)})"
+        return f"{base} ({'; '.join(details)}){mark}"
 
 
 def repeated(frame: pd.DataFrame) -> dict[tuple, str]:
@@ -160,9 +163,14 @@ def repeated(frame: pd.DataFrame) -> dict[tuple, str]:
     out = {}
     for values, part in frame[frame["status"] == "finished"].groupby(ROW_KEYS, dropna=False):
         sources = [x for x in part["same_result_as"] if isinstance(x, dict)]
+        if len(sources) < len(part):
+            continue
+        key = row_key(dict(zip(ROW_KEYS, values, strict=True)))
+        own = setting_label(key[ROW_KEYS.index("setting")], key[ROW_KEYS.index("shots")] or 0)
         labels = {setting_label(x["setting"], int(x["shots"] or 0)) for x in sources}
-        if len(sources) == len(part) and len(labels) == 1:
-            out[row_key(dict(zip(ROW_KEYS, values, strict=True)))] = labels.pop()
+        labels = {x.get("method", "") for x in sources} if labels == {own} else labels  # another entry alike
+        if len(labels) == 1:
+            out[key] = labels.pop()
     return out
 
 
