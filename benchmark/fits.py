@@ -264,9 +264,7 @@ def fit_key(cls: type[Method], cell: dict[str, Any], train: TrainSet, precision:
         "backbone": cell["backbone"],
         "weights": weights_identity(cell["backbone"]["weights"]),
         **{k: cell[k] for k in ("image_size", "resize", "seed")},
-        # a setting-blind method's fit depends on the data a setting brings, not its name (zero-shot LOO apart)
-        **({} if cls.setting_blind and cell["setting"] != "zero_shot_loo" else
-           {k: cell[k] for k in ("setting", "shots")}),
+        **({k: cell[k] for k in ("setting", "shots")} if cls.reads_setting(cell["setting"]) else {}),
         "precision": precision,
         "train": samples_hash(train.samples),
         "auxiliary": samples_hash(train.auxiliary),

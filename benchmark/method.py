@@ -171,6 +171,12 @@ class Method:
     released: ClassVar[Released | None] = None  # its authors' checkpoints (``import_official`` reads them)
 
     @classmethod
+    def reads_setting(cls, setting: str) -> bool:
+        """Whether a cell's result and fit depend on its setting's name and K, beyond the data it brings: always,
+        but for a ``setting_blind`` method outside zero-shot LOO (whose target files are never read)."""
+        return not cls.setting_blind or setting == "zero_shot_loo"
+
+    @classmethod
     def backbone_for(cls, params: Any) -> BackboneSpec | None:
         """The backbone a method entry runs on when neither it nor the protocol names one: the method's default
         (a method whose variants run on different backbones picks by its parameters)."""

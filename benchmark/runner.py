@@ -235,7 +235,7 @@ def fit_group(cell: Cell) -> tuple:
     cls = METHODS.get(cell.plugin_name)
     shared = cell.setting == "domain_generalization" and not cls.fit_reads_target
     params = {k: v for k, v in cell.params.items() if k not in cls.test_params}
-    named = not cls.setting_blind or cell.setting == "zero_shot_loo"  # fits.fit_key: the setting, where read
+    named = cls.reads_setting(cell.setting)  # as fits.fit_key
     return (
         cell.plugin_name, repr(sorted(params.items())), cell.backbone, cell.image_size, cell.resize, cell.precision,
         cell.seed, cell.sampling_seed, cell.setting if named else "", cell.shots if named else None,
@@ -251,15 +251,15 @@ def result_identity(cell: Cell, split: Split, thresholds_from_valid: bool) -> tu
     cls = METHODS.get(cell.plugin_name)
     train = tuple(s for s in split.train if not s.label) if cls.one_class else split.train
     valid = split.valid if cls.reads_valid or thresholds_from_valid else ()
-    setting = cell.setting if not cls.setting_blind or cell.setting == "zero_shot_loo" else ""
-    shots = cell.shots if not cls.setting_blind else None
+    named = cls.reads_setting(cell.setting)
 
     def files(samples) -> tuple:
         return tuple((str(s.path), s.label) for s in samples)
 
     return (
         cell.plugin_name, repr(sorted(cell.params.items())), cell.backbone, cell.image_size, cell.resize,
-        cell.precision, cell.seed, cell.checkpoint, cell.checkpoint_format, cell.prompt_design, setting, shots,
+        cell.precision, cell.seed, cell.checkpoint, cell.checkpoint_format, cell.prompt_design,
+        cell.setting if named else "", cell.shots if named else None,
         cell.dataset, files(train), files(split.auxiliary), files(valid), files(split.test),
     )  # fmt: skip
 
