@@ -193,8 +193,8 @@ def _cmd_run(args) -> int:
     print(f"{protocol.name} (protocol version {protocol.version}): {len(cells)} cells, data root '{root}'")
     if note:
         print(f"note: {note}")
-    if not args.resume:
-        print(*_rerun_note(protocol, cells), sep="", end="")
+    if not args.resume and (again := _rerun_note(protocol, cells)):
+        print(again)
     executor = _executor(args, protocol)
     print(f"cells run on: {executor.describe()}")
     summary = run_protocol(
@@ -412,19 +412,19 @@ def _cmd_compare(args) -> int:
     return 0
 
 
-def _rerun_note(protocol, cells) -> list[str]:
-    """The line saying how many of ``cells`` finished before (computed again without ``--resume``), if any."""
+def _rerun_note(protocol, cells) -> str:
+    """The line saying how many of ``cells`` finished before (computed again without ``--resume``); "" if none."""
     from benchmark.store import ResultStore
 
     store = ResultStore(protocol.results_dir, protocol.name)
     done = store.finished_hashes()
     again = sum(c.config_hash(protocol) in done for c in cells)
     if not again:
-        return []
-    return [
+        return ""
+    return (
         f"note: {again} of these {len(cells)} cells finished before ({store.path}): they are computed again and "
-        "appended, and tables show their newest lines; --resume skips them\n"
-    ]
+        "appended, and tables show their newest lines; --resume skips them"
+    )
 
 
 def _log_analysis(results_dir: str, experiment: str, files: list[Path], folder: str, what: str) -> str:
