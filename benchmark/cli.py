@@ -1,8 +1,11 @@
-"""``python -m benchmark run|tables|list|synth|fetch-weights``. Bad input: one line on stderr, exit 2."""
+"""``python -m benchmark run|tables|compare|report|paper-table|list|synth|fetch-weights|fetch-data|verify-data|sync``.
+Bad input: one line on stderr, exit 2."""
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import os
 import signal
 import sys
 import time
@@ -147,7 +150,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     paper.add_argument("--results-dir", default="results", help="the folder runs wrote to (results)")
     paper.add_argument("--out", help="write the table to this file instead of printing it")
-    sub.add_parser("list", help="methods, datasets and protocols")
+    listing = sub.add_parser("list", help="methods, datasets and protocols")
+    listing.add_argument(
+        "--data-table", action="store_true", help="the README's table of datasets (source, licence, counts) in Markdown"
+    )
     synth = sub.add_parser("synth", help="write the synthetic data sets")
     synth.add_argument("--out", default="data/synthetic", help="folder to write them to (data/synthetic)")
     synth.add_argument("--seed", type=int, default=0, help="generator seed (0)")
@@ -162,6 +168,29 @@ def _parser() -> argparse.ArgumentParser:
         "checkpoints we import (medclipseg; mvfa, april_gan, anomalyclip: where they are published)",
     )
     fetch.add_argument("tag", help="its pretrained tag (openai, laion400m_e31, aa_in1k) or the checkpoint (BUSI_25)")
+    fetch_data = sub.add_parser(
+        "fetch-data",
+        help="download a dataset its card names on the Hugging Face Hub, check its SHA-256 and unpack it (needs "
+        "internet); for the others, where to get them",
+    )
+    fetch_data.add_argument("name", help="a dataset card's name (`list` shows them), e.g. Kvasir")
+    fetch_data.add_argument("--to", default="data", help="the data root to unpack it under (data)")
+    fetch_data.add_argument("--cards", action="append", default=[], help="a folder of extra dataset cards")
+    verify = sub.add_parser(
+        "verify-data", help="check local copies of datasets against their cards (layout, counts; --deep: every file)"
+    )
+    verify.add_argument("names", nargs="*", help="dataset card names (`list` shows them)")
+    verify.add_argument("--all", action="store_true", help="every dataset card")
+    verify.add_argument("--data-root", default="data", help="folder holding the datasets (data)")
+    verify.add_argument("--deep", action="store_true", help="decode every image and mask as a run does")
+    verify.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="processes (the CPUs "
+                        "this process may use)")  # fmt: skip
+    verify.add_argument(
+        "--lock", nargs="?", const="", metavar="FILE",
+        help="write a lock (every file's SHA-256 and the test-set content hash) to FILE (NAME.lock.json)"
+    )  # fmt: skip
+    verify.add_argument("--against", metavar="LOCK", help="name every file added, missing or changed since LOCK")
+    verify.add_argument("--cards", action="append", default=[], help="a folder of extra dataset cards")
     sync = sub.add_parser("sync", help="bring MLflow up to date with a protocol's local records")
     sync.add_argument("protocol", help="the protocol file whose records MLflow should hold")
     sync.add_argument("--results-dir", help="overrides the protocol's results_dir")
@@ -295,6 +324,7 @@ def _cmd_sync(args) -> int:
 def _dry_run(protocol, catalog, cells, root: Path, skipped: str) -> int:
     """The grid, the skipped pairs and, where the data are there, each cell's samples; writes nothing (not
     even the synthetic data a real run would write first)."""
+    from benchmark.data.locks import read_lock
     from benchmark.errors import PreflightError
     from benchmark.preflight import check_splits
 
@@ -305,6 +335,11 @@ def _dry_run(protocol, catalog, cells, root: Path, skipped: str) -> int:
             print(f"data: '{name}' is synthetic and not written yet: a run writes it under '{root}' first")
         else:
             print(f"data: {why}")
+    for name, path in protocol.data_locks.items():
+        try:
+            print(f"data: '{name}' is locked by {read_lock(path, catalog[name]).label()} (a run hashes the copy first)")
+        except BenchmarkError as exc:
+            problems.append(f"data_locks.{name}: {exc}")
     for cell in cells:
         split = splits.get(cell.cell_id)
         head = f"{cell.cell_id}  backbone={cell.backbone.label()}  image_size={cell.image_size}"
@@ -491,10 +526,13 @@ def _cmd_paper(args) -> int:
     return _emit(text, args.out)
 
 
-def _cmd_list(_args) -> int:
-    from benchmark.data.catalog import load_catalog
+def _cmd_list(args) -> int:
+    from benchmark.data.catalog import data_table, load_catalog
     from benchmark.method import METHODS
 
+    if args.data_table:
+        print(data_table(load_catalog()), end="")
+        return 0
     print("methods:")
     for name in METHODS.names():
         cls = METHODS.get(name)
@@ -537,6 +575,65 @@ def _cmd_fetch(args) -> int:
     return 0
 
 
+def _cmd_fetch_data(args) -> int:
+    from benchmark.data.catalog import load_catalog
+    from benchmark.data.fetching import fetch_data
+    from benchmark.data.verify import verify
+
+    spec = _card(load_catalog([Path(d) for d in args.cards]), args.name)
+    target = fetch_data(spec, Path(args.to))
+    there = Path(args.to) / spec.folder
+    print(f"{spec.name}: unpacked into {target}" if target else f"{spec.name}: '{there}' is there already (not "
+          "downloaded again; remove it to fetch again)")  # fmt: skip
+    check = verify(Path(args.to), spec)
+    print(check.line())
+    return 0 if check.ok else 2
+
+
+def _card(catalog, name: str):
+    if name not in catalog:
+        close = difflib.get_close_matches(name, list(catalog), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f" (expected one of {', '.join(catalog)})"
+        raise BenchmarkError(f"no dataset card named '{name}'{hint}")
+    return catalog[name]
+
+
+def _cmd_verify(args) -> int:
+    from benchmark.data.catalog import load_catalog
+    from benchmark.data.locks import check_lock, read_lock, write_lock
+    from benchmark.data.verify import verify
+
+    catalog = load_catalog([Path(d) for d in args.cards])
+    if args.all == bool(args.names):
+        raise BenchmarkError("verify-data: name one or more datasets, or --all")
+    specs = list(catalog.values()) if args.all else [_card(catalog, n) for n in args.names]
+    if len(specs) > 1 and (args.against or args.lock):
+        raise BenchmarkError("verify-data: --against LOCK and --lock FILE take one dataset")
+    if args.workers < 1:
+        raise BenchmarkError(f"verify-data: --workers must be 1 or more, got {args.workers}")
+    root, progress, failed = Path(args.data_root), sys.stderr.isatty(), False
+    if args.against:
+        read_lock(args.against, specs[0])  # a bad lock file: said before any file is hashed
+    for spec in specs:
+        check = verify(root, spec, args.deep, args.workers, progress)
+        print(check.line(), flush=True)
+        failed |= not check.ok
+        if args.against and (root / spec.folder).is_dir():
+            lock, differences = check_lock(root, spec, args.against, args.workers)
+            if differences:
+                print(f"{spec.name}: differs from lock {lock.label()}: {differences.counted()}")
+                print("\n".join(differences.lines()))
+                failed = True
+            else:
+                print(f"{spec.name}: every file as in lock {lock.label()} ({len(lock.files)} files)")
+        if args.lock is not None and (root / spec.folder).is_dir():
+            out = Path(args.lock or f"{spec.name}.lock.json")
+            snap = write_lock(root, spec, out, args.workers, progress)
+            print(f"{spec.name}: wrote lock {out} ({len(snap.files)} files, test content hash "
+                  f"{snap.test_content_hash[:12]})")  # fmt: skip
+    return 2 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = {
@@ -549,6 +646,8 @@ def main(argv: list[str] | None = None) -> int:
         "list": _cmd_list,
         "synth": _cmd_synth,
         "fetch-weights": _cmd_fetch,
+        "fetch-data": _cmd_fetch_data,
+        "verify-data": _cmd_verify,
     }[args.command]
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:

@@ -1,8 +1,9 @@
 """Checks made before anything is recorded, each fault one line, all of them at once (``PreflightError``).
 
-Every cell's split is listed (file names only: nothing is decoded or hashed), every test set must hold
-normal and anomalous images, every backbone's weights must be on this machine, and the results folder,
-the experiment folder and the tracking store must be writable. Nothing here imports torch or MLflow
+Every cell's split is listed (file names only: nothing is decoded), every test set must hold normal and
+anomalous images, a dataset the protocol locks (``data_locks``) must hash to its lock file by file, every
+backbone's weights must be on this machine, and the results folder, the experiment folder and the tracking
+store must be writable. Nothing here imports torch or MLflow
 unless a pretrained backbone has to be looked up.
 """
 
@@ -15,6 +16,7 @@ from pathlib import Path
 from benchmark.cells import Cell
 from benchmark.data.catalog import DatasetSpec
 from benchmark.data.layout import dataset_dir
+from benchmark.data.locks import lock_problems
 from benchmark.data.splits import Split, make_split
 from benchmark.data.synthetic import SYNTHETIC_SETS, SyntheticConfig, write_synthetic
 from benchmark.errors import BenchmarkError, PreflightError
@@ -145,6 +147,8 @@ def preflight(
     problems += [p for p in (check_server(uri),) if p]
     splits, found, missing = check_splits(protocol, catalog, cells, root)
     problems += [*missing.values(), *found]
+    locked = {d: p for d, p in protocol.data_locks.items() if d not in missing and any(c.dataset == d for c in cells)}
+    problems += lock_problems(locked, catalog, root, workers=max(1, min(4, os.cpu_count() or 1)))
     problems += check_weights(cells)
     if problems:
         raise PreflightError(problems)

@@ -102,6 +102,8 @@ class Protocol:
     # (nearest) to each mask's own size, as MedCLIPSeg's utils/eval.py
     evaluation_size: str = "model"
     resize: str | None = None  # how images are resized to a cell's size (RESIZES); None: bicubic, or a method's own
+    # dataset -> lock file (``verify-data NAME --lock``): a copy that differs is refused before any cell
+    data_locks: dict[str, str] = field(default_factory=dict)
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
 
@@ -358,6 +360,7 @@ def load_protocol(path: str | Path) -> Protocol:
         cell_figures=r.get("cell_figures", bool, True),
         evaluation_size=r.get("evaluation_size", str, "model"),
         resize=r.get("resize", str, None),
+        data_locks=r.get("data_locks", dict, {}),
         raw=data,
     )
     r.used.add("resources")  # read above from the raw mapping
@@ -376,6 +379,12 @@ def load_protocol(path: str | Path) -> Protocol:
         r.fail(f"expected one of {', '.join(EVALUATION_SIZES)}, got '{protocol.evaluation_size}'", "evaluation_size")
     if protocol.resize is not None and protocol.resize not in RESIZES:
         r.fail(f"expected one of {', '.join(RESIZES)}, got '{protocol.resize}'", "resize")
+    for dataset, lock in protocol.data_locks.items():
+        if dataset not in protocol.datasets:
+            r.fail(f"'{dataset}' is not one of the protocol's datasets", f"data_locks.{dataset}")
+        if not isinstance(lock, str) or not lock:
+            what = f"expected the path of a lock file (verify-data {dataset} --lock), got {lock!r}"
+            r.fail(what, f"data_locks.{dataset}")
     if protocol.figure_samples < 0:
         r.fail("expected 0 or more images", "figure_samples")
     if protocol.loader_workers is not None and protocol.loader_workers < 0:

@@ -25,6 +25,7 @@ from benchmark import environment
 from benchmark.cells import Cell
 from benchmark.claims import Claims
 from benchmark.data.catalog import DatasetSpec
+from benchmark.data.locks import lock_label
 from benchmark.data.splits import Split
 from benchmark.errors import BenchmarkError
 from benchmark.executors import Executor, SerialExecutor
@@ -139,6 +140,8 @@ def _base(cell: Cell, protocol: Protocol) -> dict[str, Any]:
         "backbone_weights": "random-init" if cell.backbone.random_init else f"pretrained:{cell.backbone.weights}",
         "protocol_version": protocol.version,
         "evaluation_size": protocol.evaluation_size,
+        # the lock its copy was checked against before any cell ran (protocol data_locks), else None
+        "data_lock": lock_label(protocol.data_locks[cell.dataset]) if cell.dataset in protocol.data_locks else None,
     }
 
 
@@ -176,6 +179,7 @@ def _record(base: dict[str, Any], result, cell: Cell, protocol: Protocol, run_id
         "test_content_hash": result.test_hash,
         "tags": {
             "test_content_hash": result.test_hash,
+            **({"data_lock": record["data_lock"]} if record.get("data_lock") else {}),
             "git_commit": env.get("git_commit", ""),
             "torch": env.get("pkg_torch", ""),
             "cuda": env.get("cuda", ""),

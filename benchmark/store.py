@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 RECORD_KEYS = (
     "method", "dataset", "setting", "shots", "seed", "backbone", "threshold", "variant", "published_as", "seed_free",
-    "precision", "evaluation_size", "fit_source", "same_result_as",
+    "precision", "evaluation_size", "fit_source", "same_result_as", "data_lock",
 )  # fmt: skip
 
 

@@ -135,18 +135,43 @@ def relabel_backbone(results_dir: Path, experiment: str, new: str, label: str) -
     target.write_text("".join(json.dumps({**r, "backbone": label} if "backbone" in r else r) + "\n" for r in lines))
 
 
+LFS_SUFFIXES = (".zip", ".tar", ".gz", ".bin", ".pt", ".pth", ".safetensors", ".npz")  # the Hub's LFS defaults
+
+
 class LocalHub:
-    """A local stand-in for the Hugging Face Hub on 127.0.0.1 (the endpoints ``hf_hub_download`` and
-    ``snapshot_download`` call), serving ``files[repo][name]``."""
+    """A local stand-in for the Hugging Face Hub on 127.0.0.1, serving ``files[repo][name]``: ``repo`` is
+    ``owner/name`` for a model repository, ``datasets/owner/name`` for a dataset repository. What
+    ``huggingface_hub`` asks of it: ``HEAD|GET /{repo}/resolve/{rev}/{name}`` (a regular file: its bytes with
+    ``X-Repo-Commit`` and ``ETag``; an LFS file, by suffix: as the Hub, a 302 to a CDN on another port with
+    ``X-Linked-Etag``, the SHA-256 it records, and ``X-Linked-Size``; the CDN answers ``Range`` requests with 206),
+    the repository's info and tree (``snapshot_download``) and ``paths-info``.
+
+    Switches: ``corrupt``, names whose served bytes differ from the recorded SHA-256 (same length); ``hang_first``,
+    ``{name: n}``: the first GET of its bytes sends ``n`` of them and stalls (a download a test then kills).
+    ``requests`` records every request as ``(method, path, {lower-case header: value})``."""
 
     COMMIT = "c" * 40
 
-    def __init__(self, files: dict[str, dict[str, bytes]]) -> None:
+    def __init__(self, files: dict[str, dict[str, bytes]], corrupt=(), hang_first: dict[str, int] | None = None):
         import hashlib
+        import re
         import threading
+        import urllib.parse
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         hub = self
+        self.files, self.corrupt, self.hang_first = files, set(corrupt), dict(hang_first or {})
+        self.requests: list[tuple[str, str, dict[str, str]]] = []
+        self._release = threading.Event()
+
+        def git_sha1(data: bytes) -> str:
+            return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+        def entry(name: str, data: bytes) -> dict:
+            if not name.lower().endswith(LFS_SUFFIXES):
+                return {"type": "file", "oid": git_sha1(data), "size": len(data), "path": name}
+            lfs = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+            return {"type": "file", "oid": git_sha1(name.encode()), "size": len(data), "path": name, "lfs": lfs}
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args) -> None:
@@ -160,36 +185,104 @@ class LocalHub:
                 if not head:
                     self.wfile.write(body)
 
-            def _file(self, head: bool) -> None:
-                parts = self.path.split("?")[0].strip("/").split("/")  # REPO/resolve/REVISION/NAME
-                data = files.get("/".join(parts[:2]), {}).get("/".join(parts[4:]))
+            def _json(self, body) -> None:
+                self._send(200, json.dumps(body).encode(), {"Content-Type": "application/json"})
+
+            def _resolve(self, head: bool) -> None:
+                path = urllib.parse.unquote(self.path.split("?")[0]).strip("/")
+                match = re.fullmatch(r"((?:datasets/)?[^/]+/[^/]+)/resolve/[^/]+/(.+)", path)
+                data = hub.files.get(match[1], {}).get(match[2]) if match else None
                 if data is None:
-                    return self._send(404, headers={"X-Error-Code": "EntryNotFound"}, head=head)
-                etag = '"' + hashlib.sha1(data).hexdigest() + '"'
-                self._send(200, data, {"X-Repo-Commit": hub.COMMIT, "ETag": etag}, head)
+                    return self._send(404, headers={"X-Error-Code": "EntryNotFound", "X-Repo-Commit": hub.COMMIT},
+                                      head=head)  # fmt: skip
+                if "lfs" not in entry(match[2], data):
+                    etag = f'"{git_sha1(data)}"'
+                    return self._send(200, data, {"X-Repo-Commit": hub.COMMIT, "ETag": etag}, head)
+                sha256 = hashlib.sha256(data).hexdigest()
+                location = f"{hub.cdn_url}/cdn/{sha256}?" + urllib.parse.urlencode({"repo": match[1], "name": match[2]})
+                headers = {"X-Repo-Commit": hub.COMMIT, "X-Linked-Etag": f'"{sha256}"', "X-Linked-Size": str(len(data)),
+                           "ETag": f'"{git_sha1(match[2].encode())}"', "Location": location}  # fmt: skip
+                self._send(302, b"", headers, head)
+
+            def _cdn(self, head: bool) -> None:
+                query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(self.path).query))
+                name, data = query["name"], hub.files[query["repo"]][query["name"]]
+                if name in hub.corrupt:
+                    data = bytes([data[0] ^ 0xFF]) + data[1:]
+                start, code, headers = 0, 200, {"Accept-Ranges": "bytes"}
+                asked = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
+                if asked and not head:
+                    start, code = int(asked[1]), 206
+                    headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+                body = data[start:]
+                hang = None if head else hub.hang_first.pop(name, None)
+                if hang is None:
+                    return self._send(code, body, headers, head)
+                self.send_response(code)  # announces every byte, sends ``hang`` of them, and stalls
+                for key, value in {"Content-Length": str(len(body)), **headers}.items():
+                    self.send_header(key, value)
+                self.end_headers()
+                self.wfile.write(body[:hang])
+                self.wfile.flush()
+                hub._release.wait(120)
+                self.close_connection = True
+
+            def _api(self) -> None:
+                path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
+                match = re.fullmatch(
+                    r"/api/(models|datasets)/([^/]+/[^/]+)(?:/(revision|tree|paths-info)/[^/]+)?.*", path
+                )
+                repo = (match[2] if match[1] == "models" else f"datasets/{match[2]}") if match else ""
+                if repo not in hub.files:
+                    return self._send(404 if path != "/api/agent-harnesses" else 200, b"{}",
+                                      {"X-Error-Code": "RepoNotFound"})  # fmt: skip
+                content = hub.files[repo]
+                if match[3] in ("tree", "paths-info"):
+                    if match[3] == "paths-info":
+                        form = urllib.parse.parse_qs(
+                            self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
+                        )
+                        content = {n: content[n] for n in form.get("paths", []) if n in content}
+                    return self._json([entry(n, d) for n, d in content.items()])
+                self._json({"id": match[2], "sha": hub.COMMIT, "siblings": [{"rfilename": n} for n in content]})
+
+            def _record(self) -> None:
+                hub.requests.append((self.command, self.path, {k.lower(): v for k, v in self.headers.items()}))
 
             def do_HEAD(self) -> None:
-                self._file(True)
+                self._record()
+                self._cdn(True) if self.path.startswith("/cdn/") else self._resolve(True)
 
             def do_GET(self) -> None:
-                if not self.path.startswith("/api/models/"):
-                    return self._file(False)
-                parts = self.path.split("?")[0].split("/")
-                repo = files.get("/".join(parts[3:5]), {})
-                if "/tree/" in self.path:
-                    body = [{"type": "file", "oid": hashlib.sha1(d).hexdigest(), "size": len(d), "path": n}
-                            for n, d in repo.items()]  # fmt: skip
-                else:
-                    body = {"id": "/".join(parts[3:5]), "sha": hub.COMMIT, "siblings": [{"rfilename": n} for n in repo]}
-                self._send(200 if repo else 404, json.dumps(body).encode(), {"Content-Type": "application/json"})
+                self._record()
+                if self.path.startswith("/cdn/"):
+                    return self._cdn(False)
+                self._api() if self.path.startswith("/api/") else self._resolve(False)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+            def do_POST(self) -> None:
+                self._record()
+                self._api()
+
+        self.server, self.cdn = (ThreadingHTTPServer(("127.0.0.1", 0), Handler) for _ in range(2))
+        for server in (self.server, self.cdn):
+            server.daemon_threads = True
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.cdn_url = f"http://127.0.0.1:{self.cdn.server_port}"  # another origin, as the Hub's CDN
+
+    def release(self) -> None:
+        """Ends the stalled (``hang_first``) replies."""
+        self._release.set()
+
+    def env(self, tmp_path: Path) -> dict[str, str]:
+        """The environment of a process whose Hub is this one and whose caches are under ``tmp_path``."""
+        env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{self.server.server_port}",
+               "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path / "home"),
+               "HF_HUB_DISABLE_TELEMETRY": "1"}  # fmt: skip
+        for name in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "HF_TOKEN"):
+            env.pop(name, None)
+        return env
 
     def run(self, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
         """``args`` in a fresh process whose Hub is this one and whose cache is under ``tmp_path``."""
-        env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{self.server.server_port}",
-               "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path / "home")}  # fmt: skip
-        for name in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
-            env.pop(name, None)
-        return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=300)
+        return subprocess.run([sys.executable, *args], env=self.env(tmp_path), capture_output=True, text=True,
+                              timeout=300)  # fmt: skip

@@ -195,10 +195,10 @@ def fetch_weights(model: str, weights: str) -> str:
         raise download_failed(what, exc) from None
 
 
-def download_failed(what: str, exc: Exception) -> BenchmarkError:
-    """The one-line error of a failed ``fetch-weights WHAT``: the first line of the reason."""
+def download_failed(what: str, exc: Exception, command: str = "fetch-weights") -> BenchmarkError:
+    """The one-line error of a failed ``fetch-weights WHAT`` (or ``command``): the first line of the reason."""
     reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-    return BenchmarkError(f"fetch-weights {what}: the download failed ({reason})")
+    return BenchmarkError(f"{command} {what}: the download failed ({reason})")
 
 
 def fetch_checkpoint(cls, name: str) -> str:

@@ -27,7 +27,6 @@ from benchmark.data.catalog import IMAGE_SUFFIXES, DatasetSpec
 from benchmark.errors import BenchmarkError
 
 MASK_FOLDERS = ("anomaly_mask", "label")
-SPLITS = ("train", "valid", "test")
 SEGMENTATION_FOLDERS = {"train": "Train_Folder", "valid": "Val_Folder", "test": "Test_Folder"}
 PROMPT_FILES = {"train": "Train_text", "valid": "Val_text", "test": "Test_text"}
 PROMPT_COLUMNS = ("Image", "Ground Truth", "Description")
@@ -58,8 +57,11 @@ def _bytes_hash(path: str, _size: int, _mtime_ns: int) -> str:
     return hashlib.sha1(Path(path).read_bytes()).hexdigest()
 
 
-def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+def image_files(folder: Path) -> list[Path]:
+    """The images of a folder, sorted; hidden files (macOS's ``._name.png`` resource forks) are not images."""
+    return sorted(
+        p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+    )
 
 
 def _mask_dir(state_dir: Path) -> Path | None:
@@ -75,7 +77,7 @@ def _pair_masks(
     """Each image's mask in ``mask_dir``, named as the card says; else one line counting every image without a
     mask and every mask without an image (the latter an error by itself only where ``orphans_fail``)."""
     extension = spec.mask_extension
-    listing = _images(mask_dir) if mask_dir.is_dir() else []
+    listing = image_files(mask_dir) if mask_dir.is_dir() else []
     masks = {p.stem: p for p in listing if extension is None or p.suffix.lower() == extension.lower()}
     missing = [p.name for p in images if p.stem + spec.mask_suffix not in masks]
     extra = sorted(masks[stem].name for stem in set(masks) - {p.stem + spec.mask_suffix for p in images})
@@ -157,7 +159,7 @@ def read_segmentation_split(
         what = f"data fraction {fraction} %" if split != "test" else f"prompt design '{design}'"
         raise BenchmarkError(f"dataset '{spec.name}': {what} needs '{listing}', which is not there")
     else:
-        images = _images(img_dir) if img_dir.is_dir() else []
+        images = image_files(img_dir) if img_dir.is_dir() else []
         masks = _pair_masks(spec, img_dir, images, mask_dir, f"{split} images", orphans_fail=False)
         samples = [Sample(str(p), 1, masks[p], spec.name, spec.mask_threshold, None, True) for p in images]
     if not samples:
@@ -189,7 +191,7 @@ def read_split(root: Path, spec: DatasetSpec, split: str, states: tuple[str, ...
                 raise BenchmarkError(f"dataset '{spec.name}': expected folder '{img_dir}'")
             continue
         label = int(state == "Ungood")
-        images = _images(img_dir)
+        images = image_files(img_dir)
         if not label or not spec.masks:
             samples += [Sample(str(p), label, None, spec.name) for p in images]
             continue

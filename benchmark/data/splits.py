@@ -4,7 +4,8 @@ Pools, per dataset (documented in the README):
 
 - labelled pool: ``train/`` when it holds anomalous images, else ``valid/`` (BMAD's ``train/`` is normal
   only, and MVFA-AD's copy has no ``train/``; both draw labelled samples from ``valid/``);
-- normal pool: ``train/good`` when ``train/`` exists, else ``valid/good``.
+- normal pool: ``train/good`` when ``train/`` exists, else ``valid/good`` (``full_normal`` needs ``train/``: it is
+  refused without it, never run on the few normal images of ``valid/``).
 
 Settings: ``zero_shot_loo`` trains on the labelled pools of the other listed datasets and never opens the
 target's ``train/`` or ``valid/``; ``few_shot`` K draws K normal and K anomalous images from the labelled
@@ -185,6 +186,12 @@ def make_split(
                 [s for s in pool if not s.label], k, _rng(sampling_seed, dataset, k, "n"), "normal", spec
             ) + _draw([s for s in pool if s.label], k, _rng(sampling_seed, dataset, k, "a"), "anomalous", spec)
     elif setting in ("few_normal", "full_normal"):
+        if setting == "full_normal" and spec.layout == "bmad" and not has_split(root, spec, "train"):
+            raise BenchmarkError(
+                f"dataset '{dataset}': full_normal trains on every normal image of train/good, and "
+                f"'{root / spec.folder / 'train'}' is not there (MVFA-AD's copy lacks it; BMAD's release has it: "
+                f"see {spec.card or 'its card'}, or `python -m benchmark fetch-data {dataset}`)"
+            )
         pool, where = normal_pool(root, spec)
         source = f"{where}/good"
         if setting == "full_normal":

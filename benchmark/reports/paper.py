@@ -81,16 +81,20 @@ def our_summary(results_dir: str | Path, experiments: list[str]) -> pd.DataFrame
 
 
 def _provenance(results_dir: str | Path, experiments: list[str]) -> str:
-    commits, weights = set(), set()
+    commits, weights, locks = set(), set(), set()
     for experiment in experiments:
         for rec in ResultStore(results_dir, experiment).latest().values():
             if rec.get("status") == "finished":
                 commits.add(rec.get("tags", {}).get("git_commit", "")[:10])
                 weights.add(str(rec.get("backbone_weights")))
+                if rec.get("data_lock"):
+                    locks.add((rec["dataset"], rec["data_lock"]))
     git = ", ".join(sorted(c for c in commits if c)) or "-"
     text = f"Ours from {', '.join(experiments)} (git {git}; backbone weights {', '.join(sorted(weights))})."
     if any("random-init" in w for w in weights):
         text += " Random-init backbones: our numbers are not comparable with the paper's."
+    if locks:
+        text += f" Data as locked: {'; '.join(f'{d} by {lock}' for d, lock in sorted(locks))}."
     return text
 
 

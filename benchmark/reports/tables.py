@@ -474,6 +474,20 @@ def render_csv(frame: pd.DataFrame, published: bool = False) -> str:
     return summary.to_csv(index=False)
 
 
+def data_locks_text(rows: pd.DataFrame) -> str:
+    """What a caption says of the data locks its rows' copies were checked against (``data_locks``); nothing
+    where none was used."""
+    locked = rows[rows["data_lock"].notna()] if "data_lock" in rows else rows.iloc[0:0]
+    if locked.empty:
+        return ""
+    named = "; ".join(
+        f"{d} by {lock}" for d, lock in sorted(set(zip(locked["dataset"], locked["data_lock"], strict=True)))
+    )
+    unlocked = sorted(set(rows["dataset"]) - set(locked["dataset"]))
+    rest = f"; {', '.join(unlocked)} not locked" if unlocked else ""
+    return f" Data as locked (every file's SHA-256 checked before the run): {named}{rest}."
+
+
 def caption_for(frame: pd.DataFrame, experiment: str, metrics: tuple[str, ...], std: bool = True) -> str:
     names = ", ".join(f"{HEADERS.get(m, m)} = {m}" for m in metrics)
     backbones = sorted(set(frame.loc[frame["metric"].notna(), "backbone"]))
@@ -513,6 +527,7 @@ def caption_for(frame: pd.DataFrame, experiment: str, metrics: tuple[str, ...], 
         )
     if any("random-init" in b for b in backbones):
         text += " Random-init backbones: not comparable with published numbers."
+    text += data_locks_text(frame.loc[frame["metric"].notna()])
     summary = summarize(frame)
     if (summary[summary["metric"].isin(metrics)]["n"] < summary[summary["metric"].isin(metrics)]["of"]).any():
         text += (
