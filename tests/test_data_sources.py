@@ -13,6 +13,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -53,7 +54,8 @@ segmentation_only: true
 source: "tests"
 licence: "generated"
 fetch: {hub: lab/toy-data, file: ToySeg.zip}
-expected: {from: "the test's own count", train: 10, valid: 8, test: 10}
+expected: {from: "the test's own count", train: 10, valid: 8, test: 10,
+           fractions: {train: {10: 1, 25: 2, 50: 5}, valid: {10: 1, 25: 2, 50: 4}}}
 ---
 """
 
@@ -108,6 +110,7 @@ def test_every_card_says_where_it_comes_from_and_the_readme_table_is_generated_f
         ("expected: {from: BMAD, test: -1}", "expected.test: expected a number or {good: N, Ungood: M}"),
         ("expected: {from: BMAD, test: {good: 5, bad: 1}}", "expected.test: expected a number"),
         ("expected: maybe 100", "key 'expected' must be a mapping of counts or 'not stated: <why>'"),
+        ("expected: {from: BMAD, fractions: {train: {10: 5}}}", "expected: unknown key 'fractions'"),
         ("fetch: {hub: lab/x}", "key 'fetch' must be {hub: OWNER/NAME, file: FILE}"),
         ("fetch: {hub: x, file: a.zip}", "key 'fetch.hub' must be a repository id OWNER/NAME"),
         ("licence: ''", "key 'licence' must be the licence as its distributor states it"),
@@ -177,11 +180,17 @@ def test_verify_data_checks_medclipsegs_prompt_tables(tmp_path, catalog, capsys)
     _toy_seg(root)
     code, lines = _verify(capsys, root, cards, "ToySeg")
     assert code == 0 and lines == ["ToySeg: OK (train 10, valid 8, test 10; counts as the test's own count)"]
-    (root / "ToySeg" / "Prompts_Folder" / "Val_text.xlsx").unlink()
+    prompts = root / "ToySeg" / "Prompts_Folder"
+    (prompts / "Val_text.xlsx").unlink()
+    (prompts / "Train_text_25.xlsx").unlink()
+    half = pd.read_excel(prompts / "Train_text_50.xlsx")
+    half.iloc[1:].to_excel(prompts / "Train_text_50.xlsx", index=False)  # one row fewer than published
     (root / "ToySeg" / "Test_Folder" / "img" / "test_0003.png").unlink()
     code, lines = _verify(capsys, root, cards, "ToySeg")
     assert code == 2 and lines[0].startswith("ToySeg: ")
     assert "no prompt table 'Val_text.xlsx' in" in lines[0]
+    assert "no prompt table 'Train_text_25.xlsx' in" in lines[0] and "(its 25 % subset)" in lines[0]
+    assert "Train_text_50.xlsx: 4 images, expected 5 (the test's own count)" in lines[0]
     assert "Test_text_original.xlsx: lists 'test_0003.png', which is not in" in lines[0]
     assert "test: 9 images, expected 10 (the test's own count)" in lines[0]
 
@@ -373,7 +382,8 @@ def test_an_archive_without_the_sets_splits_or_with_a_member_outside_is_refused(
 
 def test_a_split_published_empty_may_be_missing_and_a_missing_class_folder_is_named(tmp_path, synth_root, capsys):
     cards = _cards(tmp_path)
-    (cards / "ToySeg.md").write_text(TOY_SEG.replace("valid: 8", "valid: 0"))  # as CVC300, ColonDB: no validation
+    no_valid = TOY_SEG.replace("valid: 8", "valid: 0").replace(", valid: {10: 1, 25: 2, 50: 4}", "")
+    (cards / "ToySeg.md").write_text(no_valid)  # as CVC300, ColonDB: no validation images
     root = tmp_path / "data"
     shutil.rmtree(_toy_seg(root) / "Val_Folder")
     for table in (root / "ToySeg" / "Prompts_Folder").glob("Val_text*.xlsx"):

@@ -8,12 +8,13 @@ extra card folders, so a new dataset is one Markdown file.
 
 ``expected`` is ``"not stated: <why>"`` or a mapping: ``from`` (where the numbers are published) and, per split
 (``train``, ``valid``, ``test``), a number of images, ``{good: N, Ungood: M}`` (normal and anomalous images) or
-``"not stated"``.
+``"not stated"``; for MedCLIPSeg's layout also ``fractions``: ``{train: {10: N, ...}, valid: {...}}``, the rows of
+each data-fraction prompt table (``Train_text_10.xlsx``...).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -73,6 +74,7 @@ class Expected:
     source: str
     counts: dict[str, int | dict[str, int] | None]
     why: str = ""
+    fractions: dict[str, dict[int, int]] = field(default_factory=dict)  # split -> {percent: images}
 
     def total(self, split: str) -> int | None:
         value = self.counts.get(split)
@@ -109,10 +111,10 @@ def _expected(path: Path, value, segmentation: bool) -> Expected:
         return Expected("", {}, value.removeprefix(NOT_STATED).lstrip(": ").strip())
     if not isinstance(value, dict) or not isinstance(value.get("from"), str) or not value["from"].strip():
         raise BenchmarkError(f"{path}: key 'expected' needs 'from': where its numbers are published")
-    unknown = set(value) - {"from", *SPLITS}
+    unknown = set(value) - {"from", *SPLITS, *(("fractions",) if segmentation else ())}
     if unknown:
         raise BenchmarkError(f"{path}: expected: unknown key '{sorted(unknown)[0]}' (expected from, "
-                             f"{', '.join(SPLITS)})")  # fmt: skip
+                             f"{', '.join(SPLITS)}{', fractions' if segmentation else ''})")  # fmt: skip
     counts: dict[str, int | dict[str, int] | None] = {}
     for split in SPLITS:
         count = value.get(split, NOT_STATED)
@@ -126,7 +128,14 @@ def _expected(path: Path, value, segmentation: bool) -> Expected:
         else:
             shape = "a number" if segmentation else "a number or {good: N, Ungood: M}"
             raise BenchmarkError(f"{path}: expected.{split}: expected {shape} or '{NOT_STATED}', got {count!r}")
-    return Expected(value["from"].strip(), counts)
+    fractions = value.get("fractions", {})
+    ok = isinstance(fractions, dict) and set(fractions) <= {"train", "valid"} and all(
+        isinstance(by, dict) and all(p in (10, 25, 50) and isinstance(n, int) and not isinstance(n, bool) and n > 0
+                                     for p, n in by.items()) for by in fractions.values())  # fmt: skip
+    if not ok:
+        raise BenchmarkError(f"{path}: expected.fractions: expected {{train: {{10: N, 25: N, 50: N}}, valid: {{...}}}} "
+                             f"(images per data-fraction prompt table), got {fractions!r}")  # fmt: skip
+    return Expected(value["from"].strip(), counts, fractions={k: dict(v) for k, v in fractions.items()})
 
 
 def read_card(path: Path) -> DatasetSpec:
@@ -206,7 +215,10 @@ def data_table(catalog: dict[str, DatasetSpec]) -> str:
         if expected is None or not expected.counts:
             counts = expected.why if expected and expected.why else NOT_STATED
         else:
-            counts = " / ".join(expected.described(s) for s in SPLITS) + f" ({expected.source})"
+            counts = " / ".join(expected.described(s) for s in SPLITS)
+            for split, by in expected.fractions.items():
+                counts += f"; {split} {'/'.join(str(p) for p in by)} %: {'/'.join(f'{n:,}' for n in by.values())}"
+            counts += f" ({expected.source})"
         cells = [spec.name, f"`{spec.folder}/`", spec.source or NOT_STATED, spec.licence, how, counts]
         rows.append("| " + " | ".join(c.replace("|", "/").replace("\n", " ") for c in cells) + " |")
     return "\n".join(rows) + "\n"

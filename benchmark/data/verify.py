@@ -159,6 +159,7 @@ def _segmentation_layout(check: Check) -> None:
             check.samples += read_segmentation_split(root, spec, split)
         except BenchmarkError as exc:
             check.problems.append(_short(str(exc), spec))
+    fractions = spec.expected.fractions if spec.expected else {}
     for table in sorted(prompts.glob("*.xlsx")) if prompts.is_dir() else ():
         split, variant = _prompt_table(table.stem)
         if split is None or variant is None:
@@ -166,10 +167,19 @@ def _segmentation_layout(check: Check) -> None:
         try:
             if split == "test":
                 read_segmentation_split(root, spec, split, design=variant)
-            else:
-                read_segmentation_split(root, spec, split, fraction=int(variant))
+                continue
+            rows = len(read_segmentation_split(root, spec, split, fraction=int(variant)))
         except (BenchmarkError, ValueError) as exc:
             check.problems.append(_short(str(exc), spec))
+            continue
+        stated = fractions.get(split, {}).get(int(variant))
+        if stated is not None and rows != stated:
+            check.problems.append(f"{table.name}: {rows:,} images, expected {stated:,} ({spec.expected.source})")
+    for split, by in fractions.items():
+        for percent in by:
+            table = prompts / f"{PROMPT_FILES[split]}_{percent}.xlsx"
+            if prompts.is_dir() and not table.is_file():
+                check.problems.append(f"no prompt table '{table.name}' in '{prompts}' (its {percent} % subset)")
 
 
 def _prompt_table(stem: str) -> tuple[str | None, str | None]:
