@@ -187,7 +187,8 @@ def _parser() -> argparse.ArgumentParser:
                         "this process may use)")  # fmt: skip
     verify.add_argument(
         "--lock", nargs="?", const="", metavar="FILE",
-        help="write a lock (every file's SHA-256 and the test-set content hash) to FILE (NAME.lock.json)"
+        help="write a lock (every file's SHA-256 and the test-set content hash) to FILE, or to FOLDER/NAME.lock.json "
+        "(default: ./NAME.lock.json)"
     )  # fmt: skip
     verify.add_argument("--against", metavar="LOCK", help="name every file added, missing or changed since LOCK")
     verify.add_argument("--cards", action="append", default=[], help="a folder of extra dataset cards")
@@ -591,6 +592,9 @@ def _cmd_fetch_data(args) -> int:
 
 
 def _card(catalog, name: str):
+    same = [n for n in catalog if n.lower() == name.lower()]
+    if name not in catalog and len(same) == 1:
+        return catalog[same[0]]
     if name not in catalog:
         close = difflib.get_close_matches(name, list(catalog), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else f" (expected one of {', '.join(catalog)})"
@@ -607,8 +611,9 @@ def _cmd_verify(args) -> int:
     if args.all == bool(args.names):
         raise BenchmarkError("verify-data: name one or more datasets, or --all")
     specs = list(catalog.values()) if args.all else [_card(catalog, n) for n in args.names]
-    if len(specs) > 1 and (args.against or args.lock):
-        raise BenchmarkError("verify-data: --against LOCK and --lock FILE take one dataset")
+    into_folder = args.lock is not None and (args.lock.endswith(("/", os.sep)) or Path(args.lock or ".").is_dir())
+    if len(specs) > 1 and (args.against or (args.lock and not into_folder)):
+        raise BenchmarkError("verify-data: --against LOCK and --lock FILE take one dataset (--lock FOLDER/ takes many)")
     if args.workers < 1:
         raise BenchmarkError(f"verify-data: --workers must be 1 or more, got {args.workers}")
     root, progress, failed = Path(args.data_root), sys.stderr.isatty(), False
@@ -627,7 +632,7 @@ def _cmd_verify(args) -> int:
             else:
                 print(f"{spec.name}: every file as in lock {lock.label()} ({len(lock.files)} files)")
         if args.lock is not None and (root / spec.folder).is_dir():
-            out = Path(args.lock or f"{spec.name}.lock.json")
+            out = Path(args.lock or ".") / f"{spec.name}.lock.json" if into_folder else Path(args.lock)
             snap = write_lock(root, spec, out, args.workers, progress)
             print(f"{spec.name}: wrote lock {out} ({len(snap.files)} files, test content hash "
                   f"{snap.test_content_hash[:12]})")  # fmt: skip

@@ -138,7 +138,8 @@ def test_verify_data_says_ok_with_the_counts_and_names_every_fault_at_once(tmp_p
     code, lines = _verify(capsys, root, cards, "Toy")
     assert code == 2 and len(lines) == 1 and lines[0].startswith("Toy: 3 problems: ")
     assert "no valid/ folder in" in lines[0]
-    assert "test/good: 4 normal images, expected 5 (the test's own count)" in lines[0]
+    assert "test/good: 4 normal images, expected 5" in lines[0]
+    assert lines[0].endswith("(published counts: the test's own count)")
     assert "1 of 6 masks in" in lines[0] and "'x.png'" in lines[0]  # the mask without an image
     assert main(["verify-data", "Nope", "--cards", str(cards)]) == 2
     assert capsys.readouterr().err.startswith("error: no dataset card named 'Nope'")
@@ -190,9 +191,9 @@ def test_verify_data_checks_medclipsegs_prompt_tables(tmp_path, catalog, capsys)
     assert code == 2 and lines[0].startswith("ToySeg: ")
     assert "no prompt table 'Val_text.xlsx' in" in lines[0]
     assert "no prompt table 'Train_text_25.xlsx' in" in lines[0] and "(its 25 % subset)" in lines[0]
-    assert "Train_text_50.xlsx: 4 images, expected 5 (the test's own count)" in lines[0]
+    assert "Train_text_50.xlsx: 4 images, expected 5; " in lines[0]
     assert "Test_text_original.xlsx: lists 'test_0003.png', which is not in" in lines[0]
-    assert "test: 9 images, expected 10 (the test's own count)" in lines[0]
+    assert "test: 9 images, expected 10" in lines[0] and lines[0].endswith("(published counts: the test's own count)")
 
 
 def test_a_lock_names_every_file_added_missing_or_changed(tmp_path, synth_root, capsys):
@@ -206,9 +207,18 @@ def test_a_lock_names_every_file_added_missing_or_changed(tmp_path, synth_root, 
     assert written["files"] == files == 33 and len(written["test_content_hash"]) == 40
     code, lines = _verify(capsys, root, cards, "Toy", "--against", str(lock))
     assert code == 0 and lines[1].startswith(f"Toy: every file as in lock {lock} (content ")
-    again = tmp_path / "again.lock.json"  # written later by another lab: the same files, the same label
-    assert main(["verify-data", "Toy", "--data-root", str(root), "--cards", str(cards), "--lock", str(again)]) == 0
+    folder = tmp_path / "again"  # written later by another lab, into a folder: the same files, the same label
+    assert main(["verify-data", "Toy", "--data-root", str(root), "--cards", str(cards), "--lock", f"{folder}/"]) == 0
+    again = folder / "Toy.lock.json"
     assert read_lock(again).label().split("(")[1] == read_lock(lock).label().split("(")[1]
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    assert main(["verify-data", "Toy", "--data-root", str(root), "--cards", str(cards), "--lock", f"{blocked}/x"]) == 2
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .startswith(f"error: verify-data Toy --lock: '{blocked}/x' cannot be written (")
+    )
     (root / "Toy_AD" / "test" / "good" / "img" / "._test_good_0002.png").write_bytes(b"macOS resource fork")
     code, lines = _verify(capsys, root, cards, "Toy", "--against", str(lock), "--deep")
     assert code == 0 and lines[0].startswith("Toy: OK (train 6 normal, valid 4 normal + 4 anomalous, test 5 normal")
@@ -308,6 +318,12 @@ def test_fetch_data_downloads_checks_and_unpacks_and_refuses_bytes_that_do_not_m
     assert refused.stderr.startswith("error: fetch-data: lab/toy-data/ToySeg.zip: the downloaded bytes hash to SHA-256")
     assert "refused and deleted, nothing unpacked" in refused.stderr
     assert not (tmp_path / "other" / "ToySeg").exists() and not list((tmp_path / "other" / ".fetch").iterdir())
+    (tmp_path / "cards" / "ToySeg.md").write_text(TOY_SEG.replace("file: ToySeg.zip", "file: Toy.zip"))
+    absent = _fetch(hub, tmp_path, tmp_path / "third")
+    assert absent.returncode == 2 and absent.stderr.splitlines() == [
+        "error: fetch-data ToySeg: the Hub has no file Toy.zip in the dataset repository lab/toy-data (check fetch: in "
+        f"{tmp_path / 'cards' / 'ToySeg.md'})"
+    ]
 
 
 def test_fetch_data_resumes_a_download_cut_short(tmp_path):

@@ -107,7 +107,9 @@ def unpack(archive: Path, root: Path, spec: DatasetSpec) -> Path:
                     raise BenchmarkError(f"fetch-data: '{archive.name}' holds a member outside its folder: '{member}'")
             zf.extractall(scratch)
     except zipfile.BadZipFile as exc:
-        raise BenchmarkError(f"fetch-data: '{archive}' is not a zip archive ({exc})") from None
+        archive.unlink()
+        raise BenchmarkError(f"fetch-data: '{archive.name}' is not a zip archive ({exc}); deleted: the card's fetch: "
+                             f"must name a zip archive ({spec.card or 'its card'})") from None  # fmt: skip
     source = _set_folder(scratch, spec)
     if source is None:
         tops = ", ".join(sorted(p.name for p in scratch.iterdir())[:6]) or "nothing"
@@ -135,16 +137,26 @@ def fetch_data(spec: DatasetSpec, root: Path) -> Path | None:
     if fetch is None or fetch.manual:
         where = fetch.manual if fetch else f"no source is named in {spec.card or 'its card'}"
         raise BenchmarkError(f"fetch-data {spec.name}: not fetched by script: {where.rstrip('.')} (into '{target}')")
+    if target.is_dir() and not any(target.iterdir()):
+        target.rmdir()  # an empty folder is no copy
     if target.exists():
         return None
+    assert fetch.hub and fetch.file
+    by_hand = (f"or download {fetch.file} from https://huggingface.co/datasets/{fetch.hub} where there is a network "
+               f"and unzip it so that '{target}' holds the set")  # fmt: skip
     problem = hub_unreachable()
     if problem:
-        raise BenchmarkError(f"fetch-data {spec.name}: no network to download from: {problem}")
-    assert fetch.hub and fetch.file
+        raise BenchmarkError(f"fetch-data {spec.name}: no network to download from: {problem}; run it again with a "
+                             f"network, {by_hand}")  # fmt: skip
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
     try:
         archive = download(fetch.hub, fetch.file, Path(root) / SCRATCH)
     except BenchmarkError:
         raise
+    except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
+        raise BenchmarkError(f"fetch-data {spec.name}: the Hub has no file {fetch.file} in the dataset repository "
+                             f"{fetch.hub} (check fetch: in {spec.card or 'its card'})") from None  # fmt: skip
     except Exception as exc:
         raise download_failed(spec.name, exc, "fetch-data") from None
     unpack(archive, root, spec)

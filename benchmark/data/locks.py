@@ -107,10 +107,17 @@ def write_lock(root: Path, spec: DatasetSpec, out: Path, workers: int = 1, progr
         "splits": splits,
     }
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
-    partial.write_text(json.dumps(lock, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    partial.replace(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(lock, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        partial.replace(out)
+    except OSError as exc:
+        if partial.is_file():
+            partial.unlink()
+        raise BenchmarkError(
+            f"verify-data {spec.name} --lock: '{out}' cannot be written ({exc.strerror or exc})"
+        ) from None
     return snap
 
 
@@ -214,6 +221,6 @@ def lock_problems(locks: dict[str, str], catalog: dict[str, DatasetSpec], root: 
             problems.append(
                 f"dataset '{name}': the copy under '{Path(root) / catalog[name].folder}' differs from its lock "
                 f"'{path}' ({differences.counted()}; first {differences.first()}); `python -m benchmark verify-data "
-                f"{name} --against {path}` lists every file"
+                f"{name} --data-root {root} --against {path}` lists every file"
             )
     return problems

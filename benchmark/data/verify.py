@@ -47,6 +47,8 @@ class Check:
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     samples: list[Sample] = field(default_factory=list)  # every image a run may read, with its mask
+    decoded: int = 0  # images (each with its mask) decoded by --deep
+    count_source: str = ""  # where the published counts a problem differs from come from (said once)
 
     @property
     def ok(self) -> bool:
@@ -57,6 +59,7 @@ class Check:
         name = self.spec.name
         if self.problems:
             head = f"{name}: {len(self.problems)} problem{'s' * (len(self.problems) > 1)}: " + "; ".join(self.problems)
+            head += f" (published counts: {self.count_source})" if self.count_source else ""
         else:
             head = f"{name}: OK ({self.described()})"
         return head + "".join(f"; note: {n}" for n in self.notes)
@@ -70,7 +73,8 @@ class Check:
                 parts.append(f"{split} " + " + ".join(f"{by_class[c]:,} {_word(c)}" for c in CLASSES if c in by_class))
         expected = self.spec.expected
         said = f"; counts as {expected.source}" if expected and expected.source else "; no published counts to check"
-        return ", ".join(parts) + said
+        deep = f"; {self.decoded:,} images decoded with their masks" if self.decoded else ""
+        return ", ".join(parts) + deep + said
 
 
 def _word(state: str) -> str:
@@ -118,7 +122,8 @@ def _layout(check: Check) -> None:
             if split == "train":
                 check.notes.append(
                     f"no train/ (the all-normal split, which MVFA-AD's copy lacks): {NEEDS_TRAIN} needs it, and "
-                    f"few_normal then draws from valid/good; get it from BMAD's release ({_where(spec)})"
+                    f"few_normal then draws from valid/good; BMAD's release has it (`python -m benchmark fetch-data "
+                    f"{spec.name}` says where)"
                 )
             else:
                 check.problems.append(f"no {split}/ folder in '{folder}'")
@@ -174,7 +179,8 @@ def _segmentation_layout(check: Check) -> None:
             continue
         stated = fractions.get(split, {}).get(int(variant))
         if stated is not None and rows != stated:
-            check.problems.append(f"{table.name}: {rows:,} images, expected {stated:,} ({spec.expected.source})")
+            check.problems.append(f"{table.name}: {rows:,} images, expected {stated:,}")
+            check.count_source = spec.expected.source
     for split, by in fractions.items():
         for percent in by:
             table = prompts / f"{PROMPT_FILES[split]}_{percent}.xlsx"
@@ -213,9 +219,11 @@ def _counts(check: Check) -> None:
             for state, n in stated.items():
                 if found.get(state, 0) != n:
                     check.problems.append(f"{split}/{state}: {found.get(state, 0):,} {_word(state)} images, expected "
-                                          f"{n:,} ({expected.source})")  # fmt: skip
+                                          f"{n:,}")  # fmt: skip
+                    check.count_source = expected.source
         elif sum(found.values()) != stated:
-            check.problems.append(f"{split}: {sum(found.values()):,} images, expected {stated:,} ({expected.source})")
+            check.problems.append(f"{split}: {sum(found.values()):,} images, expected {stated:,}")
+            check.count_source = expected.source
 
 
 def _decode_all(samples: list[Sample], workers: int, progress: bool) -> list[str]:
@@ -264,4 +272,5 @@ def verify(root: Path, spec: DatasetSpec, deep: bool = False, workers: int = 1, 
         _counts(check)
     if deep and check.samples:
         check.problems += _decode_all(check.samples, workers, progress)
+        check.decoded = len(check.samples)
     return check
