@@ -52,6 +52,11 @@ def bit_depth(img: Image.Image) -> int | None:
     return None
 
 
+def high_depth(img: Image.Image) -> bool:
+    """Whether an image is read as a 16-, 32-bit or float grayscale plane (``grayscale_float``), not as 8 bits."""
+    return img.mode in HIGH_DEPTH_MODES or img.mode in ("I", "F")
+
+
 def grayscale_float(img: Image.Image, path: str) -> np.ndarray:
     """A 16-, 32-bit or float grayscale image as float32 in [0, 1], scaled by its bit depth."""
     array = np.asarray(img).astype(np.float64)
@@ -111,7 +116,7 @@ def check_sample(sample: Sample) -> str | None:
     """Why a run would refuse ``sample`` (its image and mask decoded as a run decodes them), or None."""
     try:
         img, _ = open_image(sample.path)
-        if img.mode in HIGH_DEPTH_MODES or img.mode in ("I", "F"):
+        if high_depth(img):
             grayscale_float(img, sample.path)
         else:
             img.convert("RGB")

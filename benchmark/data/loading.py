@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmark.data.decoding import HIGH_DEPTH_MODES, binary_mask, grayscale_float, open_image
+from benchmark.data.decoding import binary_mask, grayscale_float, high_depth, open_image
 from benchmark.data.layout import Sample
 from benchmark.errors import BenchmarkError
 
@@ -67,7 +67,7 @@ def decode_image(img: Image.Image, path: str, size: int, resize: str = "bicubic"
     """``[3,size,size]`` float in [0,1], grayscale repeated. ``resize``: ``bicubic``, PIL's (antialiased when it
     shrinks; as MVFA-AD and open_clip), or ``bilinear``, OpenCV's ``cv2.resize`` with its default
     ``INTER_LINEAR`` (half-pixel centres, no antialiasing; on the 8-bit image: MedCLIPSeg's loader)."""
-    if img.mode in HIGH_DEPTH_MODES or img.mode in ("I", "F"):
+    if high_depth(img):
         plane = grayscale_float(img, path)
         if resize == "bilinear":
             plane = _bilinear(plane, size)
