@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from benchmark.backbones.weights import weights_identity
-from benchmark.data.layout import file_hash
+from benchmark.data.layout import file_hash, file_sha256
 from benchmark.errors import BenchmarkError
 
 if TYPE_CHECKING:
@@ -153,14 +153,6 @@ def restore(method: Method, tensors: dict[str, torch.Tensor], layout: dict[str, 
             setattr(owner, leaf, _decode(value, tensors, device))
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def save_fit(folder: Path, key: str, method: Method, meta: dict[str, Any]) -> dict[str, Any]:
     """``folder/<key>.safetensors`` and ``folder/<key>.json`` (last: the fit is complete once it is there); the
     metadata written (``meta`` with the key, the layout, the tensor file's SHA-256 and size)."""
@@ -172,7 +164,7 @@ def save_fit(folder: Path, key: str, method: Method, meta: dict[str, Any]) -> di
     tmp = folder / f".{key}.{os.getpid()}.partial"
     try:
         save_file(tensors, str(tmp))
-        digest, size = sha256(tmp), tmp.stat().st_size
+        digest, size = file_sha256(tmp), tmp.stat().st_size
         os.replace(tmp, path)
         info = {"format": FORMAT, "key": key, **meta, "layout": layout, "sha256": digest, "bytes": size}
         tmp.write_text(json.dumps(info, indent=1, default=str))
@@ -208,7 +200,7 @@ def read_fit(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     from safetensors.torch import load_file
 
     meta = read_meta(path)
-    if sha256(path) != meta.get("sha256"):
+    if file_sha256(path) != meta.get("sha256"):
         raise BenchmarkError(f"fit file '{path}' is corrupt or truncated (its SHA-256 differs from its metadata's)")
     try:
         return load_file(str(path)), meta

@@ -11,14 +11,13 @@ Drive folder: one line saying where to get them and where to put them.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import shutil
 import zipfile
 from pathlib import Path
 
 from benchmark.data.catalog import DatasetSpec
-from benchmark.data.layout import SEGMENTATION_FOLDERS
+from benchmark.data.layout import SEGMENTATION_FOLDERS, file_sha256
 from benchmark.errors import BenchmarkError
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -39,14 +38,6 @@ def _recorded(repo: str, name: str, etag: str | None, revision: str | None) -> s
     return lfs.sha256
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def download(repo: str, name: str, scratch: Path, revision: str | None = None) -> Path:
     """``name`` of the dataset repository ``repo`` in ``scratch``, resumed where an earlier try stopped and checked
     against the SHA-256 the Hub records (refused and deleted when it differs)."""
@@ -57,7 +48,7 @@ def download(repo: str, name: str, scratch: Path, revision: str | None = None) -
     expected = _recorded(repo, name, meta.etag, revision)
     scratch.mkdir(parents=True, exist_ok=True)
     done = scratch / Path(name).name
-    if done.is_file() and _sha256(done) == expected:
+    if done.is_file() and file_sha256(done) == expected:
         return done
     part = done.with_name(done.name + ".part")
     have = part.stat().st_size if part.is_file() else 0
@@ -67,7 +58,7 @@ def download(repo: str, name: str, scratch: Path, revision: str | None = None) -
     if meta.size is None or have < meta.size:
         with part.open("ab") as fh:
             http_get(meta.location, fh, resume_size=have, expected_size=meta.size, displayed_filename=name)
-    found = _sha256(part)
+    found = file_sha256(part)
     if found != expected:
         part.unlink()
         raise BenchmarkError(
@@ -87,9 +78,7 @@ def _set_folder(scratch: Path, spec: DatasetSpec) -> Path | None:
         found = [f for f in level if splits & {c.name for c in f.iterdir() if c.is_dir()}]
         if found:
             return found[0] if len(found) == 1 else None
-        level = [
-            c for f in level for c in sorted(f.iterdir()) if c.is_dir() and not c.name.startswith(("__MACOSX", "."))
-        ]
+        level = [c for f in level for c in sorted(f.iterdir()) if c.is_dir() and not c.name.startswith(SKIPPED)]
     return None
 
 

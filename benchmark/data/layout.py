@@ -57,6 +57,15 @@ def _bytes_hash(path: str, _size: int, _mtime_ns: int) -> str:
     return hashlib.sha1(Path(path).read_bytes()).hexdigest()
 
 
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in blocks (fit files, downloaded archives)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def image_files(folder: Path) -> list[Path]:
     """The images of a folder, sorted; hidden files (macOS's ``._name.png`` resource forks) are not images."""
     return sorted(

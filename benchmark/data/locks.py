@@ -170,6 +170,8 @@ def read_lock(path: str | Path, spec: DatasetSpec | None = None) -> Lock:
 
 @dataclass(frozen=True)
 class Differences:
+    """How a copy differs from its lock: the files added, missing and changed (relative paths, sorted)."""
+
     added: list[str]
     missing: list[str]
     changed: list[str]
@@ -177,20 +179,18 @@ class Differences:
     def __bool__(self) -> bool:
         return bool(self.added or self.missing or self.changed)
 
+    def by_kind(self) -> tuple[tuple[str, list[str]], ...]:
+        return (("changed", self.changed), ("missing", self.missing), ("added", self.added))
+
     def counted(self) -> str:
-        return ", ".join(f"{len(v)} {k}" for k, v in (("changed", self.changed), ("missing", self.missing),
-                                                       ("added", self.added)) if v)  # fmt: skip
+        return ", ".join(f"{len(names)} {kind}" for kind, names in self.by_kind() if names)
 
     def first(self) -> str:
-        for kind, names in (("changed", self.changed), ("missing", self.missing), ("added", self.added)):
-            if names:
-                return f"{kind}: {names[0]}"
-        return ""
+        return next((f"{kind}: {names[0]}" for kind, names in self.by_kind() if names), "")
 
     def lines(self) -> list[str]:
         """Every differing file, one line each."""
-        return [f"  {kind}: {n}" for kind, names in (("changed", self.changed), ("missing", self.missing),
-                                                      ("added", self.added)) for n in names]  # fmt: skip
+        return [f"  {kind}: {n}" for kind, names in self.by_kind() for n in names]
 
 
 def compare(lock: Lock, files: dict[str, str]) -> Differences:
