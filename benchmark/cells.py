@@ -170,6 +170,7 @@ def expand(
             raise BenchmarkError(f"{where}: methods.{m}.resize: expected one of {', '.join(RESIZES)}, got {resize!r}")
         resize = None if resize == "bicubic" else resize
         files, checkpoint_format = _checkpoints(where, m, raw, cls, backbone, image_size)
+        entry_pairs = _entry_seeds(where, m, raw, protocol.seeds, seed_pairs)
         supported = [s for s in protocol.settings if s.name in cls.settings]
         if not supported:
             names = ", ".join(s.name for s in protocol.settings)
@@ -196,7 +197,7 @@ def expand(
                         continue
                     for design in protocol.prompt_designs or (None,):
                         # a seed-free cell runs once, under the first seed picked
-                        for seed, sampling_seed in seed_pairs[:1] if seed_free(cls, setting.name) else seed_pairs:
+                        for seed, sampling_seed in entry_pairs[:1] if seed_free(cls, setting.name) else entry_pairs:
                             cells.append(
                                 Cell(
                                     m,
@@ -218,6 +219,22 @@ def expand(
                                 )
                             )
     return cells
+
+
+def _entry_seeds(
+    where: str, name: str, raw: dict[str, Any], protocol_seeds: tuple[int, ...], pairs: list[tuple[int, int]]
+) -> list[tuple[int, int]]:
+    """The (seed, sampling seed) pairs a method entry runs: its own ``seeds``, a subset of the protocol's (a slow
+    method in a quick grid), else all of them."""
+    own = raw.get("seeds")
+    if own is None:
+        return pairs
+    if not isinstance(own, list) or not own or any(isinstance(s, bool) or s not in protocol_seeds for s in own):
+        raise BenchmarkError(
+            f"{where}: methods.{name}.seeds: expected a list of the protocol's seeds {list(protocol_seeds)}, "
+            f"got {own!r}"
+        )
+    return [pair for pair in pairs if pair[0] in own]
 
 
 def _checkpoints(

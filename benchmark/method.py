@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # declaring, listing and validating methods never imports tor
 
 # per-method protocol keys the harness reads
 HARNESS_KEYS = (
-    "method", "backbone", "image_size", "resources", "precision", "resize", "checkpoint", "checkpoint_format",
+    "method", "backbone", "image_size", "resources", "precision", "resize", "checkpoint", "checkpoint_format", "seeds",
 )  # fmt: skip
 
 
@@ -264,10 +264,13 @@ def param(
     le: float | None = None,
     choices: tuple[Any, ...] | None = None,
     kind: type | None = None,
+    increasing: bool = False,
 ) -> Any:
     """A ``Params`` field with its valid values: bounds for a number (each number of a tuple), allowed
-    ``choices``, and the ``kind`` of value where the default (None: "the method decides") does not tell."""
-    return dataclasses.field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "choices": choices, "kind": kind})
+    ``choices``, the ``kind`` of value where the default (None: "the method decides") does not tell, and for a
+    list whether it must increase strictly (layers whose last is taken as the deepest)."""
+    metadata = {"ge": ge, "gt": gt, "le": le, "choices": choices, "kind": kind, "increasing": increasing}
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def check_param(f: dataclasses.Field, value: Any) -> str | None:
@@ -280,6 +283,8 @@ def check_param(f: dataclasses.Field, value: Any) -> str | None:
         return f"expected {expected.__name__}, got {value!r}"
     if meta.get("choices") is not None and value not in meta["choices"]:
         return f"expected one of {', '.join(map(str, meta['choices']))}, got {value!r}"
+    if meta.get("increasing") and isinstance(value, list | tuple) and list(value) != sorted(set(value)):
+        return f"expected strictly increasing values, got {list(value)}"
     numbers = value if isinstance(value, list | tuple) else [value]
     if isinstance(default, tuple) and default and isinstance(value, list | tuple):
         wrong = [v for v in value if not same_type(type(default[0]), v)]

@@ -29,6 +29,20 @@ class TrainConfig:
     progress: bool = True
 
 
+class Counted:
+    """An epoch's batches streamed, their number known beforehand: a schedule (``fit``'s ``lr_at``) needs the
+    epoch's length, and a plain iterator would be read into a list first."""
+
+    def __init__(self, batches: Iterable[object], count: int) -> None:
+        self.batches, self.count = batches, count
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return self.count
+
+
 def make_optimizer(params: Iterable[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
     if not params:

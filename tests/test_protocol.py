@@ -55,6 +55,8 @@ def _error(path, catalog=None) -> str:
             "settings[0].source: source 'BUSI' is not one of the protocol's datasets",
         ),
         ({"prompt_designs": ["poetic"]}, "prompt_designs: unknown prompt design 'poetic'"),
+        ({"methods": {"mvfa": {"seeds": [3]}}}, "methods.mvfa.seeds: expected a list of the protocol's seeds [0]"),
+        ({"methods": {"aaclip": {"levels": [24, 6]}}}, "methods.aaclip.levels: expected strictly increasing values"),
     ],
 )
 def test_validation_errors_name_file_and_key(write_protocol, catalog, overrides, expected):
@@ -130,6 +132,9 @@ def test_valid_protocol_expands_to_cells(write_protocol, catalog):
     assert expand(protocol, catalog, seeds=[1], datasets=["SynthLiver"])[0].seed == 1
     sized = load_protocol(write_protocol(methods={"winclip": {"image_size": 48, "scales": [2]}}))
     assert {c.image_size for c in expand(sized, catalog)} == {48}
+    # a method entry may run a subset of the protocol's seeds (a slow method in a quick grid)
+    subset = load_protocol(write_protocol(seeds=[0, 1], settings=["zero_shot_loo"], methods={"mvfa": {"seeds": [1]}}))
+    assert [c.seed for c in expand(subset, catalog)] == [1, 1]
 
 
 def test_cli_exits_2_with_one_line(write_protocol):

@@ -221,3 +221,28 @@ def test_clip_baselines_run_in_every_setting_they_declare(run, tmp_path):
     assert [s["label"] for s in manifest["train"]] == [0, 0] and manifest["auxiliary_count"] > 0
     assert "auxiliary: labelled pools of" in manifest["source"]
     assert few["params"]["memory_bank"] > 0 and few["variant"] == "APRIL-GAN (few-shot)"
+
+
+def test_adaclip_aaclip_and_madclip_run_in_every_setting_they_declare(run, tmp_path):
+    """The third wave of CLIP baselines through ``run``: zero-shot (trained on the other dataset), few-shot and
+    supervised cells finish, with the published names and AA-CLIP's mode in the records."""
+    settings = ["zero_shot_loo", {"name": "few_shot", "shots": [2]}, "supervised"]
+    methods = {
+        "adaclip": {"image_size": 32, "layers": [2, 4], "prompt_depth": 2, "k_clusters": 3, "epochs": 1,
+                    "batch_size": 4, "sigma": 1.0},
+        "aaclip": {"image_size": 32, "levels": [2, 4], "image_adapt_until": 2, "text_adapt_until": 1,
+                   "vv_blocks": 3, "text_epochs": 1, "image_epochs": 1, "image_batch_size": 8, "blur_kernel": 3},
+        "madclip": {"image_size": 32, "layers": [2, 4], "context_length": 4, "epochs": 1, "augment": False},
+    }  # fmt: skip
+    code, _ = run("--datasets", "SynthBrain", settings=settings, methods=methods, datasets=["SynthBrain", "SynthLiver"])
+    assert code == 0
+    latest = ResultStore(tmp_path / "results", "t").latest().values()
+    assert {(r["method"], r["setting"]) for r in latest if r["status"] == "finished"} == {
+        (m, s) for m in methods for s in ("zero_shot_loo", "few_shot", "supervised")
+    }
+    names = {r["method"]: (r["published_as"], r["variant"]) for r in latest}
+    assert names == {
+        "adaclip": ("AdaCLIP", "AdaCLIP"),
+        "aaclip": ("AA-CLIP", "AA-CLIP (official)"),
+        "madclip": ("MadCLIP", "MadCLIP"),
+    }

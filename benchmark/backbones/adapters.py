@@ -9,6 +9,9 @@ gives ``ClipBackbone.run_blocks`` the hook that mixes them in:
     x <- (1 - 2 gamma) x + gamma seg(x) + gamma det(x)        (gamma = 0.1: official 0.8 / 0.1 / 0.1)
 
 recording each level's seg and det bottleneck features for the losses and the scores.
+
+``ResidualAdapter`` is AA-CLIP's (``model/adapter.py``): one bias-free linear layer and LeakyReLU, its output
+rescaled to each token's norm and mixed in as ``x <- w a + (1 - w) x`` (w = 0.1).
 """
 
 from __future__ import annotations
@@ -75,3 +78,19 @@ class DualAdapters(nn.Module):
             return hook
 
         return {layer: make(i) for i, layer in enumerate(self.layers)}
+
+
+class ResidualAdapter(nn.Module):
+    """``a = LeakyReLU(W x)``, ``a <- a |x| / |a|`` per token, ``w a + (1 - w) x`` (AA-CLIP; Xavier-uniform ``W``).
+    The module names (``fc.0``) are its official checkpoints'."""
+
+    def __init__(self, width: int, weight: float = 0.1) -> None:
+        super().__init__()
+        self.fc = nn.Sequential(nn.Linear(width, width, bias=False), nn.LeakyReLU())
+        nn.init.xavier_uniform_(self.fc[0].weight)
+        self.weight = weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.fc(x)
+        a = a * x.norm(dim=-1, keepdim=True) / a.norm(dim=-1, keepdim=True)
+        return self.weight * a + (1 - self.weight) * x

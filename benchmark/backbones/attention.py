@@ -5,6 +5,9 @@
 any two of its projections: ``("q", "k")`` is the block's own attention; ``("v", "v")`` the diagonally
 prominent V-V attention of AnomalyCLIP's DPAM; ``("q", "q")`` and ``("k", "k")`` its other variants.
 
+``value_attention_block(across_batch)`` runs a whole block with V-V attention in place of its own, FFN kept (AA-CLIP's
+"surgery" CLIP of its first stage).
+
 ``block_values(block, x)`` is the block's value path, ``W_o W_v ln_1(x)`` (attention to oneself only: the
 dense features of MedCLIPSeg's and MaskCLIP's last block).
 
@@ -22,7 +25,7 @@ the original stream's last tokens stay in ``dpam.original``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -53,6 +56,22 @@ def block_values(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     width = x.shape[-1]
     values = nn.functional.linear(block.ln_1(x), attn.in_proj_weight[-width:], attn.in_proj_bias[-width:])
     return attn.out_proj(values)
+
+
+def value_attention_block(across_batch: bool = False) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+    """A block override: ``x + A_vv(ln_1(x))``, then the block's FFN (AA-CLIP's ``DAPM_replace``, one stream).
+
+    ``across_batch`` reproduces AA-CLIP's official attention, which reads a sequence-first ``[N, B, C]`` tensor as
+    ``[B, N, C]``: each token position attends over the images of the batch (so a token's output depends on the
+    other images); otherwise each image attends over its own tokens."""
+
+    def run(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        h = block.ln_1(x)
+        (attended,) = block_attention(block, h.transpose(0, 1) if across_batch else h, (("v", "v"),))
+        x = x + block.ls_1(attended.transpose(0, 1) if across_batch else attended)
+        return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+    return run
 
 
 class DualPathAttention:

@@ -258,6 +258,22 @@ class ClipBackbone(nn.Module):
         EOT positions ``eot`` ``[B]`` for CLIP, the [CLS] token for BERT, whose padding starts after ``eot``) and
         every token's projected output ``[B, L, embed_dim]``. ``text_hooks[l]`` maps the tokens entering text
         block ``l`` (1-based)."""
+        x = self.run_text(x, eot, text_hooks)
+        tokens = self.text_project(x)
+        if self.hf_text:  # as HFTextEncoder: the [CLS] token projected alone
+            return self.text_pool(x, eot), tokens
+        return tokens[torch.arange(len(eot), device=x.device), eot], tokens  # as before: all projected, EOT picked
+
+    def run_text(
+        self,
+        x: torch.Tensor,
+        eot: torch.Tensor,
+        text_hooks: Mapping[int, Adapter] | None = None,
+        causal: bool = True,
+    ) -> torch.Tensor:
+        """The text blocks on token *embeddings* ``[B, L, width]``: the last block's tokens, before the final norm and
+        the projection (``encode_token_embeddings`` for the hooks and ``eot``). ``causal=False`` runs CLIP's blocks
+        without their causal mask (MadCLIP's prompt encoder calls them so)."""
         bad = [ly for ly in text_hooks or {} if not 1 <= ly <= len(self.text_blocks)]
         if bad:
             raise BenchmarkError(f"text layer {bad[0]} out of range 1..{len(self.text_blocks)} for '{self.spec.model}'")
@@ -269,11 +285,8 @@ class ClipBackbone(nn.Module):
         for index in range(1, len(self.text_blocks) + 1):
             if text_hooks and index in text_hooks:
                 x = text_hooks[index](x)
-            x = self.text_block(index, x, attention)
-        tokens = self.text_project(x)
-        if self.hf_text:  # as HFTextEncoder: the [CLS] token projected alone
-            return self.text_pool(x, eot), tokens
-        return tokens[torch.arange(len(eot), device=x.device), eot], tokens  # as before: all projected, EOT picked
+            x = self.text_block(index, x, attention, causal)
+        return x
 
     def embed_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids ``[B, L]`` -> what enters text block 1 (word + positional embeddings; BERT's also its
@@ -283,13 +296,15 @@ class ClipBackbone(nn.Module):
         x = self.model.token_embedding(tokens)
         return x + self.model.positional_embedding.to(x.dtype)
 
-    def text_block(self, index: int, x: torch.Tensor, attention: torch.Tensor | None = None) -> torch.Tensor:
+    def text_block(
+        self, index: int, x: torch.Tensor, attention: torch.Tensor | None = None, causal: bool = True
+    ) -> torch.Tensor:
         """Text block ``index`` (1-based): CLIP's under its causal mask; BERT's under ``attention``
         (``text_attention``). A ``BertLayer`` returns a tuple in transformers 4.x and a tensor in 5.x."""
         if self.hf_text:
             out = self.text_blocks[index - 1](x, attention_mask=attention)
             return out[0] if isinstance(out, tuple) else out
-        return self.text_blocks[index - 1](x, attn_mask=self.model.attn_mask)
+        return self.text_blocks[index - 1](x, attn_mask=self.model.attn_mask if causal else None)
 
     def text_project(self, x: torch.Tensor) -> torch.Tensor:
         """Every token ``[B, L, width]`` into the joint space ``[B, L, embed_dim]``: CLIP's ``ln_final`` and
@@ -353,7 +368,8 @@ def load_clip(
     (BiomedCLIP) or a ``local-dir:`` folder (``open_clip_config.json`` and its weights); its weights a
     pretrained tag, a medical CLIP's tag (``benchmark.backbones.medical``), a checkpoint file or ``random-init``.
     Pretrained positional embeddings are resized to the image's grid with ``pos_interpolation``: open_clip's
-    ``bicubic`` (antialiased), or ``bilinear`` as AnomalyCLIP's CLIP does."""
+    ``bicubic`` (antialiased), ``bilinear`` as AnomalyCLIP's CLIP does, or ``bicubic-no-antialias`` as AdaCLIP's
+    (open_clip 2.16's) does."""
     if spec.random_init:
         model, tokenizer, mean, std = _random_init(spec, image_size)
     elif spec.model.startswith((HF_HUB, LOCAL_DIR)):
@@ -476,14 +492,15 @@ def _needs_transformers(model: str, hf_text: bool | None = None) -> None:
 
 def resize_positional(visual: nn.Module, image_size: int, mode: str) -> None:
     """Resize a ViT's patch positional embeddings to the grid of ``image_size`` (``F.interpolate`` ``mode``,
-    no corner alignment, no antialiasing: AnomalyCLIP's ``VisionTransformer.forward``)."""
+    no corner alignment, no antialiasing: AnomalyCLIP's ``VisionTransformer.forward``; ``bicubic-no-antialias``:
+    ``bicubic`` without antialiasing, open_clip 2.16's)."""
     patch = visual.patch_size[0] if isinstance(visual.patch_size, tuple) else visual.patch_size
     new = image_size // patch
     pos = visual.positional_embedding.data
     old = round((pos.shape[0] - 1) ** 0.5)
     if new != old:
         grid = pos[1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)
-        grid = torch.nn.functional.interpolate(grid, (new, new), mode=mode)
+        grid = torch.nn.functional.interpolate(grid, (new, new), mode=mode.removesuffix("-no-antialias"))
         visual.positional_embedding = nn.Parameter(torch.cat([pos[:1], grid[0].flatten(1).T]), requires_grad=False)
     visual.grid_size = (new, new)
     visual.image_size = (image_size, image_size)

@@ -43,7 +43,6 @@ import copy
 import dataclasses
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,7 +55,7 @@ from benchmark.data.loading import ImageBatch, LabelledBatch
 from benchmark.errors import BenchmarkError
 from benchmark.importers import load_mapped, tensors_of
 from benchmark.method import MethodContext, Prediction, TrainSet
-from benchmark.metrics import ImageMetrics, PixelMetrics
+from methods.models import calibration
 from methods.models.losses import dice_loss, focal_loss
 from methods.models.winclip import ANOMALOUS_STATES as WINCLIP_ANOMALOUS_STATES
 from methods.models.winclip import NORMAL_STATES
@@ -106,7 +105,12 @@ TEMPLATES = (
 )
 
 
-def _rotate_shift(x: torch.Tensor, angle: float = 0.0, shift: tuple[float, float] = (0.0, 0.0)) -> torch.Tensor:
+ANGLES = (-math.pi / 8, -math.pi / 16, math.pi / 16, math.pi / 8)
+SHIFTS = ((0.1, 0.1), (-0.1, 0.1), (-0.1, -0.1), (0.1, -0.1))
+VIEWS = 1 + len(ANGLES) + len(SHIFTS) + 2
+
+
+def rotate_shift(x: torch.Tensor, angle: float = 0.0, shift: tuple[float, float] = (0.0, 0.0)) -> torch.Tensor:
     theta = torch.tensor(
         [[math.cos(angle), -math.sin(angle), shift[0]], [math.sin(angle), math.cos(angle), shift[1]]],
         dtype=x.dtype,
@@ -116,22 +120,23 @@ def _rotate_shift(x: torch.Tensor, angle: float = 0.0, shift: tuple[float, float
     return F.grid_sample(x, grid, padding_mode="reflection", align_corners=False)
 
 
+def view(x: torch.Tensor, index: int) -> torch.Tensor:
+    """The ``index``-th of the official few-shot views of ``x`` ``[B, C, H, W]``: the original, rotations by
+    +-pi/8 and +-pi/16, shifts by (+-0.1, +-0.1) of the half-width (reflection padding), horizontal and vertical
+    flips."""
+    if index == 0:
+        return x
+    if index <= len(ANGLES):
+        return rotate_shift(x, angle=ANGLES[index - 1])
+    if index <= len(ANGLES) + len(SHIFTS):
+        return rotate_shift(x, shift=SHIFTS[index - 1 - len(ANGLES)])
+    return x.flip(-1 if index == VIEWS - 2 else -2)
+
+
 def augment(images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The official 11x few-shot augmentation: originals, rotations by +-pi/8 and +-pi/16, shifts by
-    (+-0.1, +-0.1) of the half-width, horizontal and vertical flips (reflection padding; masks likewise and
-    re-binarised at 0.5)."""
+    """The official 11x few-shot augmentation (``view`` 0..10; masks likewise and re-binarised at 0.5)."""
     m = masks.unsqueeze(1).to(images.dtype)
-    outs_i, outs_m = [images], [m]
-    for angle in (-math.pi / 8, -math.pi / 16, math.pi / 16, math.pi / 8):
-        outs_i.append(_rotate_shift(images, angle=angle))
-        outs_m.append(_rotate_shift(m, angle=angle))
-    for shift in ((0.1, 0.1), (-0.1, 0.1), (-0.1, -0.1), (0.1, -0.1)):
-        outs_i.append(_rotate_shift(images, shift=shift))
-        outs_m.append(_rotate_shift(m, shift=shift))
-    for dim in (-1, -2):
-        outs_i.append(images.flip(dim))
-        outs_m.append(m.flip(dim))
-    return torch.cat(outs_i), (torch.cat(outs_m)[:, 0] > 0.5)
+    return torch.cat([view(images, v) for v in range(VIEWS)]), torch.cat([view(m, v) for v in range(VIEWS)])[:, 0] > 0.5
 
 
 class MVFAModel(nn.Module):
@@ -432,10 +437,7 @@ class MVFAImpl(MVFA):
                 (b * raw["img_zero"] + (1 - b) * raw["img_few"]) / scale,
                 (b * raw["map_zero"] + (1 - b) * raw["map_few"]) / scale,
             )
-        norm = {
-            k: ((v - self.stats[k][0]) / max(self.stats[k][1] - self.stats[k][0], 1e-12)).clamp(0, 1)
-            for k, v in raw.items()
-        }
+        norm = {k: calibration.scale(v, self.stats[k]) for k, v in raw.items()}
         if "map_few" in norm:
             maps = b * norm["map_zero"] + (1 - b) * norm["map_few"]
             image = b * norm["img_zero"] + (1 - b) * norm["img_few"]
@@ -451,17 +453,12 @@ class MVFAImpl(MVFA):
         for batch in batches:
             for k, v in self.raw(batch.images.to(self.context.device)).items():
                 outputs.setdefault(k, []).append(v.cpu())
-        self.stats = {k: (float(torch.cat(v).min()), float(torch.cat(v).max())) for k, v in outputs.items()}
-        images = ImageMetrics()
-        pixels = PixelMetrics((0.5,))
-        for i, batch in enumerate(batches):
-            image, maps = self.combine({k: v[i].to(self.context.device) for k, v in outputs.items()})
-            images.update(image.cpu(), batch.labels)
-            pixels.update(maps.cpu(), batch.masks)
-        score = images.auroc() if len(set(images.labels.tolist())) == 2 else 0.0
-        if self.context.dataset.masks and pixels.n_pos and pixels.n_neg:
-            score += pixels.auroc()
-        return float(np.nan_to_num(score))
+        self.stats = calibration.minmax(outputs)
+        combined = (
+            (*self.combine({k: v[i].to(self.context.device) for k, v in outputs.items()}), batch.labels, batch.masks)
+            for i, batch in enumerate(batches)
+        )
+        return calibration.selection_score(combined, self.context.dataset.masks)
 
     def predict(self, batch: ImageBatch) -> Prediction:
         image, maps = self.combine(self.raw(batch.images.to(self.context.device)))
