@@ -283,13 +283,13 @@ def check_param(f: dataclasses.Field, value: Any) -> str | None:
         return f"expected {expected.__name__}, got {value!r}"
     if meta.get("choices") is not None and value not in meta["choices"]:
         return f"expected one of {', '.join(map(str, meta['choices']))}, got {value!r}"
-    if meta.get("increasing") and isinstance(value, list | tuple) and list(value) != sorted(set(value)):
-        return f"expected strictly increasing values, got {list(value)}"
     numbers = value if isinstance(value, list | tuple) else [value]
     if isinstance(default, tuple) and default and isinstance(value, list | tuple):
         wrong = [v for v in value if not same_type(type(default[0]), v)]
         if wrong:
             return f"expected a list of {type(default[0]).__name__}, got {wrong[0]!r}"
+    if meta.get("increasing") and isinstance(value, list | tuple) and list(value) != sorted(set(value)):
+        return f"expected strictly increasing values, got {list(value)}"
     for number in numbers:
         if isinstance(number, bool) or not isinstance(number, int | float):
             continue

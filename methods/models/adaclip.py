@@ -251,11 +251,9 @@ class AdaCLIPImpl(AdaCLIP):
             rows = self.params.dice_rows and self.params.batch_size == 1
 
             def dice(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-                return (
-                    dice_loss(pred.reshape(-1, pred.shape[-1]), target.reshape(-1, pred.shape[-1]))
-                    if rows
-                    else (dice_loss(pred, target))
-                )
+                if rows:  # its batch of one squeezed away: Dice over the mask's rows
+                    return dice_loss(pred.reshape(-1, pred.shape[-1]), target.reshape(-1, pred.shape[-1]))
+                return dice_loss(pred, target)
 
             for layer in logits:
                 maps = upsample(layer[has_mask], masks.shape[-1]).softmax(1)
