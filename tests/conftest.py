@@ -59,6 +59,21 @@ def synth_root(tmp_path_factory, catalog) -> Path:
 
 
 @pytest.fixture(scope="session")
+def synth_train(catalog, synth_root):
+    """``make(setting, shots=None) -> (TrainSet, Split)``: a SynthBrain cell's training set at 32 px, its zero-shot
+    sources the two other synthetic sets, and the split (its test images)."""
+    from benchmark.data.splits import make_split
+    from benchmark.method import TrainSet
+
+    def make(setting: str, shots: int | None = None):
+        split = make_split(synth_root, catalog, "SynthBrain", setting, shots, 0, ("SynthLiver", "SynthRetina"))
+        specs = {name: catalog[name] for name in {s.dataset for s in split.train} | {"SynthBrain"}}
+        return TrainSet(split.train, setting, shots, 32, specs, split.valid), split
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def mlflow_template(tmp_path_factory) -> Path:
     """An MLflow sqlite store with its tables made: MLflow makes a new store by running its schema migrations
     (1.6 s on 2 cores), here once per test process instead of once per run."""

@@ -5,9 +5,8 @@ from benchmark.backbones.attention import block_attention, value_attention_block
 from benchmark.backbones.cache import FeatureCache
 from benchmark.backbones.clip import load_clip
 from benchmark.data.loading import ImageBatch
-from benchmark.data.splits import make_split
 from benchmark.errors import BenchmarkError
-from benchmark.method import MethodContext, TrainSet
+from benchmark.method import MethodContext
 from benchmark.protocol import BackboneSpec
 from methods.aaclip import AACLIP, AACLIPParams
 from methods.models import calibration
@@ -23,12 +22,6 @@ def _method(catalog, setting="supervised", cache=None, **kw) -> AACLIP:
     )
     params = AACLIPParams(**{**SMALL, "text_epochs": 1, "image_epochs": 1, "progress": False, **kw})
     return AACLIP.build(params, context)
-
-
-def _train(catalog, root, setting, shots=None) -> tuple[TrainSet, object]:
-    split = make_split(root, catalog, "SynthBrain", setting, shots, 0, ("SynthLiver", "SynthRetina"))
-    specs = {name: catalog[name] for name in {s.dataset for s in split.train} | {"SynthBrain"}}
-    return TrainSet(split.train, setting, shots, 32, specs, split.valid), split
 
 
 def test_parameter_counts_at_the_default_configuration_equal_the_official_code():
@@ -79,9 +72,9 @@ def test_gaussian_blur_equals_a_dense_reflect_padded_convolution():
 
 @pytest.mark.parametrize("setting", ["zero_shot_loo", "few_shot", "supervised"])
 @pytest.mark.parametrize("mode", ["official", "paper"])
-def test_each_setting_and_mode_trains_and_predicts_in_range(catalog, synth_root, setting, mode):
+def test_each_setting_and_mode_trains_and_predicts_in_range(catalog, setting, mode, synth_train):
     shots = 2 if setting == "few_shot" else None
-    train, split = _train(catalog, synth_root, setting, shots)
+    train, split = synth_train(setting, shots)
     method = _method(catalog, setting=setting, mode=mode)
     method.fit(train)
     batch = train.subset(split.test[:3]).load()
@@ -92,8 +85,8 @@ def test_each_setting_and_mode_trains_and_predicts_in_range(catalog, synth_root,
     assert method.text_history and method.history
 
 
-def test_official_stage_one_trains_on_the_last_level_only(catalog, synth_root):
-    train, _ = _train(catalog, synth_root, "supervised")
+def test_official_stage_one_trains_on_the_last_level_only(catalog, synth_train):
+    train, _ = synth_train("supervised")
     batch = train.subset(train.anomalous[:4]).load()
     assert batch.masks.any()
     losses = {}
@@ -108,8 +101,8 @@ def test_official_stage_one_trains_on_the_last_level_only(catalog, synth_root):
     assert losses["paper"] > losses["official"] + 0.5  # four levels' seg losses against one
 
 
-def test_training_lowers_the_loss_on_a_fixed_batch(catalog, synth_root):
-    train, _ = _train(catalog, synth_root, "supervised")
+def test_training_lowers_the_loss_on_a_fixed_batch(catalog, synth_train):
+    train, _ = synth_train("supervised")
     fixed = train.subset(train.samples[:8])
     assert {s.label for s in fixed.samples} == {0, 1}
     method = _method(catalog, image_epochs=8, image_lr=1e-2, image_batch_size=8, augment=False, text_epochs=0)
@@ -117,8 +110,8 @@ def test_training_lowers_the_loss_on_a_fixed_batch(catalog, synth_root):
     assert method.history[-1] < method.history[0]
 
 
-def test_stage_one_features_from_the_cache_equal_uncached_ones(catalog, synth_root, tmp_path):
-    train, _ = _train(catalog, synth_root, "supervised")
+def test_stage_one_features_from_the_cache_equal_uncached_ones(catalog, tmp_path, synth_train):
+    train, _ = synth_train("supervised")
     batch = train.subset(train.samples[:3]).load()
     cache = FeatureCache(tmp_path)
     method = _method(catalog, cache=cache, mode="paper")
@@ -137,8 +130,8 @@ def test_stage_one_features_from_the_cache_equal_uncached_ones(catalog, synth_ro
         torch.testing.assert_close(whole[key], value)
 
 
-def test_only_the_adapters_train_and_bad_sizes_are_refused(catalog, synth_root):
-    train, _ = _train(catalog, synth_root, "supervised")
+def test_only_the_adapters_train_and_bad_sizes_are_refused(catalog, synth_train):
+    train, _ = synth_train("supervised")
     method = _method(catalog)
     frozen = {k: v.clone() for k, v in method.backbone.state_dict().items()}
     start = [q.detach().clone() for q in method.image_adapters.parameters()]

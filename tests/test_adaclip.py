@@ -4,9 +4,8 @@ import torch
 from benchmark.backbones.cache import FeatureCache
 from benchmark.backbones.clip import load_clip
 from benchmark.data.loading import ImageBatch
-from benchmark.data.splits import make_split
 from benchmark.errors import BenchmarkError
-from benchmark.method import MethodContext, TrainSet
+from benchmark.method import MethodContext
 from benchmark.protocol import BackboneSpec
 from methods.adaclip import AdaCLIP, AdaCLIPParams
 from methods.models.adaclip import ANOMALOUS_STATES, TEMPLATES, AdaCLIPModel, hybrid_semantic_fusion
@@ -21,12 +20,6 @@ def _method(catalog, setting="supervised", cache=None, **kw) -> AdaCLIP:
     )
     defaults = {"layers": (1, 2, 3, 4), "prompt_depth": 2, "k_clusters": 3, "epochs": 1, "sigma": 1.0}
     return AdaCLIP.build(AdaCLIPParams(**{**defaults, "progress": False, **kw}), context)
-
-
-def _train(catalog, root, setting, shots=None) -> tuple[TrainSet, object]:
-    split = make_split(root, catalog, "SynthBrain", setting, shots, 0, ("SynthLiver", "SynthRetina"))
-    specs = {name: catalog[name] for name in {s.dataset for s in split.train} | {"SynthBrain"}}
-    return TrainSet(split.train, setting, shots, 32, specs, split.valid), split
 
 
 def test_parameter_count_at_the_default_configuration():
@@ -84,9 +77,9 @@ def test_hybrid_semantic_fusion_is_seeded_and_follows_the_gradient():
 
 
 @pytest.mark.parametrize("setting", ["zero_shot_loo", "few_shot", "supervised"])
-def test_each_setting_trains_and_predicts_in_range(catalog, synth_root, setting):
+def test_each_setting_trains_and_predicts_in_range(catalog, setting, synth_train):
     shots = 2 if setting == "few_shot" else None
-    train, split = _train(catalog, synth_root, setting, shots)
+    train, split = synth_train(setting, shots)
     method = _method(catalog, setting=setting)
     method.fit(train.subset(train.normal[:2] + train.anomalous[:2]))
     batch = train.subset(split.test[:3]).load()
@@ -96,16 +89,16 @@ def test_each_setting_trains_and_predicts_in_range(catalog, synth_root, setting)
     assert out.image_scores.min() >= 0 and out.image_scores.max() <= 1
 
 
-def test_training_lowers_the_loss_on_a_fixed_batch(catalog, synth_root):
-    train, _ = _train(catalog, synth_root, "supervised")
+def test_training_lowers_the_loss_on_a_fixed_batch(catalog, synth_train):
+    train, _ = synth_train("supervised")
     fixed = train.subset(train.normal[:2] + train.anomalous[:2])
     method = _method(catalog, epochs=6, lr=1e-3, use_hsf=False)
     method.fit(fixed)
     assert method.history[-1] < method.history[0]
 
 
-def test_embeddings_from_the_cache_equal_uncached_ones(catalog, synth_root, tmp_path):
-    train, _ = _train(catalog, synth_root, "supervised")
+def test_embeddings_from_the_cache_equal_uncached_ones(catalog, tmp_path, synth_train):
+    train, _ = synth_train("supervised")
     batch = train.subset(train.samples[:3]).load()
     cache = FeatureCache(tmp_path)
     method = _method(catalog, cache=cache)
@@ -117,8 +110,8 @@ def test_embeddings_from_the_cache_equal_uncached_ones(catalog, synth_root, tmp_
     torch.testing.assert_close(again, plain)
 
 
-def test_only_the_prompts_and_projections_train_and_bad_depths_are_refused(catalog, synth_root):
-    train, _ = _train(catalog, synth_root, "supervised")
+def test_only_the_prompts_and_projections_train_and_bad_depths_are_refused(catalog, synth_train):
+    train, _ = synth_train("supervised")
     method = _method(catalog)
     frozen = {k: v.clone() for k, v in method.backbone.state_dict().items()}
     start = {k: v.detach().clone() for k, v in method.model.named_parameters()}

@@ -8,7 +8,7 @@ from benchmark.backbones.clip import load_clip
 from benchmark.data.loading import ImageBatch
 from benchmark.data.splits import make_split
 from benchmark.errors import BenchmarkError
-from benchmark.method import MethodContext, TrainSet
+from benchmark.method import MethodContext
 from benchmark.protocol import BackboneSpec
 from methods.madclip import MadCLIP, MadCLIPParams
 from methods.models.madclip import ContextPrompts, MadAdapter, MadAdapters, augment, contrast, det_loss
@@ -22,12 +22,6 @@ def _method(catalog, setting="supervised", cache=None, **kw) -> MadCLIP:
     )
     params = MadCLIPParams(**{"layers": (1, 2, 3, 4), "epochs": 1, "batch_size": 8, "progress": False, **kw})
     return MadCLIP.build(params, context)
-
-
-def _train(catalog, root, setting, shots=None) -> tuple[TrainSet, object]:
-    split = make_split(root, catalog, "SynthBrain", setting, shots, 0, ("SynthLiver", "SynthRetina"))
-    specs = {name: catalog[name] for name in {s.dataset for s in split.train} | {"SynthBrain"}}
-    return TrainSet(split.train, setting, shots, 32, specs, split.valid), split
 
 
 def test_parameter_count_at_the_default_configuration_equals_the_official_code():
@@ -99,9 +93,9 @@ def test_augmentation_gives_sixteen_views_with_masks_that_follow():
 
 
 @pytest.mark.parametrize("setting", ["zero_shot_loo", "few_shot", "supervised"])
-def test_each_setting_trains_and_predicts_in_range(catalog, synth_root, setting):
+def test_each_setting_trains_and_predicts_in_range(catalog, setting, synth_train):
     shots = 2 if setting == "few_shot" else None
-    train, split = _train(catalog, synth_root, setting, shots)
+    train, split = synth_train(setting, shots)
     method = _method(catalog, setting=setting, epochs=2)
     method.fit(train)
     batch = train.subset(split.test[:3]).load()
@@ -113,8 +107,8 @@ def test_each_setting_trains_and_predicts_in_range(catalog, synth_root, setting)
     assert (method.selected_epoch is not None) == (setting != "zero_shot_loo")
 
 
-def test_training_lowers_the_loss_on_a_fixed_batch(catalog, synth_root):
-    train, _ = _train(catalog, synth_root, "supervised")
+def test_training_lowers_the_loss_on_a_fixed_batch(catalog, synth_train):
+    train, _ = synth_train("supervised")
     fixed = train.subset(train.samples[:8])
     assert {s.label for s in fixed.samples} == {0, 1}
     method = _method(catalog, epochs=8, augment=False, lr=1e-2)
@@ -122,8 +116,8 @@ def test_training_lowers_the_loss_on_a_fixed_batch(catalog, synth_root):
     assert method.history[-1] < method.history[0]
 
 
-def test_taps_from_the_cache_equal_uncached_ones(catalog, synth_root, tmp_path):
-    train, _ = _train(catalog, synth_root, "supervised")
+def test_taps_from_the_cache_equal_uncached_ones(catalog, tmp_path, synth_train):
+    train, _ = synth_train("supervised")
     batch = train.subset(train.samples[:3]).load()
     cache = FeatureCache(tmp_path)
     method = _method(catalog, cache=cache)
@@ -136,8 +130,8 @@ def test_taps_from_the_cache_equal_uncached_ones(catalog, synth_root, tmp_path):
         torch.testing.assert_close(again[key], plain[key])
 
 
-def test_only_adapters_and_prompts_train_and_bad_layers_are_refused(catalog, synth_root):
-    train, _ = _train(catalog, synth_root, "supervised")
+def test_only_adapters_and_prompts_train_and_bad_layers_are_refused(catalog, synth_train):
+    train, _ = synth_train("supervised")
     method = _method(catalog)
     frozen = {k: v.clone() for k, v in method.backbone.state_dict().items()}
     start = [q.detach().clone() for q in method.prompts.parameters()]

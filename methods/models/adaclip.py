@@ -222,8 +222,7 @@ class AdaCLIPImpl(AdaCLIP):
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """The frozen, unprompted image embedding ``[B, D]`` (not normalised) that drives the dynamic prompts."""
-        backbone = self.backbone
-        return {"embedding": backbone.pool(backbone.run_blocks(backbone.embed(backbone.normalize(images)))[0])}
+        return {"embedding": self.backbone.forward_features(self.backbone.normalize(images))[0]}
 
     def embedding(self, images: torch.Tensor, keys: Sequence[str]) -> torch.Tensor:
         """The dynamic prompts' input, cached; zeros where no prompt is dynamic (the pass is skipped)."""
