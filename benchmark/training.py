@@ -8,7 +8,7 @@ the loop owns everything else, so that methods differ only in their maths.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sized
+from collections.abc import Callable, Iterable, Sequence, Sized
 from dataclasses import dataclass
 
 import torch
@@ -63,15 +63,20 @@ def fit(
     desc: str = "train",
     on_epoch_end: Callable[[int, float], None] | None = None,
     lr_at: Callable[[int, int, int], float] | None = None,
+    optimizers: Sequence[torch.optim.Optimizer] = (),
 ) -> list[float]:
     """Train for ``config.epochs`` epochs; returns the mean loss of each epoch.
 
     ``epoch_batches(epoch)`` yields the batches of one epoch (the method shuffles them with its own seeded
     generator); ``step`` moves a batch to ``device`` itself and returns a scalar loss, or None to skip the
-    batch. ``lr_at(epoch, index, count)`` sets the learning rate before each step (a schedule).
+    batch. ``lr_at(epoch, index, count)`` sets the learning rate before each step (a schedule). ``optimizers``:
+    the method's own, each stepped after every backward pass (SimpleNet: AdamW for its adaptor, Adam for its
+    discriminator), instead of one made from ``config``.
     """
     params = [p for p in params if p.requires_grad]
-    optimizer = make_optimizer(params, config)
+    optimizers = list(optimizers) or [make_optimizer(params, config)]
+    if lr_at is not None and len(optimizers) > 1:
+        raise ValueError("one learning-rate schedule cannot drive several optimisers with their own rates")
     policy = precision.active()
     amp_dtype = precision.dtype(policy.name) if config.amp else None
     policy.trained_in = policy.name if config.amp or policy.name == "tf32" else "fp32"
@@ -89,18 +94,21 @@ def fit(
             batches = list(batches)  # a schedule needs the epoch's length; otherwise batches stream from disk
         for index, batch in enumerate(batches):
             if lr_at is not None:
-                for group in optimizer.param_groups:
+                for group in (g for optimizer in optimizers for g in optimizer.param_groups):
                     group["lr"] = lr_at(epoch, index, len(batches))
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss = step(batch)
             if loss is None:
                 continue
-            optimizer.zero_grad(set_to_none=True)
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if config.grad_clip is not None:
-                scaler.unscale_(optimizer)
+                for optimizer in optimizers:
+                    scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            scaler.step(optimizer)
+            for optimizer in optimizers:
+                scaler.step(optimizer)
             scaler.update()
             total += float(loss.detach())
             count += 1

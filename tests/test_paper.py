@@ -40,12 +40,15 @@ def test_every_published_row_of_a_method_we_run_is_reachable():
     assert sum(c.rows for c in items) == len(load_published())
     assert [row for c in items for row in c.unreachable] == []
     by_table = {(c.paper, c.table): c for c in items}
-    assert by_table[("mvfa", "Table 7")].reproducible == 96  # MVFA, BGAD [57] and APRIL-GAN [9], K = 2 ... 16
+    assert by_table[("mvfa", "Table 7")].reproducible == 132  # MVFA, BGAD [57], APRIL-GAN [9], DRA [12]; K = 2 ... 16
+    assert by_table[("mvfa", "Table 1")].reproducible == 45  # all but CLIP's and MedCLIP's 18: MKD's 9 included
+    assert by_table[("mcmiad", "Table 1")].reproducible == 24  # all but DiAD's 6: UniAD's and SimpleNet's included
+    assert by_table[("mcmiad", "Table 3")].reproducible == 12  # UniAD's one-normal-shot rows too
     # ... AnomalyCLIP's, AdaCLIP's, AA-CLIP's and MadCLIP's too: all but nnU-Net's and Rolling-UNet's 8
     assert by_table[("medsad-clip", "Table 2")].reproducible == 104
     assert by_table[("medsad-clip", "Table 4")].reproducible == 20
     assert by_table[("medsad-clip", "Table 7")].reproducible == 80  # Dice at 0.3 ... 0.7 (the sweep)
-    assert sum(c.reproducible for c in items) == 388
+    assert sum(c.reproducible for c in items) == 451  # 388 + DRA 36, UniAD 12, MKD 9, SimpleNet 6
 
 
 def test_paper_table_help_lists_every_published_paper_and_table(capsys, monkeypatch):

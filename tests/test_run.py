@@ -246,3 +246,33 @@ def test_adaclip_aaclip_and_madclip_run_in_every_setting_they_declare(run, tmp_p
         "aaclip": ("AA-CLIP", "AA-CLIP (official)"),
         "madclip": ("MadCLIP", "MadCLIP"),
     }
+
+
+def test_classic_baselines_run_in_every_setting_they_declare(run, tmp_path):
+    """DRA, UniAD, SimpleNet and MKD through ``run`` on small random-init CNNs: every declared setting finishes, with
+    the published names in the records."""
+    settings = ["full_normal", {"name": "few_normal", "shots": [2]}, {"name": "few_shot", "shots": [2]}, "supervised"]
+    resnet = {"model": "resnet18", "weights": "random-init", "seed": 0}
+    methods = {
+        "dra": {"image_size": 32, "backbone": resnet, "batch_size": 6, "steps_per_epoch": 2, "epochs": 1,
+                "references": 2, "sigma": 1.0},
+        "uniad": {"image_size": 32, "backbone": {"model": "mobilenetv3_small_050", "weights": "random-init", "seed": 0},
+                  "stride": 8, "dim": 32, "heads": 4, "ffn": 64, "encoder_blocks": 1, "decoder_blocks": 1,
+                  "neighbourhood": 3, "epochs": 2, "batch_size": 4},
+        "simplenet": {"image_size": 32, "backbone": resnet, "pretrain_dim": 64, "target_dim": 64, "dsc_hidden": 32,
+                      "epochs": 2, "batch_size": 4, "sigma": 1.0},
+        "mkd": {"image_size": 64, "backbone": resnet, "cloner": [8, 0, 8, 0, 8, 64, 0, 8, 128, 0, 8, 256, 0, 8, 512, 0],
+                "epochs": 2, "batch_size": 4, "sigma": 1.0},
+    }  # fmt: skip
+    code, _ = run(settings=settings, methods=methods, datasets=["SynthBrain"])
+    assert code == 0
+    latest = ResultStore(tmp_path / "results", "t").latest().values()
+    one_class = {(m, s) for m in ("uniad", "simplenet", "mkd") for s in ("full_normal", "few_normal")}
+    assert {(r["method"], r["setting"]) for r in latest if r["status"] == "finished"} == one_class | {
+        ("dra", "few_shot"),
+        ("dra", "supervised"),
+    }
+    names = {r["method"]: r["published_as"] for r in latest}
+    assert names == {"dra": "DRA", "uniad": "UniAD", "simplenet": "SimpleNet", "mkd": "MKD"}
+    dra = next(r for r in latest if r["method"] == "dra" and r["setting"] == "few_shot")
+    assert dra["variant"] == "DRA (map: gradient)"

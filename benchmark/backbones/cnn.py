@@ -7,11 +7,13 @@ timm architectures such as ``mobilenetv3_small_050`` with seeded random weights)
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 
 import timm
 import torch
+from timm.layers import Conv2dSame
 from torch import nn
 
 from benchmark.backbones.cache import FeatureCache
@@ -21,13 +23,20 @@ from benchmark.protocol import BackboneSpec
 
 
 class CnnBackbone(nn.Module):
-    """Frozen timm ``features_only`` model; ``forward`` takes images in [0,1] and normalises them itself."""
+    """Frozen timm ``features_only`` model; ``forward`` takes images in [0,1] and normalises them itself with the
+    weights' mean and std (``normalise=False``: it feeds them as they are, as MKD's MVTec pipeline does)."""
 
-    def __init__(self, model: nn.Module, spec: BackboneSpec, mean, std, out_indices: Sequence[int] = ()) -> None:
+    def __init__(
+        self, model: nn.Module, spec: BackboneSpec, mean, std, out_indices: Sequence[int] = (), normalise: bool = True
+    ) -> None:
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.spec = spec
         self.out_indices = tuple(out_indices)
+        self.normalise = normalise
+        self.variant = ""  # a change to the model the cached features depend on (``static_same_padding``)
+        if not normalise:
+            mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
@@ -54,15 +63,19 @@ class CnnBackbone(nn.Module):
             "backbone": self.spec.label(),
             "image_size": images.shape[-1],
             "levels": list(self.out_indices),
+            **({} if self.normalise else {"normalise": False}),
+            **({"variant": self.variant} if self.variant else {}),
         }
         out = cache.cached(recipe, keys, images.to(self.mean.device), lambda x: dict(enumerate(self(x))))
         return [out[i] for i in range(len(self.out_indices))]
 
 
-def load_timm(spec: BackboneSpec, out_indices: Sequence[int], device: torch.device | str = "cpu") -> CnnBackbone:
+def timm_model(spec: BackboneSpec, device: torch.device | str = "cpu", **kwargs) -> tuple[nn.Module, tuple, tuple]:
+    """A timm model of ``spec`` (``kwargs`` go to ``timm.create_model``), its weights looked up on disk only or
+    seeded random-init, and the mean and std its weights expect; the model as built, for methods that train it
+    (DRA fine-tunes its ResNet-18)."""
     if spec.model not in timm.list_models():
         raise BenchmarkError(f"backbone.model: unknown timm model '{spec.model}'")
-    kwargs = {"features_only": True, "out_indices": tuple(out_indices)}
     if spec.random_init:
         torch.manual_seed(spec.seed)
         model = timm.create_model(spec.model, pretrained=False, **kwargs)
@@ -72,4 +85,52 @@ def load_timm(spec: BackboneSpec, out_indices: Sequence[int], device: torch.devi
         model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": path}, **kwargs)
     cfg = model.pretrained_cfg
     mean, std = cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
-    return CnnBackbone(model, spec, mean, std, out_indices).to(device)
+    return model.to(device), tuple(mean), tuple(std)
+
+
+def load_timm(
+    spec: BackboneSpec, out_indices: Sequence[int], device: torch.device | str = "cpu", normalise: bool = True
+) -> CnnBackbone:
+    model, mean, std = timm_model(spec, device, features_only=True, out_indices=tuple(out_indices))
+    return CnnBackbone(model, spec, mean, std, out_indices, normalise).to(device)
+
+
+def tf_same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
+    """TensorFlow's 'SAME' padding (before, after) of one axis of length ``size``."""
+    total = max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def static_same_padding(backbone: CnnBackbone, image_size: int) -> CnnBackbone:
+    """Fix the padding of every dynamically 'SAME'-padded convolution (timm's ``Conv2dSame``, its ``tf_`` models)
+    to what it is for ``image_size`` input, whatever the input then: lukemelas' EfficientNet-PyTorch (UniAD's
+    backbone) computes its padding once for the model's native resolution (380 px for B4), so at 224 px one
+    stride-2 convolution of B4 pads (2, 2) where TF-'SAME' pads (1, 2), and the stride-8 and stride-16 features
+    differ from timm's. A no-op for a model without such convolutions."""
+    sizes: dict[str, tuple[int, int]] = {}
+    convs = {name: m for name, m in backbone.model.named_modules() if isinstance(m, Conv2dSame)}
+
+    def record(name: str):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            sizes[name] = tuple(args[0].shape[-2:])
+
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(name)) for name, m in convs.items()]
+    with torch.no_grad():
+        backbone.model(torch.zeros(1, 3, image_size, image_size, device=backbone.mean.device))
+    for hook in hooks:
+        hook.remove()
+    for name, conv in convs.items():
+        (h, w), (kh, kw), (sh, sw), (dh, dw) = sizes[name], conv.kernel_size, conv.stride, conv.dilation
+        top, bottom = tf_same_padding(h, kh, sh, dh)
+        left, right = tf_same_padding(w, kw, sw, dw)
+        fixed = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0, conv.dilation,
+                          conv.groups, conv.bias is not None).to(conv.weight.device)  # fmt: skip
+        fixed.load_state_dict(conv.state_dict())
+        parent, _, child = name.rpartition(".")
+        module = backbone.model.get_submodule(parent) if parent else backbone.model
+        setattr(module, child, nn.Sequential(nn.ZeroPad2d((left, right, top, bottom)), fixed).requires_grad_(False))
+    if convs:
+        backbone.variant = f"same-padding-{image_size}"
+    return backbone

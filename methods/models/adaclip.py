@@ -52,7 +52,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.ndimage import gaussian_filter
 from sklearn.cluster import KMeans
 from torch import nn
 
@@ -66,6 +65,7 @@ from benchmark.method import MethodContext, Prediction, TrainSet
 from methods.adaclip import AdaCLIP, AdaCLIPParams
 from methods.models import mvfa
 from methods.models.losses import dice_loss, focal_loss
+from methods.models.maps import gaussian
 from methods.models.winclip import NORMAL_STATES
 
 ANOMALOUS_STATES = mvfa.ANOMALOUS_STATES["official"]  # the same five as MVFA-AD's code
@@ -304,9 +304,7 @@ class AdaCLIPImpl(AdaCLIP):
         probs, logits = self.scores(batch.images, batch.keys, self.context.dataset.organ)
         size = batch.images.shape[-1]
         maps = upsample(torch.stack(logits).mean(0), size).softmax(1)[:, 1]
-        if self.params.sigma > 0:
-            smoothed = gaussian_filter(maps.float().cpu().numpy(), sigma=(0, self.params.sigma, self.params.sigma))
-            maps = torch.from_numpy(np.ascontiguousarray(smoothed)).to(maps.device)
+        maps = gaussian(maps, self.params.sigma)
         return Prediction(probs[:, 1].clamp(0, 1), maps.clamp(0, 1))
 
     def describe(self) -> dict[str, object]:

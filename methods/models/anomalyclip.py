@@ -42,10 +42,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.ndimage import gaussian_filter
 from torch import nn
 
 from benchmark import training
@@ -59,6 +57,7 @@ from benchmark.importers import load_mapped, tensors_of
 from benchmark.method import MethodContext, Prediction, TrainSet
 from methods.anomalyclip import AnomalyCLIP, AnomalyCLIPParams
 from methods.models.losses import dice_loss, focal_loss
+from methods.models.maps import gaussian
 
 TEMPERATURE = 0.07
 
@@ -226,9 +225,7 @@ class AnomalyCLIPImpl(AnomalyCLIP):
             probs = similarity(features[f"layer{ly}"][:, 1:], text, size)
             total = total + (probs[:, 1] + 1 - probs[:, 0]) / 2
         maps = total / len(self.params.layers)
-        if self.params.sigma > 0:
-            smoothed = gaussian_filter(maps.float().cpu().numpy(), sigma=(0, self.params.sigma, self.params.sigma))
-            maps = torch.from_numpy(np.ascontiguousarray(smoothed)).to(maps.device)
+        maps = gaussian(maps, self.params.sigma)
         return Prediction(score.clamp(0, 1), maps.clamp(0, 1))
 
     def describe(self) -> dict[str, object]:

@@ -54,13 +54,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmark import training
 from benchmark.backbones.clip import shared_clip
 from benchmark.backbones.cnn import CnnBackbone, load_timm
 from benchmark.data.loading import ImageBatch
 from benchmark.method import MethodContext, Prediction, TrainSet
 from benchmark.protocol import BackboneSpec
 from methods.mcmiad import MCMIAD, MCMIADParams
+from methods.models.uniad import DecoderBlock, fit_reconstruction, jitter, neighbourhood_mask
 
 NORMAL_PROMPTS = (
     "A FLAIR brain MRI slice of a healthy adult with no tumor, mass effect, or abnormal hyperintense regions.",
@@ -94,50 +94,6 @@ def anomaly_scores(f_in: torch.Tensor, f_out: torch.Tensor, weights=(1.0, 1.0)) 
     mse = ((f_in - f_out) ** 2).sum(1)
     cos = 1 - F.cosine_similarity(f_in, f_out, dim=1, eps=1e-8)
     return weights[0] * mse + weights[1] * cos
-
-
-def neighbourhood_mask(h: int, w: int, size: int) -> torch.Tensor:
-    """Boolean ``[hw, hw]``: True where attention is *blocked*, i.e. inside the ``size x size`` neighbourhood of
-    each query's own position, itself included (UniAD's ``generate_mask``), so no token sees its own input."""
-    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    ys, xs = ys.reshape(-1), xs.reshape(-1)
-    half = size // 2
-    near = ((ys[:, None] - ys[None]).abs() <= half) & ((xs[:, None] - xs[None]).abs() <= half)
-    if near.all(1).any():
-        raise ValueError(
-            f"mcmiad: a {size}x{size} neighbourhood covers the whole {h}x{w} token grid for some tokens, which "
-            "would then attend to nothing; use a smaller neighbourhood or a larger image_size"
-        )
-    return near
-
-
-def jitter(x: torch.Tensor, scale: float, prob: float) -> torch.Tensor:
-    """Eq. 3 with UniAD's ``add_jitter``: with probability ``prob``, ``x + N(0, 1) * scale * |x| / D`` per token."""
-    if prob < 1.0 and torch.rand(()) >= prob:
-        return x
-    return x + torch.randn_like(x) * (x.norm(dim=-1, keepdim=True) / x.shape[-1] * scale)
-
-
-class DecoderBlock(nn.Module):
-    """UniAD's decoder layer (post-norm): learned queries attend to ``memory`` (the decoder's input), then to
-    ``out`` (the previous block's output), each attention neighbourhood-masked; then a ReLU FFN."""
-
-    def __init__(self, dim: int, heads: int, ffn: int, tokens: int, dropout: float = 0.1) -> None:
-        super().__init__()
-        self.query = nn.Parameter(torch.randn(tokens, dim))  # UniAD: nn.Embedding(H*W, dim).weight
-        self.self_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
-        self.masked_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
-        self.ffn = nn.Sequential(nn.Linear(dim, ffn), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ffn, dim))
-        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(3))
-        self.drops = nn.ModuleList(nn.Dropout(dropout) for _ in range(3))
-
-    def forward(self, out: torch.Tensor, memory: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        q = self.query.unsqueeze(0).expand(memory.shape[0], -1, -1)
-        x = self.self_attn(q + pos, memory + pos, memory, attn_mask=mask, need_weights=False)[0]
-        x = self.norms[0](q + self.drops[0](x))
-        y = self.masked_attn(x + pos, out + pos, out, attn_mask=mask, need_weights=False)[0]
-        x = self.norms[1](x + self.drops[1](y))
-        return self.norms[2](x + self.drops[2](self.ffn(x)))
 
 
 class MCMIADHead(nn.Module):
@@ -244,39 +200,15 @@ class MCMIADImpl(MCMIAD):
         p = self.params
         normal = train.subset(train.normal)
         f_all = torch.cat([self.features(b.images, b.keys).cpu() for b in normal.batches(p.batch_size)])
-        generator = torch.Generator().manual_seed(self.context.seed)
-
-        def epoch_batches(_epoch: int):
-            order = torch.randperm(len(f_all), generator=generator)
-            return [f_all[order[i : i + p.batch_size]] for i in range(0, len(order), p.batch_size)]
-
-        def step(f_in: torch.Tensor) -> torch.Tensor:
-            f_in = f_in.to(self.context.device)
-            return F.mse_loss(self.head(f_in, self.text), f_in)
 
         def lr_at(epoch: int, index: int, count: int) -> float:
             progress = (epoch + index / max(count, 1)) / p.epochs
             return 0.5 * p.lr * (1 + math.cos(math.pi * progress))
 
-        config = training.TrainConfig(
-            epochs=p.epochs,
-            lr=p.lr,
-            optimizer="adamw",
-            weight_decay=p.weight_decay,
-            grad_clip=p.grad_clip,
-            progress=p.progress,
-        )
-        self.head.train()
-        self.history = training.fit(
-            self.head.parameters(),
-            step,
-            epoch_batches,
-            config,
-            self.context.device,
-            desc=f"mcmiad {self.context.dataset.name}",
-            lr_at=lr_at,
-        )
-        self.head.eval()
+        def reconstruct(f_in: torch.Tensor) -> torch.Tensor:
+            return self.head(f_in, self.text)
+
+        self.history = fit_reconstruction(self.head, reconstruct, f_all, p, self.context, "mcmiad", lr_at)
         self.calibration = self._calibrate(f_all)
 
     @torch.no_grad()
