@@ -126,10 +126,12 @@ def test_gradient_map_is_each_images_own():
     images = torch.rand(3, 3, 64, 64)
     with torch.no_grad():
         refs = [net.features(images[:2], 0).mean(0, keepdim=True)]
-    both = input_gradients(lambda x: net.score(x, refs), images)
-    one = input_gradients(lambda x: net.score(x, refs), images[1:2])
+    scores, both = input_gradients(lambda x: net.score(x, refs), images)
+    _, one = input_gradients(lambda x: net.score(x, refs), images[1:2])
     torch.testing.assert_close(both[1:2], one, atol=1e-6, rtol=1e-5)
     assert both.shape == (3, 64, 64) and (both >= 0).all()
+    with torch.no_grad():
+        torch.testing.assert_close(scores, net.score(images, refs))  # the scores of the same forward pass
 
 
 @pytest.mark.parametrize("setting", ["few_shot", "supervised"])

@@ -23,20 +23,14 @@ from benchmark.protocol import BackboneSpec
 
 
 class CnnBackbone(nn.Module):
-    """Frozen timm ``features_only`` model; ``forward`` takes images in [0,1] and normalises them itself with the
-    weights' mean and std (``normalise=False``: it feeds them as they are, as MKD's MVTec pipeline does)."""
+    """Frozen timm ``features_only`` model; ``forward`` takes images in [0,1] and normalises them itself."""
 
-    def __init__(
-        self, model: nn.Module, spec: BackboneSpec, mean, std, out_indices: Sequence[int] = (), normalise: bool = True
-    ) -> None:
+    def __init__(self, model: nn.Module, spec: BackboneSpec, mean, std, out_indices: Sequence[int] = ()) -> None:
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.spec = spec
         self.out_indices = tuple(out_indices)
-        self.normalise = normalise
         self.variant = ""  # a change to the model the cached features depend on (``static_same_padding``)
-        if not normalise:
-            mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
@@ -63,7 +57,6 @@ class CnnBackbone(nn.Module):
             "backbone": self.spec.label(),
             "image_size": images.shape[-1],
             "levels": list(self.out_indices),
-            **({} if self.normalise else {"normalise": False}),
             **({"variant": self.variant} if self.variant else {}),
         }
         out = cache.cached(recipe, keys, images.to(self.mean.device), lambda x: dict(enumerate(self(x))))
@@ -88,11 +81,9 @@ def timm_model(spec: BackboneSpec, device: torch.device | str = "cpu", **kwargs)
     return model.to(device), tuple(mean), tuple(std)
 
 
-def load_timm(
-    spec: BackboneSpec, out_indices: Sequence[int], device: torch.device | str = "cpu", normalise: bool = True
-) -> CnnBackbone:
+def load_timm(spec: BackboneSpec, out_indices: Sequence[int], device: torch.device | str = "cpu") -> CnnBackbone:
     model, mean, std = timm_model(spec, device, features_only=True, out_indices=tuple(out_indices))
-    return CnnBackbone(model, spec, mean, std, out_indices, normalise).to(device)
+    return CnnBackbone(model, spec, mean, std, out_indices).to(device)
 
 
 def tf_same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:

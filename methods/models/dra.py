@@ -344,13 +344,11 @@ class DRAImpl(DRA):
 
     def raw(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw scores ``s`` and raw maps (before calibration)."""
-        with torch.no_grad():
-            score = self.model.score(images, self.reference)
         if self.params.map == "gradient":
-            raw = input_gradients(lambda x: self.model.score(x, self.reference), images)
+            score, raw = input_gradients(lambda x: self.model.score(x, self.reference), images)
         else:
             with torch.no_grad():
-                raw = self.model.patch_map(images, self.reference)
+                score, raw = self.model.score(images, self.reference), self.model.patch_map(images, self.reference)
         return score, gaussian(raw, self.params.sigma)
 
     def predict(self, batch: ImageBatch) -> Prediction:

@@ -35,13 +35,16 @@ def opening(maps: torch.Tensor, footprint: np.ndarray = CROSS) -> torch.Tensor:
     return _per_map(maps, lambda m: grey_opening(m, footprint=footprint))
 
 
-def input_gradients(score: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
-    """``[B, H, W]``: the absolute gradient of each image's score ``score(images) [B]`` with respect to its
-    pixels, summed over the colour channels. The scores of a batch must not depend on one another (models in
-    evaluation mode), so the gradient of their sum is each image's own."""
+def input_gradients(
+    score: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scores ``score(images) [B]`` and ``[B, H, W]`` maps: the absolute gradient of each image's score with
+    respect to its pixels, summed over the colour channels, from the same forward pass. The scores of a batch
+    must not depend on one another (models in evaluation mode), so the gradient of their sum is each image's own."""
     with torch.enable_grad():
         x = images.detach().clone().requires_grad_(True)
         # the model gets a view, not the leaf itself: module hooks on a leaf (torch's FLOP counter installs them)
         # fail under autograd.grad
-        (grad,) = torch.autograd.grad(score(x.view_as(x)).sum(), x)
-    return grad.abs().sum(1)
+        scores = score(x.view_as(x))
+        (grad,) = torch.autograd.grad(scores.sum(), x)
+    return scores.detach(), grad.abs().sum(1)

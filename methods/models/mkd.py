@@ -109,7 +109,7 @@ def direction_loss(source: list[torch.Tensor], clone: list[torch.Tensor]) -> tor
 class MKDImpl(MKD):
     def __init__(self, params: MKDParams, context: MethodContext) -> None:
         super().__init__(params, context)
-        self.backbone: CnnBackbone = load_timm(context.backbone, params.levels, context.device, params.normalise)
+        self.backbone: CnnBackbone = load_timm(context.backbone, params.levels, context.device)
         if max(params.score_levels) >= len(params.levels):
             raise ValueError(f"mkd: score_levels {params.score_levels} name critical layers beyond {params.levels}")
         torch.manual_seed(context.seed)
@@ -129,9 +129,10 @@ class MKDImpl(MKD):
         return p.value_weight * value_loss(source, clone) + p.direction_weight * direction_loss(source, clone)
 
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
-        """What both networks see: the images on the device, normalised with the source's mean and std (none
-        when ``normalise`` is false)."""
-        return (images.to(self.context.device) - self.backbone.mean) / self.backbone.std
+        """What both networks see: the images on the device, normalised with the source weights' mean and std
+        unless ``normalise`` is false."""
+        x = images.to(self.context.device)
+        return (x - self.backbone.mean) / self.backbone.std if self.params.normalise else x
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
         """``L_total`` of each input over ``score_levels``, differentiable in ``x`` (Eq. 5)."""
@@ -141,10 +142,8 @@ class MKDImpl(MKD):
 
     def raw(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw scores and maps (Eq. 6) before calibration."""
-        x = self.inputs(images)
-        with torch.no_grad():
-            score = self.score(x)
-        maps = gaussian(input_gradients(self.score, x), self.params.sigma)
+        score, grads = input_gradients(self.score, self.inputs(images))
+        maps = gaussian(grads, self.params.sigma)
         return score, opening(maps) if self.params.opening else maps
 
     def fit(self, train: TrainSet) -> None:
