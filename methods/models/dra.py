@@ -143,11 +143,17 @@ class DRANet(nn.Module):
             "normal": self.normal(features),
         }
 
-    def pyramid(self, images: torch.Tensor, references: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Each head's score averaged over the pyramid; ``references[s]`` is ``M_r`` at level ``s``."""
+    def pyramid(
+        self, images: torch.Tensor, references: list[torch.Tensor] | None = None, in_batch: int = 0
+    ) -> dict[str, torch.Tensor]:
+        """Each head's score averaged over the pyramid; ``references[s]`` is ``M_r`` at level ``s``. With
+        ``in_batch`` (training, as its code), the first ``in_batch`` images are the references instead: they go
+        through ``f`` with the batch (batch-norm statistics and gradients shared) and get no scores."""
         total: dict[str, torch.Tensor] = {}
         for scale in range(self.scales):
-            for name, value in self.head_scores(self.features(images, scale), references[scale]).items():
+            f = self.features(images, scale)
+            reference = f[:in_batch].mean(0, keepdim=True) if in_batch else references[scale]
+            for name, value in self.head_scores(f[in_batch:], reference).items():
                 total[name] = total.get(name, 0) + value / self.scales
         return total
 
@@ -302,13 +308,8 @@ class DRAImpl(DRA):
 
         def step(item: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
             images, labels = (t.to(self.context.device) for t in item)
-            total: dict[str, torch.Tensor] = {}
-            for scale in range(p.scales):
-                f = self.model.features(images, scale)
-                reference = f[: p.references].mean(0, keepdim=True)
-                for name, value in self.model.head_scores(f[p.references :], reference).items():
-                    total[name] = total.get(name, 0) + value / p.scales
-            return sum(head_losses(total, labels, p.margin, prior if p.prior_samples else None).values())
+            scores = self.model.pyramid(images, in_batch=p.references)
+            return sum(head_losses(scores, labels, p.margin, prior if p.prior_samples else None).values())
 
         def lr_at(epoch: int, _index: int, _count: int) -> float:
             return p.lr * p.lr_gamma ** ((epoch + 1) // p.lr_step)  # StepLR stepped before each epoch
