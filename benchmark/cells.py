@@ -151,7 +151,13 @@ def expand(
         cls = METHODS.get(plugin)
         params = cls.parse_params(raw, f"{where}: methods.{m}")
         parse_resources(where, raw.get("resources"), f"methods.{m}.resources")
-        if "backbone" in raw:
+        if cls.backbone_free:
+            if "backbone" in raw:
+                raise BenchmarkError(
+                    f"{where}: methods.{m}.backbone: '{plugin}' is trained from scratch on no backbone"
+                )
+            backbone = BackboneSpec("none", "none")
+        elif "backbone" in raw:
             backbone = parse_backbone(where, raw["backbone"], f"methods.{m}.backbone")
         else:
             backbone = protocol.backbone or cls.backbone_for(params)

@@ -249,7 +249,7 @@ def fit_key(cls: type[Method], cell: dict[str, Any], train: TrainSet, precision:
         "format": FORMAT,
         "method": method,
         "fit_version": cls.fit_version,
-        "packages": {name: _version(name) for name in PACKAGES},
+        "packages": {name: _version(name) for name in (*PACKAGES, *cls.libraries)},
         # a parameter naming a file (MCMIAD's text weights) is that file as it is now
         "params": {k: weights_identity(v) if isinstance(v, str) else v for k, v in cell["params"].items()
                    if k not in cls.test_params},

@@ -147,6 +147,9 @@ class Method:
     seed_free_settings: ClassVar[frozenset[str]] = frozenset()
     Params: ClassVar[type] = NoParams
     default_backbone: ClassVar[BackboneSpec | None] = None
+    # trained from scratch on no pretrained backbone: its cells run on ``none / random-init`` whatever the protocol
+    # names (a method entry naming a backbone is an error)
+    backbone_free: ClassVar[bool] = False
     default_image_size: ClassVar[int | None] = None
     # how its published code resizes images (``benchmark.data.loading.decode_image``); None: bicubic
     default_resize: ClassVar[str | None] = None
@@ -169,12 +172,19 @@ class Method:
     setting_blind: ClassVar[bool] = False
     reads_valid: ClassVar[bool] = True  # fit reads ``TrainSet.valid`` (model selection, calibration)
     released: ClassVar[Released | None] = None  # its authors' checkpoints (``import_official`` reads them)
+    libraries: ClassVar[tuple[str, ...]] = ()  # packages beyond the usual ones whose versions key its fits
 
     @classmethod
     def reads_setting(cls, setting: str) -> bool:
         """Whether a cell's result and fit depend on its setting's name and K, beyond the data it brings: always,
         but for a ``setting_blind`` method outside zero-shot LOO (whose target files are never read)."""
         return not cls.setting_blind or setting == "zero_shot_loo"
+
+    @classmethod
+    def requirements(cls, params: dict[str, Any]) -> list[str]:
+        """One line for each thing this machine lacks that the method's cells need besides weights (an optional
+        extra, a class its parameters name), checked before anything is recorded; never imports torch."""
+        return []
 
     @classmethod
     def backbone_for(cls, params: Any) -> BackboneSpec | None:

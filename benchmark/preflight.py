@@ -2,13 +2,14 @@
 
 Every cell's split is listed (file names only: nothing is decoded), every test set must hold normal and
 anomalous images, a dataset the protocol locks (``data_locks``) must hash to its lock file by file, every
-backbone's weights must be on this machine, and the results folder, the experiment folder and the tracking
-store must be writable. Nothing here imports torch or MLflow
-unless a pretrained backbone has to be looked up.
+backbone's weights must be on this machine, and what a method needs besides them (an optional extra), and the
+results folder, the experiment folder and the tracking store must be writable. Nothing here imports torch or
+MLflow unless a pretrained backbone has to be looked up.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -20,6 +21,7 @@ from benchmark.data.locks import lock_problems
 from benchmark.data.splits import Split, make_split
 from benchmark.data.synthetic import SYNTHETIC_SETS, SyntheticConfig, write_synthetic
 from benchmark.errors import BenchmarkError, PreflightError
+from benchmark.method import METHODS
 from benchmark.protocol import Protocol
 from benchmark.tracking import check_server
 
@@ -89,7 +91,7 @@ def check_weights(cells: list[Cell]) -> list[str]:
     """One line for each pretrained backbone whose weights are not on this machine."""
     problems = []
     for spec in dict.fromkeys(c.backbone for c in cells):
-        if spec.random_init:
+        if spec.random_init or spec.absent:
             continue
         import open_clip
 
@@ -102,6 +104,18 @@ def check_weights(cells: list[Cell]) -> list[str]:
                 resolve_timm_weights(spec.model, spec.weights)
         except BenchmarkError as exc:
             problems.append(str(exc))
+    return problems
+
+
+def check_requirements(cells: list[Cell]) -> list[str]:
+    """One line for each thing a cell's method needs on this machine and lacks (``Method.requirements``)."""
+    problems: list[str] = []
+    seen = set()
+    for cell in cells:
+        key = (cell.plugin_name, json.dumps(cell.params, sort_keys=True, default=str))
+        if key not in seen:
+            seen.add(key)
+            problems += [p for p in METHODS.get(cell.plugin_name).requirements(cell.params) if p not in problems]
     return problems
 
 
@@ -150,6 +164,7 @@ def preflight(
     locked = {d: p for d, p in protocol.data_locks.items() if d not in missing and any(c.dataset == d for c in cells)}
     problems += lock_problems(locked, catalog, root, workers=max(1, min(4, os.cpu_count() or 1)))
     problems += check_weights(cells)
+    problems += check_requirements(cells)
     if problems:
         raise PreflightError(problems)
     return splits

@@ -42,7 +42,8 @@ class SettingSpec:
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """An open_clip (or timm) model and its weights: a pretrained tag, a checkpoint path or ``random-init``."""
+    """An open_clip (or timm) model and its weights: a pretrained tag, a checkpoint path or ``random-init``; ``none /
+    none`` for a method trained from scratch on no pretrained backbone (``Method.backbone_free``)."""
 
     model: str
     weights: str
@@ -53,8 +54,13 @@ class BackboneSpec:
     def random_init(self) -> bool:
         return self.weights == "random-init"
 
+    @property
+    def absent(self) -> bool:
+        """No backbone at all: the method's network is trained from scratch (its weights drawn with the cell's seed)."""
+        return self.model == "none" and self.weights == "none"
+
     def label(self) -> str:
-        kind = f"random-init, seed {self.seed}" if self.random_init else "pretrained"
+        kind = f"random-init, seed {self.seed}" if self.random_init else "no backbone" if self.absent else "pretrained"
         act = "" if self.quick_gelu is None else (", QuickGELU" if self.quick_gelu else ", exact GELU")
         return f"{self.model} / {self.weights} ({kind}{act})"
 

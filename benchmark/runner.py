@@ -32,7 +32,7 @@ from benchmark.executors import Executor, SerialExecutor
 from benchmark.killpoints import kill_point
 from benchmark.method import METHODS
 from benchmark.preflight import preflight, prepare_synthetic
-from benchmark.protocol import Protocol
+from benchmark.protocol import BackboneSpec, Protocol
 from benchmark.recording import Recorder, cell_files, store_tag
 from benchmark.store import ResultStore, strict_json
 from benchmark.tracking import Tracker, tracking_uri
@@ -124,6 +124,11 @@ def next_commands(protocol: Protocol, experiment_id: str | None = None) -> list[
     ]
 
 
+def weights_kind(spec: BackboneSpec) -> str:
+    """What a record says of a backbone's weights: ``random-init``, ``none`` (no backbone) or ``pretrained:TAG``."""
+    return "random-init" if spec.random_init else "none" if spec.absent else f"pretrained:{spec.weights}"
+
+
 def _base(cell: Cell, protocol: Protocol) -> dict[str, Any]:
     return {
         "config_hash": cell.config_hash(protocol),
@@ -137,7 +142,7 @@ def _base(cell: Cell, protocol: Protocol) -> dict[str, Any]:
         "sampling_seed": cell.sampling_seed,
         "seed_free": cell.seed_free,  # run once: no seed changes its result (cells.seed_free)
         "backbone": cell.backbone.label(),
-        "backbone_weights": "random-init" if cell.backbone.random_init else f"pretrained:{cell.backbone.weights}",
+        "backbone_weights": weights_kind(cell.backbone),
         "protocol_version": protocol.version,
         "evaluation_size": protocol.evaluation_size,
         # the lock its copy was checked against before any cell ran (protocol data_locks), else None

@@ -8,6 +8,7 @@ the loop owns everything else, so that methods differ only in their maths.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence, Sized
 from dataclasses import dataclass
 
@@ -21,8 +22,9 @@ from benchmark import environment, precision
 class TrainConfig:
     epochs: int = 50
     lr: float = 1e-3
-    optimizer: str = "adam"  # adam | adamw
+    optimizer: str = "adam"  # adam | adamw | sgd
     betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.9  # SGD's
     weight_decay: float = 0.0
     grad_clip: float | None = None
     amp: bool = True  # the method allows mixed-precision training (the cell's bf16 or fp16); False: fp32 always
@@ -51,7 +53,9 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], config: TrainConfig) ->
         return torch.optim.Adam(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     if config.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
-    raise ValueError(f"unknown optimizer '{config.optimizer}' (adam, adamw)")
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    raise ValueError(f"unknown optimizer '{config.optimizer}' (adam, adamw, sgd)")
 
 
 def fit(
@@ -117,3 +121,15 @@ def fit(
         if on_epoch_end is not None:
             on_epoch_end(epoch, history[-1])
     return history
+
+
+def poly(lr: float, epochs: int) -> Callable[[int, int, int], float]:
+    """``lr_at`` of TransUNet's trainer (Swin-Unet's too): ``lr (1 - t/T)^0.9`` set after each step from the ``t``
+    steps before it, so the first two steps run at ``lr``."""
+    return lambda epoch, index, count: lr * (1 - max(epoch * count + index - 1, 0) / (epochs * count)) ** 0.9
+
+
+def cosine(lr: float, lr_min: float, epochs: int) -> Callable[[int, int, int], float]:
+    """``lr_at`` of PyTorch's ``CosineAnnealingLR(T_max=epochs, eta_min=lr_min)`` stepped once an epoch (MedCLIPSeg's
+    and Rolling-UNet's training)."""
+    return lambda epoch, _index, _count: lr_min + (lr - lr_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2

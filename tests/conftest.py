@@ -59,6 +59,17 @@ def synth_root(tmp_path_factory, catalog) -> Path:
 
 
 @pytest.fixture(scope="session")
+def seg_root(tmp_path_factory, catalog) -> Path:
+    """Two segmentation-only sets (MedCLIPSeg's layout: lesion images and masks, no normal images)."""
+    from benchmark.data.synthetic import write_segmentation_dataset
+
+    root = tmp_path_factory.mktemp("segmentation")
+    for name in ("SynthBrainSeg", "SynthLiverSeg"):
+        write_segmentation_dataset(root, catalog[name], SMALL)
+    return root
+
+
+@pytest.fixture(scope="session")
 def synth_train(catalog, synth_root):
     """``make(setting, shots=None) -> (TrainSet, Split)``: a SynthBrain cell's training set at 32 px, its zero-shot
     sources the two other synthetic sets, and the split (its test images)."""

@@ -118,6 +118,7 @@ def test_a_cell_killed_after_its_fit_resumes_without_training(write_protocol, dg
 VIT = BackboneSpec("tiny-vit", "random-init", 0)
 CNN = BackboneSpec("mobilenetv3_small_050", "random-init", 0)
 RESNET = BackboneSpec("resnet18", "random-init", 0)
+NONE = BackboneSpec("none", "none")
 ROUND_TRIPS = {  # method: (params, backbone, setting, shots, image size), tiny and one epoch
     "mvfa": ({"mode": "official", "layers": [1, 2, 3, 4], "epochs": 1}, VIT, "few_shot", 2, 32),
     "april_gan": ({"layers": [1, 2, 3, 4], "memory_layers": [2, 4], "epochs": 1}, VIT, "few_normal", 2, 32),
@@ -142,6 +143,12 @@ ROUND_TRIPS = {  # method: (params, backbone, setting, shots, image size), tiny 
     "simplenet": ({"pretrain_dim": 64, "target_dim": 64, "dsc_hidden": 32, "epochs": 1}, RESNET, "few_normal", 2, 32),
     "mkd": ({"cloner": [8, 0, 8, 0, 8, 64, 0, 8, 128, 0, 8, 256, 0, 8, 512, 0], "epochs": 1}, RESNET, "few_normal",
             2, 64),
+    "unet": ({"encoder_depth": 3, "decoder_channels": [16, 8, 4], "epochs": 1, "batch_size": 4}, RESNET, "supervised",
+             None, 32),
+    "attention_unet": ({"channels": [4, 8, 16], "strides": [2, 2], "epochs": 1, "batch_size": 4}, NONE, "supervised",
+                       None, 32),
+    "rolling_unet": ({"widths": [4, 8, 8, 16, 16], "epochs": 1, "batch_size": 4}, NONE, "supervised", None, 32),
+    "nnunet": ({"epochs": 1, "iterations_per_epoch": 2, "val_iterations": 1}, NONE, "supervised", None, 32),
     "anomalib:Patchcore": ({"batch_size": 4, "coreset_sampling_ratio": 0.5}, RESNET, "few_normal", 2, 64),
     "anomalib:Fastflow": ({"batch_size": 4, "epochs": 1}, RESNET, "few_normal", 2, 64),
 }  # fmt: skip

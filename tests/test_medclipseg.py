@@ -19,14 +19,6 @@ TINY = {"model": "tiny-vit-bert", "weights": "random-init", "seed": 0}  # UniMed
 FAST = {"layers": [1, 2], "adapter_dim": 16, "epochs": 1, "batch_size": 8, "samples": 2, "progress": False}
 
 
-@pytest.fixture(scope="module")
-def seg_root(tmp_path_factory, catalog):
-    root = tmp_path_factory.mktemp("segmentation")
-    for name in ("SynthBrainSeg", "SynthLiverSeg"):
-        write_segmentation_dataset(root, catalog[name], SMALL)
-    return root
-
-
 def test_parameter_count_at_the_default_configuration():
     # ViT-B-16: vision width 768, text width 512, joint space 512; 10 PVL adapters of width 256
     adapters = 10 * sum(p.numel() for p in PVLAdapter(768, 512, 256).parameters())

@@ -44,11 +44,14 @@ def test_every_published_row_of_a_method_we_run_is_reachable():
     assert by_table[("mvfa", "Table 1")].reproducible == 45  # all but CLIP's and MedCLIP's 18: MKD's 9 included
     assert by_table[("mcmiad", "Table 1")].reproducible == 24  # all but DiAD's 6: UniAD's and SimpleNet's included
     assert by_table[("mcmiad", "Table 3")].reproducible == 12  # UniAD's one-normal-shot rows too
-    # ... AnomalyCLIP's, AdaCLIP's, AA-CLIP's and MadCLIP's too: all but nnU-Net's and Rolling-UNet's 8
-    assert by_table[("medsad-clip", "Table 2")].reproducible == 104
+    # ... AnomalyCLIP's, AdaCLIP's, AA-CLIP's, MadCLIP's, nnU-Net's and Rolling-UNet's too: all of them
+    assert by_table[("medsad-clip", "Table 2")].reproducible == 112
     assert by_table[("medsad-clip", "Table 4")].reproducible == 20
     assert by_table[("medsad-clip", "Table 7")].reproducible == 80  # Dice at 0.3 ... 0.7 (the sweep)
-    assert sum(c.reproducible for c in items) == 451  # 388 + DRA 36, UniAD 12, MKD 9, SimpleNet 6
+    # MedCLIPSeg's data efficiency: its own 4 and the 28 of UNet, UNet++, DeepLabv3, Attention U-Net, nnU-Net,
+    # Swin-UNet and TransUNet
+    assert by_table[("medclipseg", "README: Data-Efficiency")].reproducible == 32
+    assert sum(c.reproducible for c in items) == 487  # 451 + the supervised segmenters' 36
 
 
 def test_paper_table_help_lists_every_published_paper_and_table(capsys, monkeypatch):

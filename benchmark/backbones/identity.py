@@ -2,7 +2,9 @@
 
 A published row's ``backbone`` (``results/published/published_results.csv``) is ``MODEL / TAG`` where the paper
 or its code names the weights, ``MODEL`` alone where it names only the architecture, ``none`` for a method
-without a pretrained backbone (DRAEM), and empty where nobody recorded it. A run agrees with it when the
+without a pretrained backbone (DRAEM), and empty where nobody recorded it; where a paper leaves its baselines'
+backbones unstated, the row holds the one we assume and its tables print that assumption
+(``benchmark.reports.published.UNSTATED``). A run agrees with it when the
 models are equal and, where the row names a tag, the weights are that tag (a checkpoint file counts as the tag
 it is known under: ``benchmark.backbones.medical``). Random-init weights never agree: a tiny test backbone's
 numbers are no reproduction of anybody's.

@@ -161,7 +161,7 @@ def paper_table(paper: str, table: str, results_dir: str | Path, experiments: li
     ]
     sources = sorted({source for labels in others.values() for source, _ in labels.values()} - {"retrain"})
     notes += [SOURCE_NOTES[source] for source in sources]
-    notes += sorted({n for n in part["setting_note"] if n})
+    notes += sorted({n for n in (*part["setting_note"], *part["method_note"]) if n})
     provenance = _provenance(results_dir, experiments) if experiments else ""
     return PaperTable(paper, table, groups, rows, columns, cells, notes, provenance, experiments)
 

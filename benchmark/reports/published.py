@@ -35,6 +35,27 @@ ALIASES = {
     "rd4ad": "RD4AD",
     "patchcore": "PatchCore",
     "mfa": "MVFA",  # MVFA Table 7 labels its own method "MFA"
+    "nnunet": "nnU-Net",
+    "rollingunet": "Rolling-UNet",
+    "rolling-unet": "Rolling-UNet",
+}
+
+# what a paper leaves unstated of how it ran its baselines, and what the CSV's backbones (and our defaults) assume:
+# paper -> (the methods, the note its tables print)
+UNSTATED = {
+    "medclipseg": (
+        {"UNet", "UNet++", "DeepLabv3", "Attention U-Net", "Swin-UNet", "TransUNet", "nnU-Net"},
+        "MedCLIPSeg does not state how it trained its segmentation baselines (its README: the same instructions "
+        "as for MedCLIPSeg); our assumption, not its statement: UNet, UNet++ and DeepLabv3 on "
+        "segmentation_models_pytorch's default encoder (ResNet-34, ImageNet weights) and Attention U-Net from "
+        "scratch, all four with MedCLIPSeg's training recipe; TransUNet and Swin-UNet on the pretrained weights "
+        "and recipes of their official code; nnU-Net with its own 2d defaults.",
+    ),
+    "medsad-clip": (
+        {"nnU-Net", "Rolling-UNet"},
+        "MedSAD-CLIP does not state how it trained nnU-Net and Rolling-UNet; our assumption: nnU-Net's own 2d "
+        "defaults and Rolling-UNet's official recipe.",
+    ),
 }
 
 
@@ -137,6 +158,10 @@ def load_published(path: Path = PUBLISHED_CSV) -> pd.DataFrame:
     frame["our_setting"] = [o.setting if o else None for o in ours]
     frame["our_shots"] = [o.shots if o else None for o in ours]
     frame["setting_note"] = [o.note if o else "" for o in ours]
+    frame["method_note"] = [
+        UNSTATED[p][1] if p in UNSTATED and m in UNSTATED[p][0] else ""
+        for p, m in zip(frame["paper"], frame["canonical"], strict=True)
+    ]
     return frame
 
 

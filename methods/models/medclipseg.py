@@ -54,8 +54,6 @@ import torch
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from torch import nn
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
 
 from benchmark import training
 from benchmark.backbones.attention import block_values
@@ -65,6 +63,7 @@ from benchmark.errors import BenchmarkError
 from benchmark.importers import load_mapped, tensors_of
 from benchmark.method import MethodContext, Prediction, TrainSet
 from methods.medclipseg import DATASET_EPOCHS, DATASET_GATE_INIT, MedCLIPSeg, MedCLIPSegParams
+from methods.models.augment import rotate_half
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -302,11 +301,8 @@ class MedCLIPSegImpl(MedCLIPSeg):
         def step(batch) -> torch.Tensor:
             images, masks = batch.images.to(device), batch.masks.to(device)
             if p.rotate:
-                images, masks = self._rotate(images, masks, generator)
+                images, masks = rotate_half(images, masks, generator)
             return self.loss(images, masks, self.prompts(batch.texts, [organ_of[path] for path in batch.paths]))
-
-        def lr_at(epoch: int, _index: int, _count: int) -> float:
-            return p.lr_min + (p.lr - p.lr_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2
 
         # its training runs in fp32 (no autocast), so on CUDA too
         config = training.TrainConfig(epochs=epochs, lr=p.lr, amp=False, progress=p.progress)
@@ -320,7 +316,7 @@ class MedCLIPSegImpl(MedCLIPSeg):
                 config,
                 device,
                 desc=f"medclipseg {self.context.dataset.name}",
-                lr_at=lr_at,
+                lr_at=training.cosine(p.lr, p.lr_min, epochs),
             )
         finally:
             self.backbone.text_train(False)  # the backbone is shared by the process's later cells
@@ -360,19 +356,6 @@ class MedCLIPSegImpl(MedCLIPSeg):
                         f"{gap:.3g}: a file trained on another backbone"
                     )
                 return
-
-    @staticmethod
-    def _rotate(images, masks, generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Half the images (and their masks) rotated by a random integer angle in [-20, 20] degrees."""
-        out_i, out_m = [], []
-        for image, mask in zip(images, masks, strict=True):
-            if torch.rand((), generator=generator) > 0.5:
-                angle = float(torch.randint(-20, 21, (), generator=generator))
-                image = TF.rotate(image, angle, InterpolationMode.NEAREST)
-                mask = TF.rotate(mask[None].float(), angle, InterpolationMode.NEAREST)[0] > 0.5
-            out_i.append(image)
-            out_m.append(mask)
-        return torch.stack(out_i), torch.stack(out_m)
 
     @torch.no_grad()
     def predict(self, batch: ImageBatch) -> Prediction:
