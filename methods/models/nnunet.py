@@ -201,7 +201,11 @@ class NnUNetImpl(NnUNet):
 
     def describe(self) -> dict[str, object]:
         return {
-            "trainable_params": sum(v.numel() for v in self.weights.values()),
+            "trainable_params": sum(
+                v.numel()
+                for k, v in self.weights.items()
+                if not k.endswith(("running_mean", "running_var", "_tracked"))
+            ),
             "patch_size": self.plans.get("configurations", {}).get("2d", {}).get("patch_size"),
             "final_train_loss": round(self.history[-1], 6) if self.history else float("nan"),
         }
