@@ -147,8 +147,8 @@ class Method:
     seed_free_settings: ClassVar[frozenset[str]] = frozenset()
     Params: ClassVar[type] = NoParams
     default_backbone: ClassVar[BackboneSpec | None] = None
-    # trained from scratch on no pretrained backbone: its cells run on ``none / random-init`` whatever the protocol
-    # names (a method entry naming a backbone is an error)
+    # trained from scratch on no pretrained backbone: its cells run on ``none / none`` whatever the protocol names (a
+    # method entry naming a backbone is an error)
     backbone_free: ClassVar[bool] = False
     default_image_size: ClassVar[int | None] = None
     # how its published code resizes images (``benchmark.data.loading.decode_image``); None: bicubic

@@ -18,6 +18,9 @@ from benchmark.method import METHODS, Method, param
 from benchmark.protocol import BackboneSpec
 
 EXTRA = 'pip install -e ".[segmentation]"'
+AUGMENTS = ("none", "rotate", "rot_flip", "rot90_flip")  # ``methods.models.augment``
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "poly", "cosine")
 
 
 @dataclass(frozen=True)
@@ -29,15 +32,15 @@ class TrainingParams:
 
     epochs: int = param(100, ge=1)
     batch_size: int = param(24, ge=1)
-    optimizer: str = param("adam", choices=("adam", "adamw", "sgd"))
+    optimizer: str = param("adam", choices=OPTIMIZERS)
     lr: float = param(3e-4, gt=0)
     lr_min: float = param(1e-4, ge=0)  # the cosine schedule's floor
     momentum: float = param(0.9, ge=0, le=1)  # SGD's
     weight_decay: float = param(0.0, ge=0)
-    schedule: str = param("cosine", choices=("constant", "poly", "cosine"))  # poly: per iteration; cosine: per epoch
+    schedule: str = param("cosine", choices=SCHEDULES)  # poly: per iteration; cosine: per epoch
     dice_weight: float = param(0.5, ge=0)
     ce_weight: float = param(0.5, ge=0)  # cross-entropy (binary for one output channel)
-    augment: str = param("rotate", choices=("none", "rotate", "rot_flip", "rot90_flip"))  # ``methods.models.augment``
+    augment: str = param("rotate", choices=AUGMENTS)
     progress: bool = True
 
 
@@ -101,7 +104,7 @@ class RollingUnetParams(TrainingParams):
     lr_min: float = param(1e-5, ge=0)
     weight_decay: float = param(1e-4, ge=0)
     dice_weight: float = param(1.0, ge=0)
-    augment: str = param("rot90_flip", choices=("none", "rotate", "rot_flip", "rot90_flip"))
+    augment: str = param("rot90_flip", choices=AUGMENTS)
 
     def __post_init__(self) -> None:
         if self.widths is not None and len(self.widths) != 5:
@@ -109,10 +112,23 @@ class RollingUnetParams(TrainingParams):
 
 
 @dataclass(frozen=True)
-class TransUNetParams(TrainingParams):
-    """TransUNet's ``train.py`` and ``trainer.py`` (its Synapse recipe): SGD 0.01 (momentum 0.9, weight decay 1e-4),
-    poly decay per iteration, 150 epochs, batch 24, 0.5 cross-entropy + 0.5 Dice (softmax over background and
-    lesion, over the whole batch, squared denominators), ``rot_flip``, 224 px, no mean/std normalisation."""
+class SynapseParams(TrainingParams):
+    """TransUNet's ``train.py`` and ``trainer.py`` (its Synapse recipe), which Swin-Unet's training reuses: SGD
+    (momentum 0.9, weight decay 1e-4), poly decay per iteration, 150 epochs, batch 24, ``rot_flip``, 224 px, no
+    mean/std normalisation."""
+
+    epochs: int = param(150, ge=1)
+    optimizer: str = param("sgd", choices=OPTIMIZERS)
+    lr: float = param(0.01, gt=0)
+    weight_decay: float = param(1e-4, ge=0)
+    schedule: str = param("poly", choices=SCHEDULES)
+    augment: str = param("rot_flip", choices=AUGMENTS)
+
+
+@dataclass(frozen=True)
+class TransUNetParams(SynapseParams):
+    """TransUNet's network and its recipe: lr 0.01, 0.5 cross-entropy + 0.5 Dice (softmax over background and lesion,
+    over the whole batch, squared denominators)."""
 
     skips: int = param(3, ge=0, le=3)  # its n_skip
     dropout: float = param(0.1, ge=0, le=1)  # its dropout_rate: after the position embedding and in every MLP
@@ -120,12 +136,6 @@ class TransUNetParams(TrainingParams):
     depth: int = param(12, ge=1)  # ViT-B's blocks, width and heads
     width: int = param(768, ge=1)
     heads: int = param(12, ge=1)
-    epochs: int = param(150, ge=1)
-    optimizer: str = param("sgd", choices=("adam", "adamw", "sgd"))
-    lr: float = param(0.01, gt=0)
-    weight_decay: float = param(1e-4, ge=0)
-    schedule: str = param("poly", choices=("constant", "poly", "cosine"))
-    augment: str = param("rot_flip", choices=("none", "rotate", "rot_flip", "rot90_flip"))
 
     def __post_init__(self) -> None:
         if len(self.layers) != 3:
@@ -133,24 +143,18 @@ class TransUNetParams(TrainingParams):
 
 
 @dataclass(frozen=True)
-class SwinUnetParams(TrainingParams):
-    """Swin-Unet's recipe as its README runs it (observed: its code has no licence): SGD 0.05 (momentum 0.9, weight
-    decay 1e-4), poly decay per iteration, 150 epochs, batch 24, 0.4 cross-entropy + 0.6 Dice, ``rot_flip``,
-    224 px, no mean/std normalisation; its configuration's encoder depths (2, 2, 2, 2), drop path 0.2."""
+class SwinUnetParams(SynapseParams):
+    """Swin-Unet as its README runs it (observed: its code has no licence): TransUNet's recipe at lr 0.05 with 0.4
+    cross-entropy + 0.6 Dice; its configuration's encoder depths (2, 2, 2, 2), drop path 0.2."""
 
     depths: tuple[int, ...] = param((2, 2, 2, 2), ge=1)
     heads: tuple[int, ...] = param((3, 6, 12, 24), ge=1)
     width: int = param(96, ge=1)  # embed_dim
     window: int = param(7, ge=1)
     drop_path: float = param(0.2, ge=0, le=1)
-    epochs: int = param(150, ge=1)
-    optimizer: str = param("sgd", choices=("adam", "adamw", "sgd"))
     lr: float = param(0.05, gt=0)
-    weight_decay: float = param(1e-4, ge=0)
-    schedule: str = param("poly", choices=("constant", "poly", "cosine"))
     dice_weight: float = param(0.6, ge=0)
     ce_weight: float = param(0.4, ge=0)
-    augment: str = param("rot_flip", choices=("none", "rotate", "rot_flip", "rot90_flip"))
 
     def __post_init__(self) -> None:
         if len(self.depths) != 4 or len(self.heads) != 4:

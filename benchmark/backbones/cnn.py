@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import timm
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Conv2dSame
 from torch import nn
 
@@ -77,7 +78,7 @@ def timm_model(spec: BackboneSpec, device: torch.device | str = "cpu", **kwargs)
         name = spec.model if os.path.isfile(spec.weights) else f"{spec.model}.{spec.weights}"
         model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": path}, **kwargs)
     cfg = model.pretrained_cfg
-    mean, std = cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
+    mean, std = cfg.get("mean", IMAGENET_DEFAULT_MEAN), cfg.get("std", IMAGENET_DEFAULT_STD)
     return model.to(device), tuple(mean), tuple(std)
 
 

@@ -30,14 +30,13 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 
 from benchmark.data.loading import ImageBatch, iterate_batches, load_sample
 from benchmark.errors import BenchmarkError
 from benchmark.method import Prediction, TrainSet
 from methods.anomalib_models import ANOMALIB_DEFAULT, AnomalibMethod, anomalib_models, anomalib_name
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def build_model(cls: type[AnomalibMethod], params, context) -> torch.nn.Module:

@@ -52,6 +52,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 from timm.layers import LayerNorm2d
 from torch import nn
 
@@ -64,9 +66,6 @@ from benchmark.importers import load_mapped, tensors_of
 from benchmark.method import MethodContext, Prediction, TrainSet
 from methods.medclipseg import DATASET_EPOCHS, DATASET_GATE_INIT, MedCLIPSeg, MedCLIPSegParams
 from methods.models.augment import rotate_half
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ProbabilisticCrossAttention(nn.Module):

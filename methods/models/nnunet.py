@@ -77,13 +77,19 @@ def trainer_class(name: str) -> type:
     return found
 
 
+def as_png_values(images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] as the 8-bit values a PNG holds: what nnU-Net reads, the training images and the test ones
+    alike."""
+    return (images * 255).round().clamp(0, 255).to(torch.uint8)
+
+
 def write_raw_dataset(train: TrainSet, folder: Path) -> None:
     """The training images and masks as nnU-Net's raw 2-D dataset (see the module docstring)."""
     (folder / "imagesTr").mkdir(parents=True)
     (folder / "labelsTr").mkdir()
     index = 0
     for batch in train.batches(16):
-        images = (batch.images * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        images = as_png_values(batch.images).permute(0, 2, 3, 1).numpy()
         for image, mask in zip(images, batch.masks.numpy(), strict=True):
             Image.fromarray(image).save(folder / "imagesTr" / f"case_{index:04d}_0000.png")
             Image.fromarray(mask.astype(np.uint8)).save(folder / "labelsTr" / f"case_{index:04d}.png")
@@ -187,7 +193,7 @@ class NnUNetImpl(NnUNet):
     def predict(self, batch: ImageBatch) -> Prediction:
         predictor = self.predictor()
         # as NaturalImage2DIO reads a PNG: [C, 1, H, W] float32 of 0..255, spacing (999, 1, 1)
-        images = (batch.images * 255).round().clamp(0, 255).unsqueeze(2).float().numpy()
+        images = as_png_values(batch.images).unsqueeze(2).float().numpy()
         maps = []
         for image in images:
             _, probabilities = predictor.predict_single_npy_array(image, {"spacing": [999.0, 1.0, 1.0]}, None, None,

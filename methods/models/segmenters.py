@@ -24,6 +24,8 @@ import os
 from typing import ClassVar
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 from torch import nn
 
 from benchmark import training
@@ -53,8 +55,6 @@ from methods.segmenters import (
     UNetPlusPlus,
 )
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 AUGMENT = {"rotate": rotate_half, "rot_flip": rot_flip, "rot90_flip": rot90_flip}
 
 
@@ -261,11 +261,21 @@ class AttentionUNetImpl(SegmenterImpl, AttentionUNet):
         return Normalised(AttentionUnet(2, 3, 1, channels=p.channels, strides=p.strides, dropout=p.dropout))
 
 
-class TransUNetImpl(SegmenterImpl, TransUNet):
-    """Two output channels (background, lesion) and its Dice (``methods.models.transunet``); images in [0, 1]."""
+class SynapseImpl(SegmenterImpl):
+    """TransUNet's and Swin-Unet's heads and loss: two output channels (background, lesion), TransUNet's ``DiceLoss``
+    (MONAI's squared Dice over the whole batch; Swin-Unet's, run as a black box, gives the same within 9e-8), images in
+    [0, 1] without mean/std normalisation."""
 
     classes = 2
     dice: ClassVar[dict] = {"squared_pred": True, "batch": True}
+
+    @staticmethod
+    def unnormalised(net: nn.Module) -> Normalised:
+        return Normalised(net, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+
+class TransUNetImpl(SynapseImpl, TransUNet):
+    """TransUNet R50-ViT-B/16 (``methods.models.transunet``), Google's weights in its encoder."""
 
     def network(self) -> nn.Module:
         p, spec = self.params, self.context.backbone
@@ -280,16 +290,12 @@ class TransUNetImpl(SegmenterImpl, TransUNet):
         if not spec.random_init:
             pretrained, _, _ = timm_model(spec, "cpu", num_classes=0)
             load_encoder(net, pretrained)
-        return Normalised(net, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+        return self.unnormalised(net)
 
 
-class SwinUnetImpl(SegmenterImpl, SwinUnet):
-    """Two output channels (background, lesion); its Dice is TransUNet's (its ``DiceLoss`` run as a black box gives
-    MONAI's squared Dice over the batch within 9e-8); images in [0, 1]; the encoder timm's Swin the backbone names,
-    its weights also in the decoder's blocks (``load_pretrained``)."""
-
-    classes = 2
-    dice: ClassVar[dict] = {"squared_pred": True, "batch": True}
+class SwinUnetImpl(SynapseImpl, SwinUnet):
+    """Swin-Unet (``methods.models.swin_unet``), Swin-T's weights in its encoder and its decoder's blocks
+    (``load_pretrained``)."""
 
     def network(self) -> nn.Module:
         p, spec = self.params, self.context.backbone
@@ -302,7 +308,7 @@ class SwinUnetImpl(SegmenterImpl, SwinUnet):
         if not spec.random_init:
             pretrained, _, _ = timm_model(spec, "cpu", num_classes=0)
             load_pretrained(net, pretrained)
-        return Normalised(net, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+        return self.unnormalised(net)
 
 
 class RollingUNetImpl(SegmenterImpl, RollingUNet):
